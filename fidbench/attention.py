@@ -1,0 +1,127 @@
+"""The one attention function fidbench registers with transformers, and the call it hands to methods.
+
+Methods never copy model code: while a method with an ``attend`` hook is applied, the model's
+``attn_implementation`` is switched to ``"fidbench"``, whose function below forwards each layer's
+attention call to the active method. Dense work goes back to transformers' own SDPA function,
+with the mask the model built (sliding windows and padding included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+NAME = "fidbench"
+
+
+@dataclass
+class Phase:
+    """What the engine is doing while a forward runs: ``prefill`` or ``decode``, and the prompt length."""
+
+    name: str
+    prompt_len: int
+
+
+@dataclass
+class AttentionCall:
+    """One layer's attention call, as the model made it (query/key/value in (batch, heads, seq, dim))."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    phase: Phase
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.module.layer_idx
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.query.shape[1] // self.key.shape[1]
+
+    def visible(self) -> torch.Tensor:
+        """Boolean (batch|1, 1, q, kv) mask of the keys each query may see, materialized from the model's mask.
+
+        transformers hands ``None`` when the pattern is plainly causal (SDPA's ``is_causal`` fast path);
+        queries are then the last ``q`` positions of the ``kv`` keys.
+        """
+        mask = self.attention_mask
+        if mask is not None:
+            if mask.dtype != torch.bool:  # an additive float mask
+                mask = mask == 0
+            return mask
+        q, kv = self.query.shape[2], self.key.shape[2]
+        rows = torch.arange(q, device=self.query.device)[:, None] + (kv - q)
+        cols = torch.arange(kv, device=self.query.device)[None, :]
+        return (cols <= rows)[None, None]
+
+    def dense(self, mask: torch.Tensor | None = None, query=None, key=None, value=None) -> torch.Tensor:
+        """Run transformers' SDPA attention, with ``mask`` (bool, True = attend) instead of the model's if given."""
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        out, _ = sdpa(
+            self.module,
+            self.query if query is None else query,
+            self.key if key is None else key,
+            self.value if value is None else value,
+            self.attention_mask if mask is None else mask,
+            **self.kwargs,
+        )
+        return out
+
+
+_active: contextvars.ContextVar = contextvars.ContextVar("fidbench_active", default=None)
+
+
+@contextlib.contextmanager
+def running(method, phase: Phase):
+    """Route attention calls of forwards inside this block to ``method`` in ``phase``."""
+    token = _active.set((method, phase))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def _fidbench_attention(module, query, key, value, attention_mask, **kwargs):
+    active = _active.get()
+    call = AttentionCall(module, query, key, value, attention_mask, None, kwargs)
+    if active is None:
+        return call.dense(), None
+    method, call.phase = active
+    out = method.attend(call)
+    return (call.dense() if out is None else out), None
+
+
+def register() -> None:
+    """Make ``"fidbench"`` a valid ``attn_implementation`` with SDPA's (boolean) masks."""
+    if NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(NAME, _fidbench_attention)
+        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextlib.contextmanager
+def installed(model):
+    """Switch ``model`` to the fidbench attention function for the duration of the block."""
+    register()
+    previous = model.config._attn_implementation
+    if previous not in ("sdpa", NAME):
+        raise ValueError(
+            f"fidbench attention hooks delegate dense work to SDPA, but this model was loaded with "
+            f"attn_implementation={previous!r}; load it with 'sdpa'"
+        )
+    model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

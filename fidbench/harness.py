@@ -1,0 +1,109 @@
+"""The evaluation loop, owned by fidbench: load a model with its prompts and references once, then
+score a method variant over every prompt and return the case's record for the report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from . import datasets, engine, metrics, models
+from .methods import build
+from .reference import Reference, Store
+from .suite import Case, ModelSpec, Suite
+
+
+@dataclass
+class Loaded:
+    spec: ModelSpec
+    model: object
+    tokenizer: object
+    fingerprint: str
+    prompts: list[datasets.Prompt]  # every dataset's prompts, in suite order
+    references: list[Reference | None]  # None for skipped prompts
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Bench:
+    """Per-process state for a suite: one model resident at a time, with its references."""
+
+    def __init__(self, suite: Suite, limit: int | None = None, max_new_tokens: int | None = None,
+                 decode: str | None = None, progress: bool = True):
+        self.suite = suite
+        self.limit = limit
+        self.max_new_tokens = max_new_tokens or suite.max_new_tokens
+        self.decode = decode or suite.decode
+        self.progress = progress
+        self.loaded: Loaded | None = None
+        self.generated = 0  # references the last load generated (0 when all were cached)
+
+    def load(self, spec: ModelSpec) -> Loaded:
+        if self.loaded is not None and self.loaded.spec is spec:
+            return self.loaded
+        self.loaded = None  # free the previous model before loading the next
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+        fp = models.fingerprint(model)
+        prompts = []
+        for ds in self.suite.datasets:
+            for p in datasets.load(ds, tok, self.limit):
+                prompts.append(datasets.fit(p, spec.max_length, self.max_new_tokens, spec.overlong))
+        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens)
+        live = [p for p in prompts if p.skipped is None]
+        refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
+        self.loaded = Loaded(spec, model, tok, fp, prompts, [None if p.skipped else next(refs) for p in prompts])
+        self.generated = store.generated
+        return self.loaded
+
+    def run(self, case: Case, method=None) -> dict:
+        """Evaluate one model × variant over every prompt; the returned dict is the report's case."""
+        loaded = self.load(case.model)
+        method = method or build(case.variant.method, case.variant.params)
+        mode = engine.resolve_mode(method, self.decode)
+        per_dataset: dict[str, list[metrics.SampleScores]] = {}
+        samples, skipped = [], []
+        prefill_s = decode_s = 0.0
+        work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
+        with method.apply(loaded.model):
+            for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False):
+                if ref is None:
+                    skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
+                    continue
+                forced = engine.teacher_force(loaded.model, method, ref.p_ids, ref.g_ids, mode)
+                s = metrics.score(forced.logits, ref.g_ids, ref.top_idx, ref.top_logp, ref.gold_logp)
+                per_dataset.setdefault(prompt.dataset, []).append(s)
+                prefill_s += forced.prefill_s
+                decode_s += forced.decode_s
+                summary = {k: v for k, v in s.summary().items() if k not in ("n_samples", "acc1_by_position")}
+                samples.append({
+                    "dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
+                    "template": prompt.template, "truncated_from": prompt.truncated_from, **summary,
+                })
+        every = [s for group in per_dataset.values() for s in group]
+        scores = metrics.aggregate(every)
+        return {
+            "id": case.id,
+            "model": case.model.name,
+            "model_type": loaded.model.config.model_type,
+            "fingerprint": loaded.fingerprint,
+            "method": case.variant.method,
+            "variant": case.variant.name,
+            "params": method.params(),
+            "decode": mode,
+            "scores": scores,
+            "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
+            "timing": {"prefill_s": prefill_s, "decode_s": decode_s},
+            "kept": method.kept(),
+            "floors": case.floors,
+            "failures": metrics.check_floors(scores, case.floors) if every else ["no prompt was scored"],
+            "samples": samples,
+            "skipped": skipped,
+        }

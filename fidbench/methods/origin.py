@@ -1,0 +1,9 @@
+"""``origin``: the base model itself, run through the engine; its scores are the engine's noise floor."""
+
+from .base import Method, register
+
+
+@register
+class Origin(Method):
+    name = "origin"
+    description = "the base model, unchanged: measures the engine's own noise floor"

@@ -1,0 +1,43 @@
+"""``topk``: top-k sparse attention during decoding (the original fidbench method).
+
+Each query head attends only to the ``keep`` fraction of the keys it may see with the largest q·k,
+never fewer than ``min_keep``. The prefill stays dense. The original config ``mask_out: 0.9,
+min_remain: 8`` is ``keep: 0.1, min_keep: 8``.
+"""
+
+import math
+
+import torch
+
+from ..attention import AttentionCall
+from .base import Method, register
+
+
+@register
+class TopK(Method):
+    name = "topk"
+    description = "decode queries attend only to their top `keep` fraction of keys by q·k (>= min_keep)"
+    keep: float = 0.1
+    min_keep: int = 8
+
+    def validate(self):
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"topk: keep must be in (0, 1], got {self.keep}")
+        if self.min_keep < 1:
+            raise ValueError(f"topk: min_keep must be >= 1, got {self.min_keep}")
+
+    def attend(self, call: AttentionCall):
+        if call.phase.name != "decode":
+            return None
+        visible = call.visible()
+        key = call.key.repeat_interleave(call.groups, dim=1)
+        scores = (call.query @ key.transpose(-1, -2)).masked_fill(~visible, -math.inf)
+        n_visible = visible.sum(-1, keepdim=True)  # (b|1, 1, q, 1)
+        budget = torch.clamp((n_visible * self.keep).ceil(), min=self.min_keep)
+        budget = torch.minimum(budget, n_visible).expand(*scores.shape[:-1], 1)
+        # Keep exactly `budget` keys per query head: rank every key, keep ranks below the budget.
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=order.device).expand_as(order))
+        keep = ranks < budget
+        self.record(call.layer_idx, budget.sum().item(), n_visible.expand_as(budget).sum().item())
+        return call.dense(mask=keep)

@@ -1,0 +1,115 @@
+"""Fidelity scores from teacher-forced logits, their aggregation, and floor checks.
+
+KL(base ‖ method) is computed over the base's stored top-K tokens plus one bucket holding the rest
+of the vocabulary. Merging tokens into one bucket can only lower a KL divergence, so the figure is
+a lower bound of the full-vocabulary KL, tight when the base's tail mass is small (see README).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Direction of each floor: a floor on these is a minimum, on every other metric a maximum.
+HIGHER_IS_BETTER = {"acc1", "acc5", "first_divergence", "exact_match"}
+KL_PERCENTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p95": 0.95, "kl_p99": 0.99, "kl_p999": 0.999}
+POSITION_BUCKET = 16  # tokens per bin of the agreement-by-position curve
+
+
+@dataclass
+class SampleScores:
+    """Per-position values for one sample; ``summary()`` gives its scores."""
+
+    hit1: torch.Tensor  # (N,) bool
+    hit5: torch.Tensor  # (N,) bool
+    kl: torch.Tensor  # (N,) float64
+    nll: torch.Tensor  # (N,) float64, -log q(reference token)
+    nll_base: torch.Tensor  # (N,) float64, -log p(reference token)
+
+    def first_divergence(self) -> int:
+        misses = (~self.hit1).nonzero()
+        return int(misses[0]) if len(misses) else len(self.hit1)
+
+    def summary(self) -> dict:
+        return _summarize([self])
+
+
+def score(logits: torch.Tensor, g_ids: list[int], top_idx, top_logp, gold_logp) -> SampleScores:
+    """Compare method ``logits`` (N, V) with the base's reference distribution."""
+    device = logits.device
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    gold = torch.tensor(g_ids, device=device)
+    top_idx = top_idx.to(device).long()
+    top_logp = top_logp.to(device).double()
+    hit1 = logq.argmax(-1) == gold
+    hit5 = (logq.topk(5, dim=-1).indices == gold[:, None]).any(-1)
+    q_top = logq.gather(1, top_idx).double()
+    p_top = top_logp.exp()
+    kl_top = (p_top * (top_logp - q_top)).sum(-1)
+    # The tail bucket: base mass outside its top-K against the method's mass on the same tokens.
+    p_rest = (1 - p_top.sum(-1)).clamp(min=0)
+    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-300)
+    kl_rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - q_rest.log()), 0.0)
+    kl = (kl_top + kl_rest).clamp(min=0)
+    nll = -logq.gather(1, gold[:, None])[:, 0].double()
+    return SampleScores(hit1.cpu(), hit5.cpu(), kl.cpu(), nll.cpu(), -gold_logp.double().cpu())
+
+
+def _summarize(samples: list[SampleScores]) -> dict:
+    if not samples:
+        return {"n_samples": 0, "n_tokens": 0}
+    hit1 = torch.cat([s.hit1 for s in samples]).double()
+    hit5 = torch.cat([s.hit5 for s in samples]).double()
+    kl = torch.cat([s.kl for s in samples])
+    nll = torch.cat([s.nll for s in samples]).mean().item()
+    nll_base = torch.cat([s.nll_base for s in samples]).mean().item()
+    first = [s.first_divergence() for s in samples]
+    out = {
+        "acc1": hit1.mean().item(),
+        "acc5": hit5.mean().item(),
+        "kl_mean": kl.mean().item(),
+        **{name: torch.quantile(kl, q).item() for name, q in KL_PERCENTILES.items()},
+        "kl_max": kl.max().item(),
+        "nll": nll,
+        "nll_base": nll_base,
+        "nll_ratio": nll / nll_base if nll_base > 0 else math.inf,
+        "first_divergence": sum(first) / len(first),
+        "exact_match": sum(f == len(s.hit1) for f, s in zip(first, samples)) / len(samples),
+        "n_samples": len(samples),
+        "n_tokens": len(hit1),
+    }
+    out["acc1_by_position"] = _by_position(samples)
+    return out
+
+
+def _by_position(samples: list[SampleScores]) -> list[float]:
+    """acc@1 per bin of POSITION_BUCKET reference positions, over the samples that reach the bin."""
+    longest = max(len(s.hit1) for s in samples)
+    bins = []
+    for start in range(0, longest, POSITION_BUCKET):
+        hits = [s.hit1[start : start + POSITION_BUCKET] for s in samples if len(s.hit1) > start]
+        bins.append(torch.cat(hits).double().mean().item())
+    return bins
+
+
+def aggregate(samples: list[SampleScores]) -> dict:
+    """Token-weighted scores over samples; percentiles pooled over all positions."""
+    return _summarize(samples)
+
+
+def check_floors(scores: dict, floors: dict) -> list[str]:
+    """Messages for each floor the scores violate (empty when all hold)."""
+    failures = []
+    for metric, bound in sorted(floors.items()):
+        value = scores[metric]
+        if metric in HIGHER_IS_BETTER and value < bound:
+            failures.append(f"{metric} = {value:.4f} is below its floor {bound}")
+        elif metric not in HIGHER_IS_BETTER and value > bound:
+            failures.append(f"{metric} = {value:.4f} is above its ceiling {bound}")
+    return failures
+
+
+def known_metrics() -> set[str]:
+    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", *KL_PERCENTILES}

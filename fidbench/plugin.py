@@ -1,0 +1,151 @@
+"""The pytest plugin: options, one parametrized case per model × method variant, the score report.
+
+pytest-benchmark keeps its numbers only in its own JSON and switches itself off under xdist, so
+fidbench carries each case's record to the controller in ``user_properties`` and writes its own
+report there, rewritten after every case so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from . import report
+from .engine import MODES
+from .harness import Bench
+from .methods import build
+from .models import model_type
+from .suite import SuiteError, load
+
+_suite_key = pytest.StashKey()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fidbench", "fidbench: fidelity of compressed LLMs")
+    group.addoption("--fidbench-config", metavar="PATH", help="suite YAML file (default: fidbench.yaml in the rootdir)")
+    group.addoption("--fidbench-limit", type=int, metavar="N", help="score only the first N prompts of each dataset")
+    group.addoption("--fidbench-max-new-tokens", type=int, metavar="N", help="reference length (default: the suite's, 64)")
+    group.addoption("--fidbench-decode", choices=MODES, help="teacher forcing: parallel, stepwise, or auto (per method)")
+    group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
+    group.addoption("--fidbench-quiet", action="store_true", help="no progress bars")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fidbench: a fidelity case (model × method variant)")
+    if not hasattr(config, "workerinput"):  # xdist workers send their records to the controller
+        config.pluginmanager.register(Reporter(config), "fidbench-reporter")
+
+
+def _suite(config):
+    if _suite_key not in config.stash:
+        path = config.getoption("fidbench_config") or Path(config.rootpath) / "fidbench.yaml"
+        limit = config.getoption("fidbench_limit")
+        if limit is not None and limit < 1:
+            raise pytest.UsageError("--fidbench-limit must be a positive integer")
+        try:
+            suite = load(path)
+        except (SuiteError, ValueError) as e:
+            raise pytest.UsageError(f"fidbench: {e}") from None
+        config.stash[_suite_key] = suite
+    return config.stash[_suite_key]
+
+
+def _mark(config, name: str):
+    config.addinivalue_line("markers", f"{name}: fidbench model family or method")
+    return getattr(pytest.mark, name)
+
+
+def pytest_generate_tests(metafunc):
+    if "fidbench_case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    suite = _suite(config)
+    types = {}
+    params = []
+    for case in suite.cases():
+        if case.model.name not in types:
+            try:
+                types[case.model.name] = model_type(case.model.path)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise pytest.UsageError(f"fidbench: {suite.path}: models.{case.model.name}: {e}") from None
+        marks = [pytest.mark.fidbench, _mark(config, types[case.model.name]), _mark(config, case.variant.method)]
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize("fidbench_case", params)
+
+
+@pytest.fixture(scope="session")
+def fidbench_bench(request):
+    """Per-process harness state: the suite, and the model currently loaded with its references."""
+    config = request.config
+    return Bench(
+        _suite(config),
+        limit=config.getoption("fidbench_limit"),
+        max_new_tokens=config.getoption("fidbench_max_new_tokens"),
+        decode=config.getoption("fidbench_decode"),
+        progress=not config.getoption("fidbench_quiet"),
+    )
+
+
+@pytest.fixture
+def fidbench_model(fidbench_case, fidbench_bench):
+    """The case's model with its prompts and references, loaded once per model per worker."""
+    return fidbench_bench.load(fidbench_case.model)
+
+
+@pytest.fixture
+def fidbench_method(fidbench_case):
+    return build(fidbench_case.variant.method, fidbench_case.variant.params)
+
+
+@pytest.fixture
+def fidbench_record(request):
+    """Call with a case record to send it to the report (on the controller, also under xdist)."""
+    return lambda record: request.node.user_properties.append(("fidbench", record))
+
+
+class Reporter:
+    """Collects case records on the controller; writes the JSON report and prints the table."""
+
+    def __init__(self, config):
+        self.config = config
+        self.records: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == "fidbench":
+                self.records[value["id"]] = value
+                self.write()
+
+    def ordered(self) -> list[dict]:
+        """Records in suite order, whatever order xdist workers finished them in."""
+        order = [c.id for c in _suite(self.config).cases()] if self.records else []
+        return sorted(self.records.values(), key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
+
+    def write(self) -> None:
+        path = self.config.getoption("fidbench_report")
+        if not path:
+            return
+        opt = self.config.getoption
+        settings = {
+            "suite": str(_suite(self.config).path),
+            "limit": opt("fidbench_limit"),
+            "max_new_tokens": opt("fidbench_max_new_tokens") or _suite(self.config).max_new_tokens,
+            "decode": opt("fidbench_decode") or _suite(self.config).decode,
+        }
+        doc = {"environment": report.environment(), "settings": settings, "cases": self.ordered()}
+        tmp = f"{path}.tmp{os.getpid()}"
+        Path(tmp).write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        records = self.ordered()
+        if records:
+            terminalreporter.write_sep("=", "fidbench results")
+            terminalreporter.write_line(report.table(records))
+            if self.config.getoption("fidbench_report"):
+                terminalreporter.write_line(f"fidbench report: {self.config.getoption('fidbench_report')}")
