@@ -23,6 +23,14 @@ class Loaded:
     prompts: list[datasets.Prompt]  # every dataset's prompts, in suite order
     references: list[Reference | None]  # None for skipped prompts
 
+    def calibration(self, dataset: str, n: int) -> list[list[int]]:
+        """Token ids of the first ``n`` prompts of a suite dataset (calibration data for a method)."""
+        ids = [p.p_ids for p in self.prompts if p.dataset == dataset][:n]
+        if not ids:
+            names = sorted({p.dataset for p in self.prompts})
+            raise ValueError(f"calibration dataset {dataset!r} is not in the suite (datasets: {', '.join(names)})")
+        return ids
+
 
 def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
@@ -72,12 +80,12 @@ class Bench:
         samples, skipped = [], []
         prefill_s = decode_s = 0.0
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
-        with method.apply(loaded.model):
+        with method.apply(loaded.model, loaded) as model:
             for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False):
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
-                forced = engine.teacher_force(loaded.model, method, ref.p_ids, ref.g_ids, mode)
+                forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
                 s = metrics.score(forced.logits, ref.g_ids, ref.top_idx, ref.top_logp, ref.gold_logp)
                 per_dataset.setdefault(prompt.dataset, []).append(s)
                 prefill_s += forced.prefill_s

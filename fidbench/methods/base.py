@@ -3,8 +3,10 @@
 The harness owns the evaluation loop. A method only says how it changes the model:
 - ``attend(call)``: per-layer attention hook (sparse attention, KV eviction as a mask, KV quantization);
   return the attention output, or ``None`` to run the model's dense attention unchanged.
-- ``apply(model)``: a context manager for changes made once (weights); the default installs the
-  attention hook when the class defines ``attend``.
+- ``apply(model, context)``: a context manager for changes made once (weights, another checkpoint);
+  it yields the model to evaluate and undoes its changes on exit. The default installs the
+  attention hook when the class defines ``attend``. ``context`` is the harness's loaded model
+  (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n)``).
 - ``begin(prompt_len)``: reset per-sample state before each prefill.
 - ``kept()``: what the method kept or changed, for the report.
 """
@@ -46,12 +48,12 @@ class Method:
         return dataclasses.asdict(self)
 
     @contextlib.contextmanager
-    def apply(self, model):
+    def apply(self, model, context=None):
         if type(self).attend is Method.attend:
-            yield
+            yield model
         else:
             with attention.installed(model):
-                yield
+                yield model
 
     def begin(self, prompt_len: int) -> None:
         """Called before each sample's prefill."""
