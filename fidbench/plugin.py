@@ -46,9 +46,11 @@ def _suite(config):
         if limit is not None and limit < 1:
             raise pytest.UsageError("--fidbench-limit must be a positive integer")
         try:
-            suite = load(path)
-        except (SuiteError, ValueError) as e:
-            raise pytest.UsageError(f"fidbench: {e}") from None
+            suite, error = load(path), None
+        except SuiteError as e:
+            error = str(e)
+        if error:  # a collection error with the message alone, no traceback
+            pytest.fail(f"fidbench: {error}", pytrace=False)
         config.stash[_suite_key] = suite
     return config.stash[_suite_key]
 
@@ -68,9 +70,11 @@ def pytest_generate_tests(metafunc):
     for case in suite.cases():
         if case.model.name not in types:
             try:
-                types[case.model.name] = model_type(case.model.path)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise pytest.UsageError(f"fidbench: {suite.path}: models.{case.model.name}: {e}") from None
+                types[case.model.name], error = model_type(case.model.path), None
+            except (OSError, ValueError) as e:
+                error = f"fidbench: {suite.path}: models.{case.model.name}: {e}"
+            if error:
+                pytest.fail(error, pytrace=False)
         marks = [pytest.mark.fidbench, _mark(config, types[case.model.name]), _mark(config, case.variant.method)]
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("fidbench_case", params)

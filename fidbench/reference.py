@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import engine
+from .metrics import rest_logp
 from .datasets import Prompt
 
-FORMAT = 1
+FORMAT = 2
 TOP_K = 32  # base log-probabilities kept per position for KL (the rest of the vocabulary is one bucket)
 
 
@@ -34,13 +35,16 @@ class Reference:
     top_idx: torch.Tensor  # (N, TOP_K) int64: the base's most likely tokens at each position
     top_logp: torch.Tensor  # (N, TOP_K) float32: their log-probabilities
     gold_logp: torch.Tensor  # (N,) float32: base log-probability of each reference token
+    rest_logp: torch.Tensor  # (N,) float32: log of the base's mass outside its top-K (-inf if none)
 
     @classmethod
     def from_logits(cls, p_ids, g_ids, logits: torch.Tensor) -> "Reference":
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = logp.topk(TOP_K, dim=-1)
         gold = logp.gather(1, torch.tensor(g_ids, device=logp.device)[:, None])[:, 0]
-        return cls(list(p_ids), list(g_ids), top.indices.cpu(), top.values.cpu(), gold.cpu())
+        rest = rest_logp(logp, top.indices)
+        return cls(list(p_ids), list(g_ids), top.indices.cpu(), top.values.cpu(), gold.cpu(), rest.cpu())
+
 
 
 class Store:
@@ -64,14 +68,15 @@ class Store:
 
     def _read(self, path: Path) -> Reference:
         t = load_file(str(path))
-        return Reference(t["p_ids"].tolist(), t["g_ids"].tolist(), t["top_idx"].long(), t["top_logp"], t["gold_logp"])
+        return Reference(t["p_ids"].tolist(), t["g_ids"].tolist(), t["top_idx"].long(), t["top_logp"],
+                         t["gold_logp"], t["rest_logp"])
 
     def _write(self, path: Path, ref: Reference) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tensors = {
             "p_ids": torch.tensor(ref.p_ids), "g_ids": torch.tensor(ref.g_ids),
             "top_idx": ref.top_idx.int().contiguous(), "top_logp": ref.top_logp.contiguous(),
-            "gold_logp": ref.gold_logp.contiguous(),
+            "gold_logp": ref.gold_logp.contiguous(), "rest_logp": ref.rest_logp.contiguous(),
         }
         save_file(tensors, str(tmp), metadata={"settings": json.dumps(self.settings)})
         os.replace(tmp, path)

@@ -26,7 +26,7 @@ class SuiteError(ValueError):
 @dataclass
 class ModelSpec:
     name: str
-    path: str
+    path: str = ""  # a directory (relative to the suite file), a locally cached hub id, or an embedded name
     tokenizer: str | None = None
     dtype: str = "fp32"
     device: str = "cpu"
@@ -98,6 +98,12 @@ def _name(where: str, name) -> str:
     return name
 
 
+def _local(suite: Path, value):
+    """A model path relative to the suite file when such a directory exists, else as written (hub id)."""
+    candidate = suite.parent / str(value)
+    return str(candidate.resolve()) if candidate.is_dir() else str(value)
+
+
 def _floors(where: str, data) -> dict:
     known = metrics.known_metrics()
     for metric, bound in _keys(where, data, known).items():
@@ -130,7 +136,8 @@ def load(path: str | Path) -> Suite:
     for name, spec in _keys(f"{f}: models", raw["models"], set(raw["models"] or {})).items():
         where = f"{f}: models.{_name(f'{f}: models', name)}"
         spec = _keys(where, spec or {}, model_keys)
-        model = ModelSpec(name=name, path=str(spec.get("path", name)), **{k: v for k, v in spec.items() if k != "path"})
+        model = ModelSpec(name=name, **{k: _local(path, v) if k in ("path", "tokenizer") else v for k, v in spec.items()})
+        model.path = model.path or name
         if model.dtype not in DTYPES:
             raise SuiteError(f"{where}.dtype: {model.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
         if model.overlong not in OVERLONG:

@@ -1,0 +1,80 @@
+"""Suite files: what a valid one gives, and clear errors naming the file and key for bad ones."""
+
+import textwrap
+
+import pytest
+
+from fidbench.suite import SuiteError, load
+
+GOOD = """
+generation: {max_new_tokens: 16}
+models:
+  tiny: {path: some/dir, dtype: bf16, device: cuda:1, max_length: 128}
+datasets:
+  chat: chat.jsonl
+methods:
+  origin: {floors: {acc1: 0.99}}
+  topk-10: {method: topk, keep: 0.1}
+  topk-25: {method: topk, keep: 0.25, floors: {acc1: 0.5}}
+floors:
+  tiny:
+    topk-25: {acc5: 0.9}
+"""
+
+
+def write(tmp_path, text):
+    (tmp_path / "chat.jsonl").write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
+    path = tmp_path / "suite.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_valid_suite_gives_cases_in_file_order(tmp_path):
+    suite = load(write(tmp_path, GOOD))
+    cases = suite.cases()
+    assert [c.id for c in cases] == ["tiny-origin", "tiny-topk-10", "tiny-topk-25"]
+    assert cases[0].floors == {"acc1": 0.99}
+    assert cases[2].floors == {"acc1": 0.5, "acc5": 0.9}  # per-model floors add to the variant's
+    assert cases[1].variant.params == {"keep": 0.1} and cases[1].model.dtype == "bf16"
+    assert suite.max_new_tokens == 16 and suite.datasets[0].path == tmp_path / "chat.jsonl"
+
+
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ("generation: {max_new_tokens: 16}", "generation: {max_new_tokens: 16, temperature: 1}", "generation: unknown key 'temperature'"),
+        ("max_length: 128}", "max_len: 128}", "models.tiny: unknown key 'max_len'"),
+        ("dtype: bf16", "dtype: int3", "models.tiny.dtype: 'int3'"),
+        ("device: cuda:1", "device: gpu", "models.tiny.device"),
+        ("chat: chat.jsonl", "chat: missing.jsonl", "datasets.chat: file"),
+        ("method: topk, keep: 0.1}", "method: topq, keep: 0.1}", "methods.topk-10.method: unknown method 'topq'"),
+        ("method: topk, keep: 0.1}", "method: topk, mask_out: 0.9}", "methods.topk-10: unknown parameter(s) mask_out"),
+        ("method: topk, keep: 0.1}", "method: topk, keep: 2}", "methods.topk-10: topk: keep must be in (0, 1]"),
+        ("floors: {acc1: 0.99}", "floors: {accuracy: 0.99}", "methods.origin.floors: unknown key 'accuracy'"),
+        ("    topk-25: {acc5: 0.9}", "    topk-50: {acc5: 0.9}", "floors.tiny: unknown key 'topk-50'"),
+        ("  tiny: {path", "  tiny model: {path", "models: name 'tiny model'"),
+    ],
+)
+def test_bad_suites_name_file_and_key(tmp_path, old, new, message):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(SuiteError) as e:
+        load(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SuiteError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+    with pytest.raises(SuiteError, match="not valid YAML"):
+        load(write(tmp_path, "models: [\n"))
+    with pytest.raises(SuiteError, match="missing key 'datasets'"):
+        load(write(tmp_path, "models: {a: {}}\nmethods: {origin: {}}\n"))
+
+
+def test_the_default_suite_loads():
+    from conftest import ROOT
+
+    suite = load(ROOT / "fidbench.yaml")
+    assert suite.models[0].name == "smollm2-135m" and {"origin", "topk"} <= {v.method for v in suite.variants}
+    assert len(suite.datasets) >= 7
