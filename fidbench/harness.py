@@ -4,6 +4,7 @@ score a method variant over every prompt and return the case's record for the re
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -81,7 +82,8 @@ class Bench:
         prefill_s = decode_s = 0.0
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
         with method.apply(loaded.model, loaded) as model:
-            for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False):
+            # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
+            for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False, file=sys.__stderr__):
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class Store:
         """
         refs: dict[int, Reference] = {}
         pending = list(range(len(prompts)))
-        bar = tqdm(total=len(prompts), desc="references", disable=not progress, leave=False)
+        bar = tqdm(total=len(prompts), desc="base references", disable=not progress, leave=False, file=sys.__stderr__)
         timeout = 0  # the first pass skips busy samples; later passes wait for them
         while pending:
             waiting = []

@@ -78,7 +78,8 @@ def test_bad_suite_is_a_collection_error_naming_the_key(project, old, new, messa
     assert "Traceback" not in result.stdout.str() and "plugin.py" not in result.stdout.str()
 
 
-def test_benchmark_json_holds_timings_and_scores(project):
+def test_benchmark_json_holds_timings_and_scores(project, monkeypatch):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this test may itself run under xdist
     result = project.runpytest("-k", "llama and topk", "--fidbench-quiet", "--benchmark-json", "out.json")
     result.assert_outcomes(passed=1)
     bench = json.loads((project.path / "out.json").read_text())["benchmarks"]
