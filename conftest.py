@@ -13,9 +13,19 @@ TINY = dict(
     vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
 )
+WINDOW = 16  # sliding window of the tiny mistral / gemma3: the `prompt` fixture (40 tokens) exceeds it
+# Overrides per family: what the family's config needs at TINY's size, and what makes it differ.
 FAMILIES = {
     "llama": {},
     "qwen2": {},
+    "qwen3": {"head_dim": 16},  # QK-norm on queries and keys; its default head_dim is 128
+    "mistral": {"sliding_window": WINDOW},  # every layer sliding
+    # One sliding and one full-attention layer; query_pre_attn_scalar != head_dim (its own scaling).
+    "gemma3_text": {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+    },
+    "phi3": {"pad_token_id": 0, "eos_token_id": 2},  # fused qkv_proj; default token ids exceed TINY's vocabulary
 }
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

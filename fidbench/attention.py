@@ -31,7 +31,16 @@ class Phase:
 
 @dataclass
 class AttentionCall:
-    """One layer's attention call, as the model made it (query/key/value in (batch, heads, seq, dim))."""
+    """One layer's attention call, as the model made it (query/key/value in (batch, heads, seq, dim)).
+
+    ``key``/``value`` are what the layer's cache returned after storing the current tokens, so key
+    index j is an absolute position only on full-attention layers. transformers' ``DynamicCache``
+    (built from the config by the model's forward) gives sliding-window layers a
+    ``DynamicSlidingWindowLayer`` that stores only the last ``sliding_window - 1`` tokens and returns
+    those plus the current ones: in decode after a prompt longer than the window, key 0 is not
+    position 0. Either way the keys are the contiguous run of positions ending at the last query,
+    which ``key_positions()`` gives; ``sliding_window`` says which layers slide.
+    """
 
     module: torch.nn.Module
     query: torch.Tensor
@@ -49,6 +58,31 @@ class AttentionCall:
     def groups(self) -> int:
         """Query heads per KV head (grouped-query attention)."""
         return self.query.shape[1] // self.key.shape[1]
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The layer's window if it is a sliding-window layer (as the model passes it to attention functions), else None."""
+        return self.kwargs.get("sliding_window")
+
+    def query_positions(self) -> torch.Tensor:
+        """Absolute positions (q,) of the queries: the ``position_ids`` the model applied RoPE with."""
+        positions = self.kwargs.get("position_ids")
+        if positions is None:
+            raise RuntimeError(
+                f"{type(self.module).__name__} does not pass position_ids to its attention function; "
+                f"fidbench cannot tell the absolute positions of its queries and keys"
+            )
+        return positions[0].to(self.query.device)
+
+    def key_positions(self) -> torch.Tensor:
+        """Absolute positions (kv,) of ``key``/``value`` along their sequence axis.
+
+        The cache returns a contiguous run ending at the last query: every position on full-attention
+        layers, the last ``sliding_window - 1`` before the current queries on sliding ones. A method
+        that physically removes cache entries must track positions itself.
+        """
+        end = int(self.query_positions()[-1]) + 1
+        return torch.arange(end - self.key.shape[2], end, device=self.query.device)
 
     def visible(self) -> torch.Tensor:
         """Boolean (batch|1, 1, q, kv) mask of the keys each query may see, materialized from the model's mask.
@@ -111,16 +145,26 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def installed(model):
-    """Switch ``model`` to the fidbench attention function for the duration of the block."""
+def installed(model, method: str = "an attention method"):
+    """Switch ``model`` to the fidbench attention function for the duration of the block.
+
+    Models whose attention does not go through transformers' registry cannot run ``method``: that
+    is an error naming both, never a silent run of the unchanged model.
+    """
     register()
+    family = model.config.model_type
     previous = model.config._attn_implementation
     if previous not in ("sdpa", NAME):
         raise ValueError(
-            f"fidbench attention hooks delegate dense work to SDPA, but this model was loaded with "
-            f"attn_implementation={previous!r}; load it with 'sdpa'"
+            f"method {method!r} on {family}: fidbench attention hooks delegate dense work to SDPA, but this "
+            f"model was loaded with attn_implementation={previous!r}; load it with 'sdpa'"
         )
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers only logs a warning for such models
+        raise ValueError(
+            f"method {method!r} cannot run on {family} ({type(model).__name__}): its attention does not "
+            f"use transformers' AttentionInterface, so fidbench's hook would never be called"
+        )
     try:
         yield
     finally:

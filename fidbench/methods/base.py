@@ -52,7 +52,7 @@ class Method:
         if type(self).attend is Method.attend:
             yield model
         else:
-            with attention.installed(model):
+            with attention.installed(model, self.name):
                 yield model
 
     def begin(self, prompt_len: int) -> None:
