@@ -61,10 +61,12 @@ class Bench:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
         fp = models.fingerprint(model)
+        max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
+        vocab = model.get_input_embeddings().num_embeddings
         prompts = []
         for ds in self.suite.datasets:
-            for p in datasets.load(ds, tok, self.limit):
-                prompts.append(datasets.fit(p, spec.max_length, self.max_new_tokens, spec.overlong))
+            for p in datasets.load(ds, tok, self.limit, vocab):
+                prompts.append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens)
         live = [p for p in prompts if p.skipped is None]
         refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
