@@ -32,11 +32,12 @@ CHUNK = 256
 
 
 def kv_head_probs(call: AttentionCall, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over every key, averaged over the
-    query heads of each KV head: (B, KVH, q, K). ``mask`` (B|1, KVH|1, q, K) is True where a key is seen."""
+    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over the first K keys, averaged over
+    the query heads of each KV head: (B, KVH, q, K). ``mask`` (B|1, KVH|1, q, K) is True where a key is seen."""
     scale = call.kwargs.get("scaling") or query.shape[-1] ** -0.5
     q = query.float().unflatten(1, (call.key.shape[1], call.groups))  # (B, KVH, G, q, D)
-    logits = (q @ call.key.float()[:, :, None].transpose(-1, -2)) * scale
+    key = call.key[:, :, : mask.shape[-1]].float()
+    logits = (q @ key[:, :, None].transpose(-1, -2)) * scale
     return logits.masked_fill(~mask[:, :, None], -math.inf).softmax(-1).mean(2)
 
 
@@ -92,8 +93,11 @@ class H2O(Method):
                 raise ValueError("h2o: the prompt must be prefilled in one forward")
             score = torch.zeros(call.key.shape[:3], device=call.key.device)
             for start in range(0, n, CHUNK):
-                rows = slice(start, start + CHUNK)
-                score += kv_head_probs(call, call.query[:, :, rows], visible[:, :, rows]).sum(2)
+                rows = visible[:, :, start : start + CHUNK]
+                # Keys after the last one these queries see (the causal future) would only add zeros.
+                end = int(rows.reshape(-1, n).any(0).nonzero().max()) + 1
+                probs = kv_head_probs(call, call.query[:, :, start : start + CHUNK], rows[..., :end])
+                score[..., :end] += probs.sum(2)
             keep = torch.ones_like(score, dtype=torch.bool)
             if n > heavy + recent:
                 keep[..., : n - recent] = False
