@@ -26,7 +26,8 @@ def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make ``cls`` available to suites under ``cls.name``."""
     if cls.name in REGISTRY:
         raise ValueError(f"method name {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = dataclasses.dataclass(cls) if not dataclasses.is_dataclass(cls) else cls
+    # A subclass of a dataclass inherits `is_dataclass`; only the class's own marker says its fields are collected.
+    REGISTRY[cls.name] = cls if "__dataclass_fields__" in cls.__dict__ else dataclasses.dataclass(cls)
     return REGISTRY[cls.name]
 
 
