@@ -46,12 +46,13 @@ class Bench:
     """Per-process state for a suite: one model resident at a time, with its references."""
 
     def __init__(self, suite: Suite, limit: int | None = None, max_new_tokens: int | None = None,
-                 decode: str | None = None, progress: bool = True):
+                 decode: str | None = None, progress: bool = True, batch_size: int = 1):
         self.suite = suite
         self.limit = limit
         self.max_new_tokens = max_new_tokens or suite.max_new_tokens
         self.decode = decode or suite.decode
         self.progress = progress
+        self.batch_size = batch_size  # prompts per batch when generating references
         self.loaded: Loaded | None = None
         self.generated = 0  # references the last load generated (0 when all were cached)
 
@@ -68,7 +69,7 @@ class Bench:
         for ds in self.suite.datasets:
             for p in datasets.load(ds, tok, self.limit, vocab):
                 prompts.append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
-        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens)
+        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size)
         live = [p for p in prompts if p.skipped is None]
         refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
         self.loaded = Loaded(spec, model, tok, fp, prompts, [None if p.skipped else next(refs) for p in prompts])
