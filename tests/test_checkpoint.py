@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import TINY
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
@@ -38,9 +39,9 @@ def test_checkpoint_of_the_base_directory_equals_origin(tmp_path, cache, family)
 
 def test_checkpoint_vocabulary_mismatches_are_clear_errors(tmp_path, cache):
     base = save_tiny(tmp_path / "base", "llama")
-    bigger = save_tiny(tmp_path / "bigger", "llama", vocab_size=130, tokenizer=tiny_tokenizer())
+    bigger = save_tiny(tmp_path / "bigger", "llama", vocab_size=TINY["vocab_size"] + 2, tokenizer=tiny_tokenizer())
     swapped = save_tiny(tmp_path / "swapped", "llama", tokenizer=tiny_tokenizer(swap=True))
-    with pytest.raises(ValueError, match="vocab_size 130, the base model 'tiny' has 128"):
+    with pytest.raises(ValueError, match=f"vocab_size {TINY['vocab_size'] + 2}, the base model 'tiny' has {TINY['vocab_size']}"):
         run_all(tmp_path, base, {"bigger": {"method": "checkpoint", "path": str(bigger)}})
     with pytest.raises(ValueError, match=r"maps tokens to other ids .*2 differ.*'cat'"):
         run_all(tmp_path, base, {"swapped": {"method": "checkpoint", "path": str(swapped)}})
