@@ -1,12 +1,13 @@
 """``sage-attention``: SageAttention's INT8 Q·Kᵀ (Zhang et al. 2024, "SageAttention: Accurate 8-Bit
-Attention for Plug-and-play Inference Acceleration"), simulated exactly in PyTorch.
+Attention for Plug-and-play Inference Acceleration"), simulated in PyTorch.
 
 K is smoothed by subtracting its mean over the tokens (per head and channel: every score of a query
 row shifts by the same amount, which softmax ignores), then Q and K are quantized to symmetric INT8
 per block of tokens (``block_q`` queries, ``block_k`` keys; scale = absmax / 127), their integer
 product is dequantized with the two block scales, softmax runs in fp32, and P·V in fp16. The math
 is explicit, one chunk of ``block_q`` queries at a time, so memory grows with the prompt length, not
-its square. The mean and the last K block span the whole cache of each step: the method runs stepwise.
+its square. The paper's fp16 P·V accumulates in fp16 on some GPUs; here it accumulates in fp32.
+The mean and the last K block span the whole cache of each step: the method runs stepwise.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
     ``visible_rows(start, stop)`` gives the bool mask (b|1, 1|h, stop - start, kv) of those query rows.
     ``bits=None`` skips quantization (then only the chunking, smoothing and ``pv_dtype`` remain).
     """
-    b, h, q_len, d = query.shape
+    h, q_len = query.shape[1:3]
     kvh = key.shape[1]
     k = key.float()
     if smooth_k:
@@ -52,7 +53,9 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
         # Integer products summed over d stay below 2^24, so the fp32 matmul is exact (an int32 accumulator).
         k, k_scale = quantize_blocks(k, block_k, bits)
         k_scale = k_scale.transpose(-1, -2)[:, :, None]  # (b, kvh, 1, 1, kv)
-    k, v = k[:, :, None], value.to(pv_dtype)[:, :, None]  # broadcast over the query heads of a KV head
+    # P·V on fp16 inputs with an fp32 accumulator and an fp16 result: rounding P and V to fp16 and
+    # multiplying in fp32 computes that, without CPU fp16 matmuls (several times slower than fp32).
+    k, v = k[:, :, None], value.to(pv_dtype).float()[:, :, None]  # broadcast over the query heads of a KV head
     out = []
     for start in range(0, q_len, block_q):
         stop = min(start + block_q, q_len)
@@ -60,12 +63,12 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
         if bits is None:
             scores = q @ k.transpose(-1, -2)
         else:
-            q, q_scale = quantize_blocks(q, block_q, bits)  # the chunk is one block
+            q, q_scale = quantize_blocks(q, stop - start, bits)  # the chunk is one Q block
             scores = (q @ k.transpose(-1, -2)) * q_scale * k_scale
         mask = visible_rows(start, stop)
         mask = mask.unflatten(1, (kvh, h // kvh)) if mask.shape[1] == h else mask[:, :, None]
         p = torch.softmax((scores * scaling).masked_fill(~mask, -math.inf), dim=-1)
-        out.append((p.to(pv_dtype) @ v).flatten(1, 2))
+        out.append((p.to(pv_dtype).float() @ v).to(pv_dtype).flatten(1, 2))
     return torch.cat(out, dim=2).to(query.dtype)
 
 
