@@ -103,10 +103,11 @@ def fit(prompt: Prompt, max_length: int, max_new_tokens: int, policy: str) -> Pr
     return prompt
 
 
-def load(spec: DatasetSpec, tokenizer, limit: int | None = None) -> list[Prompt]:
-    """The first ``limit`` prompts of a dataset as token ids."""
+def load(spec: DatasetSpec, tokenizer, limit: int | None = None, vocab_size: int | None = None) -> list[Prompt]:
+    """The first ``limit`` prompts of a dataset as token ids (imported ids must lie below ``vocab_size``,
+    the model's embedding size, which may exceed the tokenizer's length)."""
     prompts = []
-    vocab = len(tokenizer)
+    vocab = vocab_size or len(tokenizer)
     for lineno, row in _lines(spec.path):
         if limit is not None and len(prompts) >= limit:
             break
@@ -118,12 +119,15 @@ def load(spec: DatasetSpec, tokenizer, limit: int | None = None) -> list[Prompt]
                 ids = row[key]
                 if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
                     raise DatasetError(
-                        f"{where}: '{key}' must be a non-empty list of token ids below the tokenizer's "
+                        f"{where}: '{key}' must be a non-empty list of token ids below the model's "
                         f"vocabulary size {vocab} (was it made with another tokenizer?)"
                     )
             prompts.append(Prompt(spec.name, len(prompts), list(row["p_ids"]), list(row["g_ids"]), "ids"))
         else:
             ids, template = render(tokenizer, _conversation(spec.path, lineno, row), where)
+            if max(ids) >= vocab:
+                raise DatasetError(f"{where}: the tokenizer produced id {max(ids)}, outside the model's "
+                                   f"vocabulary of {vocab}: tokenizer and model do not match")
             prompts.append(Prompt(spec.name, len(prompts), ids, template=template))
     if not prompts:
         raise DatasetError(f"{spec.path}: no prompts")

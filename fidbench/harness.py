@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -45,12 +46,13 @@ class Bench:
     """Per-process state for a suite: one model resident at a time, with its references."""
 
     def __init__(self, suite: Suite, limit: int | None = None, max_new_tokens: int | None = None,
-                 decode: str | None = None, progress: bool = True):
+                 decode: str | None = None, progress: bool = True, batch_size: int = 1):
         self.suite = suite
         self.limit = limit
         self.max_new_tokens = max_new_tokens or suite.max_new_tokens
         self.decode = decode or suite.decode
         self.progress = progress
+        self.batch_size = batch_size  # prompts per batch when generating references
         self.loaded: Loaded | None = None
         self.generated = 0  # references the last load generated (0 when all were cached)
 
@@ -61,11 +63,13 @@ class Bench:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
         fp = models.fingerprint(model)
+        max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
+        vocab = model.get_input_embeddings().num_embeddings
         prompts = []
         for ds in self.suite.datasets:
-            for p in datasets.load(ds, tok, self.limit):
-                prompts.append(datasets.fit(p, spec.max_length, self.max_new_tokens, spec.overlong))
-        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens)
+            for p in datasets.load(ds, tok, self.limit, vocab):
+                prompts.append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
+        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size)
         live = [p for p in prompts if p.skipped is None]
         refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
         self.loaded = Loaded(spec, model, tok, fp, prompts, [None if p.skipped else next(refs) for p in prompts])
@@ -77,9 +81,11 @@ class Bench:
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
         mode = engine.resolve_mode(method, self.decode)
-        per_dataset: dict[str, list[metrics.SampleScores]] = {}
+        # A method that scores a sample itself (a legacy Modifier's own loop) replaces engine + metrics.
+        score_sample = getattr(method, "score_sample", None)
+        per_dataset: dict[str, list] = {}
         samples, skipped = [], []
-        prefill_s = decode_s = 0.0
+        prefill_s = decode_s = own_s = 0.0
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
         with method.apply(loaded.model, loaded) as model:
             # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
@@ -87,11 +93,16 @@ class Bench:
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
-                forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
-                s = metrics.score(forced.logits, ref)
+                if score_sample is not None:
+                    t0 = time.perf_counter()
+                    s = metrics.PartialScores.of(score_sample(model, ref), f"method {method.name!r}")
+                    own_s += time.perf_counter() - t0
+                else:
+                    forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
+                    s = metrics.score(forced.logits, ref)
+                    prefill_s += forced.prefill_s
+                    decode_s += forced.decode_s
                 per_dataset.setdefault(prompt.dataset, []).append(s)
-                prefill_s += forced.prefill_s
-                decode_s += forced.decode_s
                 summary = {k: v for k, v in s.summary().items() if k not in ("n_samples", "acc1_by_position")}
                 samples.append({
                     "dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
@@ -110,7 +121,9 @@ class Bench:
             "decode": mode,
             "scores": scores,
             "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
-            "timing": {"prefill_s": prefill_s, "decode_s": decode_s},
+            # A method's own loop is timed as a whole: it has no separate prefill and decode.
+            "timing": ({"prefill_s": None, "decode_s": None, "method_s": own_s} if score_sample is not None
+                       else {"prefill_s": prefill_s, "decode_s": decode_s}),
             "kept": method.kept(),
             "floors": case.floors,
             "failures": metrics.check_floors(scores, case.floors) if every else ["no prompt was scored"],

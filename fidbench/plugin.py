@@ -30,6 +30,8 @@ def pytest_addoption(parser):
     group.addoption("--fidbench-max-new-tokens", type=int, metavar="N", help="reference length (default: the suite's, 64)")
     group.addoption("--fidbench-decode", choices=MODES, help="teacher forcing: parallel, stepwise, or auto (per method)")
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
+    group.addoption("--fidbench-batch-size", type=int, default=1, metavar="N",
+                    help="generate base references N prompts at a time (default 1; >1 keeps its own references)")
     group.addoption("--fidbench-quiet", action="store_true", help="no progress bars")
 
 
@@ -45,6 +47,8 @@ def _suite(config):
         limit = config.getoption("fidbench_limit")
         if limit is not None and limit < 1:
             raise pytest.UsageError("--fidbench-limit must be a positive integer")
+        if config.getoption("fidbench_batch_size") < 1:
+            raise pytest.UsageError("--fidbench-batch-size must be a positive integer")
         try:
             suite, error = load(path), None
         except SuiteError as e:
@@ -90,6 +94,7 @@ def fidbench_bench(request):
         max_new_tokens=config.getoption("fidbench_max_new_tokens"),
         decode=config.getoption("fidbench_decode"),
         progress=not config.getoption("fidbench_quiet"),
+        batch_size=config.getoption("fidbench_batch_size"),
     )
 
 
@@ -140,6 +145,7 @@ class Reporter:
             "limit": opt("fidbench_limit"),
             "max_new_tokens": opt("fidbench_max_new_tokens") or _suite(self.config).max_new_tokens,
             "decode": opt("fidbench_decode") or _suite(self.config).decode,
+            "batch_size": opt("fidbench_batch_size"),
         }
         doc = {"environment": report.environment(), "settings": settings, "cases": self.ordered()}
         tmp = f"{path}.tmp{os.getpid()}"

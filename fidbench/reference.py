@@ -49,7 +49,9 @@ class Reference:
 
 
 class Store:
-    def __init__(self, root: Path, model_name: str, fingerprint: str, max_new_tokens: int):
+    def __init__(self, root: Path, model_name: str, fingerprint: str, max_new_tokens: int, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"reference batch size must be >= 1, got {batch_size}")
         self.dir = Path(root) / "references" / f"{model_name}-{fingerprint[:16]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.settings = {
@@ -61,6 +63,11 @@ class Store:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
+        # Batched generation equals batch size 1 only up to fp32 summation order (a near-tie can flip),
+        # so its references are kept apart: batch-1 references stay exactly what a stepwise origin computes.
+        if batch_size > 1:
+            self.settings["batch_size"] = batch_size
+        self.batch_size = batch_size
         self.generated = 0  # samples this process generated (0 on a fully cached run)
 
     def path(self, prompt: Prompt) -> Path:
@@ -90,30 +97,64 @@ class Store:
         self.generated += 1
         return Reference.from_logits(prompt.p_ids, g_ids, logits)
 
+    def _make_batch(self, model, prompts: list[Prompt], eos_ids: set[int]) -> list[Reference]:
+        """Generate several references at once (imported references are scored one by one)."""
+        if len(prompts) == 1 or any(p.g_ids is not None for p in prompts):
+            return [self._make(model, p, eos_ids) for p in prompts]
+        out = engine.greedy_batch(model, [p.p_ids for p in prompts], self.settings["max_new_tokens"], eos_ids)
+        self.generated += len(prompts)
+        return [Reference.from_logits(p.p_ids, g_ids, logits) for p, (g_ids, logits) in zip(prompts, out)]
+
     def get(self, model, prompts: list[Prompt], eos_ids: set[int], progress: bool = True) -> list[Reference]:
-        """References for ``prompts``, generating the missing ones.
+        """References for ``prompts``, generating the missing ones, ``batch_size`` at a time.
 
         A sample another worker is generating is skipped and revisited, so workers split the work
-        instead of queueing on the same lock.
+        instead of queueing on the same lock. Batches hold prompts of similar lengths (least padding).
         """
         refs: dict[int, Reference] = {}
         pending = list(range(len(prompts)))
+        if self.batch_size > 1:
+            pending.sort(key=lambda i: len(prompts[i].p_ids))
         bar = tqdm(total=len(prompts), desc="base references", disable=not progress, leave=False, file=sys.__stderr__)
         timeout = 0  # the first pass skips busy samples; later passes wait for them
         while pending:
-            waiting = []
-            for i in pending:
-                path = self.path(prompts[i])
-                if not path.exists():
-                    try:
-                        with FileLock(str(path) + ".lock", timeout=timeout):
-                            if not path.exists():
-                                self._write(path, self._make(model, prompts[i], eos_ids))
-                    except Timeout:
-                        waiting.append(i)
-                        continue
-                refs[i] = self._read(path)
-                bar.update(1)
+            waiting, batch = [], []  # batch: (index, path, held lock) of samples to generate
+            try:
+                for i in pending:
+                    path = self.path(prompts[i])
+                    if not path.exists():
+                        lock = FileLock(str(path) + ".lock")
+                        try:
+                            lock.acquire(timeout=timeout)
+                        except Timeout:
+                            waiting.append(i)
+                            continue
+                        if not path.exists():
+                            batch.append((i, path, lock))
+                            if len(batch) == self.batch_size:
+                                self._flush(model, prompts, batch, eos_ids, refs, bar)
+                            continue
+                        lock.release()  # another worker wrote it while we waited
+                    refs[i] = self._read(path)
+                    bar.update(1)
+                self._flush(model, prompts, batch, eos_ids, refs, bar)
+            finally:
+                for _, _, lock in batch:  # an interrupted batch: release what we hold, write nothing partial
+                    lock.release()
             pending, timeout = waiting, -1
         bar.close()
         return [refs[i] for i in range(len(prompts))]
+
+    def _flush(self, model, prompts, batch, eos_ids, refs, bar) -> None:
+        """Generate, write and release the samples held in ``batch`` (emptied in place)."""
+        if not batch:
+            return
+        made = self._make_batch(model, [prompts[i] for i, _, _ in batch], eos_ids)
+        while batch:
+            (i, path, lock), ref = batch.pop(0), made.pop(0)
+            try:
+                self._write(path, ref)
+            finally:
+                lock.release()
+            refs[i] = self._read(path)
+            bar.update(1)

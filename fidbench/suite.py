@@ -30,7 +30,7 @@ class ModelSpec:
     tokenizer: str | None = None
     dtype: str = "fp32"
     device: str = "cpu"
-    max_length: int = 8192
+    max_length: int | None = None  # default: the model's max_position_embeddings
     overlong: str = "truncate"
 
 
@@ -144,7 +144,7 @@ def load(path: str | Path) -> Suite:
             raise SuiteError(f"{where}.overlong: {model.overlong!r} is not one of {', '.join(OVERLONG)}")
         if not re.match(r"^(cpu|cuda(:\d+)?|auto|mps)$", str(model.device)):
             raise SuiteError(f"{where}.device: {model.device!r} is not cpu, cuda, cuda:N or auto")
-        if not isinstance(model.max_length, int) or model.max_length <= suite.max_new_tokens:
+        if model.max_length is not None and (not isinstance(model.max_length, int) or model.max_length <= suite.max_new_tokens):
             raise SuiteError(f"{where}.max_length must be an integer above max_new_tokens ({suite.max_new_tokens})")
         suite.models.append(model)
 

@@ -87,3 +87,8 @@ def test_overlong_prompts_are_truncated_in_the_middle_or_skipped():
     assert skipped.skipped == "prompt of 100 tokens + generation exceeds max_length 64"
     imported = fit(Prompt("d", 0, list(ids), g_ids=[1] * 40), max_length=64, max_new_tokens=16, policy="truncate")
     assert len(imported.p_ids) == 24  # an imported reference's own length counts, not max_new_tokens
+
+
+def test_tokenizer_ids_outside_the_model_vocabulary_are_an_error(tmp_path, tok):
+    with pytest.raises(DatasetError, match="outside the model's vocabulary of 10: tokenizer and model do not match"):
+        load(write(tmp_path, [conv(("user", "hello"))]), tok, vocab_size=10)

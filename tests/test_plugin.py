@@ -103,3 +103,18 @@ def test_report_is_the_same_with_and_without_xdist(project):
         assert a["scores"] == b["scores"] and a["samples"] == b["samples"]
     assert serial["cases"][1]["method"] == "topk" and serial["cases"][1]["params"] == {"keep": 0.1, "min_keep": 2}
     assert serial["cases"][0]["scores"]["acc1"] >= 0.9
+
+
+def test_batch_size_option_generates_batched_references_apart(project):
+    result = project.runpytest("-k", "llama and origin", "--fidbench-quiet", "--benchmark-disable",
+                               "--fidbench-batch-size", "2", "--fidbench-report", "b2.json")
+    result.assert_outcomes(passed=1)
+    report = json.loads((project.path / "b2.json").read_text())
+    assert report["settings"]["batch_size"] == 2 and report["cases"][0]["scores"]["acc1"] >= 0.9
+    refs = list((project.path / "cache" / "references").glob("tiny-a-*/*.safetensors"))
+    assert len(refs) == 2  # the two chat prompts, generated together
+    project.runpytest("-k", "llama and origin", "--fidbench-quiet", "--benchmark-disable").assert_outcomes(passed=1)
+    assert len(list((project.path / "cache" / "references").glob("tiny-a-*/*.safetensors"))) == 4
+    result = project.runpytest("--fidbench-quiet", "--fidbench-batch-size", "0")
+    assert result.ret != pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*--fidbench-batch-size must be a positive integer*"])

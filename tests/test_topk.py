@@ -75,3 +75,24 @@ def test_attend_keeps_the_largest_scores_per_head():
 def test_bad_parameters_are_clear_errors(params):
     with pytest.raises(ValueError, match="keep|topk"):
         build("topk", params)
+
+
+@pytest.mark.parametrize("keep,min_keep", [(0.1, 1), (0.3, 4), (1.0, 1)])
+def test_selection_equals_a_stable_descending_sort_with_ties(keep, min_keep):
+    # Integer-valued queries and keys make exact score ties common, also at the budget's boundary.
+    g = torch.Generator().manual_seed(3)
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups, module.is_causal = 0, 2, True
+    q = torch.randint(-2, 3, (1, 4, 6, 8), generator=g).float()
+    k = torch.randint(-1, 2, (1, 2, 30, 8), generator=g).float()
+    call = attention.AttentionCall(module, q, k, k.clone(), None, attention.Phase("decode", 24), {"scaling": 8**-0.5})
+    call.dense = lambda mask=None, **_: mask  # capture the mask the method hands to SDPA
+    got = build("topk", {"keep": keep, "min_keep": min_keep}).attend(call)
+    visible = call.visible()
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)).masked_fill(~visible, -math.inf)
+    n = visible.sum(-1, keepdim=True)
+    budget = torch.minimum(torch.clamp((n * keep).ceil(), min=min_keep), n)
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # ties: the lower position first
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(30).expand_as(order))
+    assert (scores[..., None] == scores[..., None, :]).sum() > scores.numel()  # the data has ties
+    assert torch.equal(got, ranks < budget)

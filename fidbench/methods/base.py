@@ -9,6 +9,9 @@ The harness owns the evaluation loop. A method only says how it changes the mode
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n)``).
 - ``begin(prompt_len)``: reset per-sample state before each prefill.
 - ``kept()``: what the method kept or changed, for the report.
+- ``score_sample(model, ref)``, optional: a method that scores a sample with its own loop (``legacy``)
+  returns metric means and ``n_tokens``; the harness then skips the engine and reports every
+  metric it did not give as None.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make ``cls`` available to suites under ``cls.name``."""
     if cls.name in REGISTRY:
         raise ValueError(f"method name {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = dataclasses.dataclass(cls) if not dataclasses.is_dataclass(cls) else cls
+    # A subclass of a dataclass inherits `is_dataclass`; only the class's own marker says its fields are collected.
+    REGISTRY[cls.name] = cls if "__dataclass_fields__" in cls.__dict__ else dataclasses.dataclass(cls)
     return REGISTRY[cls.name]
 
 

@@ -1,0 +1,123 @@
+"""Shared by the KV-cache methods: the token budget, and eviction as a mask over prompt positions.
+
+Budget: a KV method takes either ``ratio`` (a fraction of the prompt) or ``budget`` (tokens), not
+both; with neither it uses ``ratio = DEFAULT_RATIO``. A ratio budget is round(ratio × prompt length),
+at least 1 token: a 30-token prompt at ratio 0.1 keeps 3 positions per KV head and layer. A budget
+at or above the prompt length evicts nothing.
+
+Eviction is masking: the cache keeps every key and decode queries do not attend to the evicted
+prompt positions. This computes exactly what a physically pruned cache would (keys are cached after
+RoPE, so a kept key's position is unchanged) and allows a different choice per KV head. Positions
+generated after the prompt stay visible. ``record`` counts, per layer, the prompt positions decode
+queries attend to over those the dense model lets them see: ``kept()["kv_fraction"]``. Key index j
+must be position j: a cache that drops positions (sliding-window layers) is refused with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..attention import AttentionCall
+from .base import Method
+
+DEFAULT_RATIO = 0.25
+
+
+@dataclasses.dataclass
+class KVMethod(Method):
+    """A method with a KV budget: ``ratio`` of the prompt or ``budget`` tokens (not both)."""
+
+    ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self):
+        if self.ratio is None and self.budget is None:
+            self.ratio = DEFAULT_RATIO
+        super().__post_init__()
+
+    def validate(self):
+        if self.ratio is not None and self.budget is not None:
+            raise ValueError(
+                f"{self.name}: give either ratio or budget, not both (got ratio={self.ratio}, budget={self.budget})"
+            )
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"{self.name}: ratio must be in (0, 1], got {self.ratio}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"{self.name}: budget must be a positive number of tokens, got {self.budget}")
+
+    def tokens(self, prompt_len: int) -> int:
+        """The token budget for a prompt of ``prompt_len`` tokens (may exceed it: then nothing is evicted)."""
+        if self.budget is not None:
+            return self.budget
+        return max(1, math.floor(self.ratio * prompt_len + 0.5))
+
+
+class Evicting(KVMethod):
+    """Eviction decided once after the prefill: ``select`` picks the prompt positions each KV head keeps.
+
+    The prefill itself stays dense; decode queries see only the kept prompt positions.
+    """
+
+    def begin(self, prompt_len: int) -> None:
+        self.keep: dict[int, torch.Tensor | None] = {}  # layer -> (batch, kv_heads, prompt_len) bool, None = all
+
+    def layer_budget(self, call: AttentionCall) -> int:
+        """Prompt positions each KV head of this layer keeps."""
+        return self.tokens(call.phase.prompt_len)
+
+    def select(self, call: AttentionCall, n: int) -> torch.Tensor:
+        """Bool (batch, kv_heads, prompt_len) with exactly ``n`` < prompt_len positions kept per KV head."""
+        raise NotImplementedError
+
+    def attend(self, call: AttentionCall):
+        if call.phase.name == "prefill":
+            n = self.layer_budget(call)
+            self.keep[call.layer_idx] = None if n >= call.phase.prompt_len else self.select(call, n)
+            return None
+        require_every_position(self, call)
+        keep = self.keep[call.layer_idx]
+        visible = call.visible()
+        if keep is None:
+            record(self, call, visible, visible)
+            return None
+        mask = visible.expand(*call.query.shape[:3], -1).clone()
+        mask[..., : call.phase.prompt_len] &= keep.repeat_interleave(call.groups, dim=1)[:, :, None, :]
+        record(self, call, visible, mask)
+        return call.dense(mask=mask)
+
+
+def require_every_position(method: Method, call: AttentionCall) -> None:
+    """Refuse caches that drop positions (sliding-window layers): these methods read key index j as position j."""
+    p, q, kv = call.phase.prompt_len, call.query.shape[2], call.key.shape[2]
+    if call.phase.name == "decode" and kv < p + q:
+        raise ValueError(
+            f"{method.name}: layer {call.layer_idx} caches {kv} keys for a {p}-token prompt and {q} new tokens; "
+            f"its cache drops positions (a sliding window?), and KV methods need every position cached"
+        )
+
+
+def record(method: Method, call: AttentionCall, visible: torch.Tensor, mask: torch.Tensor) -> None:
+    """Count the prompt positions decode queries attend to under ``mask`` against those ``visible`` shows."""
+    p = call.phase.prompt_len
+    shape = (*call.query.shape[:3], p)  # (batch, heads, queries, prompt)
+    method.record(call.layer_idx, mask[..., :p].expand(shape).sum().item(), visible[..., :p].expand(shape).sum().item())
+
+
+def top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` largest entries along the last dimension."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    return keep.scatter_(-1, scores.topk(n, dim=-1).indices, True)
+
+
+def last_rows_visible(call: AttentionCall, rows: int) -> torch.Tensor:
+    """The model's (batch|1, 1, rows, kv) mask for the last ``rows`` queries, without building all rows."""
+    mask = call.attention_mask
+    if mask is not None:
+        mask = mask[..., -rows:, :]
+        return mask if mask.dtype == torch.bool else mask == 0  # an additive float mask
+    kv = call.key.shape[2]
+    q = torch.arange(kv - rows, kv, device=call.key.device)[:, None]
+    return (torch.arange(kv, device=call.key.device)[None, :] <= q)[None, None]
