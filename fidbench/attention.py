@@ -144,6 +144,17 @@ def register() -> None:
         AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def layer_kinds(config) -> list[str]:
+    """``"sliding_attention"`` or ``"full_attention"`` per layer, as the model passes ``sliding_window``
+    to attention functions: from ``layer_types`` (Gemma 3, Qwen2/3), else every layer slides when the
+    config has a ``sliding_window`` (Mistral, Phi-3)."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
 @contextlib.contextmanager
 def installed(model, method: str = "an attention method"):
     """Switch ``model`` to the fidbench attention function for the duration of the block.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TINY
+from conftest import FAMILIES, TINY
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
@@ -20,7 +20,7 @@ def run_all(tmp_path, base, methods):
     return {case.variant.name: bench.run(case) for case in suite.cases()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))  # the family matrix for this method (tests/test_families.py)
 def test_checkpoint_of_the_base_directory_equals_origin(tmp_path, cache, family):
     base = save_tiny(tmp_path / "base", family)
     other = save_tiny(tmp_path / "other", family, seed=1)

@@ -1,9 +1,16 @@
 """Every registered method on every tiny model family (conftest.FAMILIES), and the model's own masks
 under fidbench's attention function: sliding-window layers stay sliding.
 
-Each method needs an entry in ``PARAMS``: parameters that must reproduce ``origin`` ("degenerate"),
-parameters that must change the logits ("real", None for origin itself), and optionally the families
-it refuses ("unsupported": family -> why), which must fail with an error naming the method and family.
+Each method needs an entry in ``PARAMS``: parameters that must reproduce ``origin`` ("degenerate";
+None with a reason where no setting is lossless), parameters that must change the logits ("real";
+None for origin itself), or "covered_by": the test that runs it on every family when it needs inputs
+the matrix cannot build (another checkpoint directory, a Modifier file). A new method without an entry
+fails ``test_every_method_has_matrix_parameters``.
+
+KV-cache methods (``full_attention_only``) compress full-attention layers only and leave sliding-window
+layers to the model's window (fidbench/methods/_kv.py): on gemma3_text they act on its full-attention
+layer, and a model whose every layer slides (the tiny mistral) is refused with an error naming the
+method and the family.
 """
 
 import functools
@@ -15,10 +22,31 @@ from conftest import FAMILIES, WINDOW, tiny_model
 from fidbench import attention, engine
 from fidbench.methods import REGISTRY, build
 from test_engine import reference
+from test_quant_prune import context
 
+BIG = 1024  # a budget above prompt + reference (64 tokens): nothing is ever evicted
 PARAMS = {
     "origin": {"degenerate": {}, "real": None},
     "topk": {"degenerate": {"keep": 1.0}, "real": {"keep": 0.1, "min_keep": 2}},
+    "streamingllm": {"degenerate": {"budget": BIG}, "real": {"budget": 12}},
+    "snapkv": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "window": 4, "kernel": 3}},
+    "pyramidkv": {"degenerate": {"budget": BIG}, "real": {"budget": 12, "window": 4, "kernel": 3}},
+    "knorm": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12}},
+    "random": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "seed": 3}},
+    "quest": {"degenerate": {"budget": BIG, "page": 8, "dense_layers": 0}, "real": {"budget": 16, "page": 8, "dense_layers": 0}},
+    "h2o": {"degenerate": {"heavy_budget": BIG, "recent_budget": BIG}, "real": {"heavy_budget": 6, "recent_budget": 6}},
+    "tova": {"degenerate": {"budget": BIG}, "real": {"budget": 12}},
+    "kivi": {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}},
+    "rtn": {"degenerate": {"bits": 16}, "real": {"bits": 3}},
+    "gptq": {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}},
+    "magnitude": {"degenerate": {"sparsity": 0.0}, "real": {"sparsity": 0.5}},
+    "wanda": {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}},
+    "fp8-attention": {"degenerate": None, "why": "no parameters: the e4m3 rounding is the method", "real": {}},
+    "sage-attention": {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}},  # INT8 moves these tiny models by ~1e-4, under the threshold below
+    "checkpoint": {"covered_by": "tests/test_checkpoint.py::test_checkpoint_of_the_base_directory_equals_origin "
+                                 "(its own saved directory equals origin, another checkpoint differs; every family)"},
+    "legacy": {"covered_by": "tests/test_legacy.py::test_legacy_modifier_scores_what_the_seed_style_loop_scores "
+                             "(every family)"},
 }
 SLIDING = ("gemma3_text", "mistral")
 # Degenerate parameters must give origin's logits to fp32 round-off. Bit-identical is not always
@@ -46,18 +74,24 @@ def _model_and_reference(family: str):
 
 def _force(model, method, ref, mode=None):
     mode = mode or engine.resolve_mode(method, "auto")
-    with method.apply(model) as m:
+    with method.apply(model, context()) as m:  # calibration prompts for gptq / wanda
         return engine.teacher_force(m, method, ref.p_ids, ref.g_ids, mode).logits
 
 
+def _refuses(method: str, family: str) -> bool:
+    """KV methods on a model without a full-attention layer (their documented refusal)."""
+    kinds = attention.layer_kinds(_model_and_reference(family)[0].config)
+    return REGISTRY[method].full_attention_only and "full_attention" not in kinds
+
+
 def _run_or_refusal(method_name: str, family: str, params: dict, mode=None):
-    """The method's logits on ``family``, or None after checking the refusal a family in ``unsupported`` must give."""
+    """The method's logits on ``family``, or None after checking the refusal names method and family."""
     model, ref = _model_and_reference(family)
     method = build(method_name, params)
-    if family in _spec(method_name).get("unsupported", {}):
-        with pytest.raises((ValueError, RuntimeError)) as e:
+    if _refuses(method_name, family):
+        with pytest.raises(ValueError) as e:
             _force(model, method, ref, mode)
-        assert method_name in str(e.value) and family in str(e.value), f"unclear refusal: {e.value}"
+        assert f"method {method_name!r} cannot run on {family}" in str(e.value), f"unclear refusal: {e.value}"
         return None, method
     return _force(model, method, ref, mode), method
 
@@ -68,8 +102,13 @@ def test_every_method_has_matrix_parameters():
     assert set(PARAMS) <= set(REGISTRY), f"PARAMS names unregistered methods: {sorted(set(PARAMS) - set(REGISTRY))}"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", sorted(REGISTRY))
+def _cases(kind: str):
+    """(method, family) pairs of the matrix with ``kind`` parameters; methods without an entry are kept so that they fail."""
+    names = [m for m in sorted(REGISTRY) if m not in PARAMS or PARAMS[m].get(kind) is not None]
+    return [pytest.param(m, f, id=f"{m}-{f}") for m in names for f in sorted(FAMILIES)]
+
+
+@pytest.mark.parametrize("method, family", _cases("degenerate"))
 def test_degenerate_parameters_equal_origin(method, family):
     logits, m = _run_or_refusal(method, family, _spec(method)["degenerate"])
     if logits is None:
@@ -80,12 +119,7 @@ def test_degenerate_parameters_equal_origin(method, family):
     torch.testing.assert_close(logits, base, atol=ATOL, rtol=0)
 
 
-# Methods without an entry are kept so that they fail; origin has no real parameters.
-_REAL = [m for m in sorted(REGISTRY) if m not in PARAMS or PARAMS[m]["real"] is not None]
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", _REAL)
+@pytest.mark.parametrize("method, family", _cases("real"))
 def test_real_parameters_change_logits_and_report_what_they_kept(method, family, record_property):
     logits, m = _run_or_refusal(method, family, _spec(method)["real"])
     if logits is None:
@@ -103,6 +137,47 @@ def test_real_parameters_change_logits_and_report_what_they_kept(method, family,
         step = _force(model, build(method, _spec(method)["real"]), ref, "stepwise")
         assert torch.equal(step.argmax(-1), logits.argmax(-1))
         torch.testing.assert_close(step, logits, atol=1e-4, rtol=1e-4)
+
+
+KV = sorted(m for m, cls in REGISTRY.items() if cls.full_attention_only)
+
+
+@pytest.mark.parametrize("method", KV)
+def test_kv_methods_leave_sliding_layers_to_the_window(method, monkeypatch):
+    """On gemma3_text (layer 0 sliding, layer 1 full) a KV method hands every sliding-layer call back to
+    the model's attention and compresses the full-attention layer."""
+    model, ref = _model_and_reference("gemma3_text")
+    m = build(method, _spec(method)["real"])
+    results = []  # (sliding?, phase, method's output is None)
+    real_attend = type(m).attend
+
+    def attend(self, call):
+        out = real_attend(self, call)
+        results.append((call.sliding_window is not None, call.phase.name, out is None))
+        return out
+
+    monkeypatch.setattr(type(m), "attend", attend)
+    _force(model, m, ref)
+    sliding = [r for r in results if r[0]]
+    full_decode = [r for r in results if not r[0] and r[1] == "decode"]
+    assert sliding and all(untouched for *_, untouched in sliding)
+    assert full_decode and not all(untouched for *_, untouched in full_decode)
+    kept = m.kept()
+    if "kv_fraction_per_layer" in kept:  # eviction: the sliding layer attends all its window shows
+        assert kept["kv_fraction_per_layer"][0] == 1.0 and kept["kv_fraction_per_layer"][1] < 1.0
+    else:  # kivi: the sliding layer's entries count as visible and unquantized
+        assert 0 < kept["kv_quantized"] < 1
+
+
+@pytest.mark.parametrize("method", KV)
+def test_kv_methods_refuse_models_whose_every_layer_slides(method):
+    model, ref = _model_and_reference("mistral")
+    assert set(attention.layer_kinds(model.config)) == {"sliding_attention"}
+    with pytest.raises(ValueError, match=f"method '{method}' cannot run on mistral: every attention layer"):
+        _force(model, build(method, _spec(method)["degenerate"]), ref)
+    # The same family without a window runs.
+    wide = tiny_model("mistral", sliding_window=None)
+    assert torch.isfinite(_force(wide, build(method, _spec(method)["real"]), ref)).all()
 
 
 def test_models_that_bypass_the_attention_registry_are_refused(monkeypatch):
@@ -179,3 +254,44 @@ def test_topk_never_selects_keys_outside_the_window(family, monkeypatch):
     assert windowed and all(0 <= q - k < WINDOW for q, k in windowed)
     if family == "gemma3_text":  # its full-attention layer does reach further back
         assert any(q - k >= WINDOW for w, q, k in selected if w is None)
+
+
+PAD = 10  # left padding of the shorter row
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_padding_stays_masked_under_fidbench_attention(family):
+    """A left-padded batch through a method's hook gives each row what the row alone gives: the hook
+    sees the model's padding mask (and, on gemma3/mistral, its window) and never attends to padding."""
+    model, _ = _model_and_reference(family)
+    g = torch.Generator().manual_seed(5)
+    short, long = (torch.randint(3, 283, (n,), generator=g) for n in (24, 24 + PAD))
+    pad = PAD
+    ids = torch.cat([torch.zeros(pad, dtype=torch.long), short])[None].repeat(2, 1)
+    ids[1] = long
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # RoPE positions of the real tokens start at 0
+    method = Padded(keep=0.3, min_keep=2)
+    method.begin(0)
+    with method.apply(model), torch.no_grad(), attention.running(method, attention.Phase("decode", 0)):
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(input_ids=short[None]).logits
+    assert method.rows_checked > 0
+    torch.testing.assert_close(batched[0, pad:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+class Padded(REGISTRY["topk"]):
+    """topk (a real selection: 30 % of the keys) that checks the padded row's queries see no padding key."""
+
+    def begin(self, prompt_len):
+        self.rows_checked = 0
+
+    def attend(self, call):
+        visible = call.visible()
+        if visible.shape[0] == 2:  # the padded batch, not the row alone
+            real = visible[0, :, PAD:]  # queries of real tokens in the padded row
+            assert not real[..., :PAD].any(), "a real token's query may see padding"
+            assert real.any(-1).all()
+            self.rows_checked += 1
+        return super().attend(call)

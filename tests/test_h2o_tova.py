@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import FAMILIES, tiny_model
+from conftest import FULL, tiny_model
 from fidbench import attention, engine
 from fidbench.attention import AttentionCall, Phase
 from fidbench.methods import build, h2o
@@ -29,7 +29,7 @@ def reference(n=8, seed=2):
     return torch.randint(0, 128, (n,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("method,params", [
     ("h2o", {"heavy_budget": 30, "recent_budget": 18}),  # 48 = prompt 40 + reference 8
     ("h2o", {"heavy": 0.5, "recent": 0.5, "min_budget": 48}),
@@ -48,7 +48,7 @@ def test_budget_covering_everything_equals_origin(family, method, params, prompt
     assert m.kept()["kv_fraction"] == 1.0
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("name", sorted(EVICTING))
 def test_kept_count_per_head_is_the_budget(family, name, prompt):
     model, m = tiny_model(family), variant(name)
@@ -71,7 +71,7 @@ def test_kept_count_per_head_is_the_budget(family, name, prompt):
     assert len(m.kept()["kv_fraction_per_layer"]) == layers
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("method,params,budget", [
     ("h2o", {"heavy": 0.1, "recent": 0.1}, 8),  # 20 % of 12 tokens is 2: raised to min_budget 8
     ("tova", {"ratio": 0.1}, 8),
@@ -92,7 +92,7 @@ def test_h2o_ratio_budgets_split_in_proportion():
     assert m.budgets == (6, 2)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FULL)
 def test_h2o_prefill_scores_are_column_sums_in_chunks(family, prompt, monkeypatch):
     # H2O's prefill score of a key is the sum over prompt queries of its attention probability, averaged
     # over the query heads of its KV head: compare with the eager attention's own probabilities, with
@@ -114,7 +114,7 @@ def test_h2o_prefill_scores_are_column_sums_in_chunks(family, prompt, monkeypatc
         torch.testing.assert_close(m.score[layer], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("name", sorted(EVICTING))
 def test_masking_equals_physical_removal(family, name, prompt):
     # Prefill through the method, then decode one token with evicted positions masked; the same token

@@ -161,16 +161,21 @@ def test_masking_equals_physical_removal(tiny, ids, name):
     torch.testing.assert_close(masked, pruned_logits(tiny, build(name, EVICT[name]), ids), atol=1e-6, rtol=1e-5)
 
 
-SLIDING = dict(use_sliding_window=True, sliding_window=16, max_window_layers=0)  # Qwen2 with sliding-window layers
+# Qwen2 with a full-attention layer 0 and a sliding-window layer 1 (which KV methods leave dense).
+SLIDING = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
+ALL_SLIDING = dict(use_sliding_window=True, sliding_window=16, max_window_layers=0)
 
 
 @pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen2", {}), ("qwen2", SLIDING)])
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
 def test_snapkv_scores_match_full_attention(ids, name, family, overrides):
-    """The window-only scoring picks what the full eager attention matrix says the window attends to
-    (with the model's own mask: causal, or a sliding window)."""
+    """The window-only scoring picks what the full eager attention matrix says the window attends to;
+    sliding-window layers are left to the model's window (no selection)."""
     method = build(name, EVICT[name])
-    prefill(tiny_model(family, **overrides), method, ids[0])
+    model = tiny_model(family, **overrides)
+    prefill(model, method, ids[0])
+    kinds = attention.layer_kinds(model.config)
+    assert sorted(method.keep) == [i for i, kind in enumerate(kinds) if kind == "full_attention"]
     eager = tiny_model(family, **overrides)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -188,9 +193,9 @@ def test_snapkv_scores_match_full_attention(ids, name, family, overrides):
 
 
 @pytest.mark.parametrize("name", sorted(EVICT))
-def test_caches_that_drop_positions_are_refused(ids, name):
-    with pytest.raises(ValueError, match="drops positions"):
-        run(tiny_model("qwen2", **SLIDING), build(name, EVICT[name]), ids)
+def test_models_without_a_full_attention_layer_are_refused(ids, name):
+    with pytest.raises(ValueError, match=f"method '{name}' cannot run on qwen2: every attention layer"):
+        run(tiny_model("qwen2", **ALL_SLIDING), build(name, EVICT[name]), ids)
 
 
 def test_knorm_keeps_the_smallest_keys(tiny, ids):
@@ -201,7 +206,8 @@ def test_knorm_keeps_the_smallest_keys(tiny, ids):
     for layer, keep in method.keep.items():
         norms = cache.layers[layer].keys.norm(dim=-1)[0]  # (kv_heads, prompt)
         for head in range(norms.shape[0]):
-            assert norms[head][keep[0, head]].max() < norms[head][~keep[0, head]].min()
+            # <=: qwen3's QK-norm (untrained, unit weights) gives every key nearly the same norm; ties may go either way.
+            assert norms[head][keep[0, head]].max() <= norms[head][~keep[0, head]].min()
 
 
 def test_random_is_seeded_per_sample(tiny, ids):

@@ -13,6 +13,7 @@ from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
 import legacy_modifier
+from conftest import FAMILIES
 from tiny_dirs import save_tiny, write_suite
 
 MODULE = str(Path(__file__).with_name("legacy_modifier.py"))
@@ -41,7 +42,7 @@ def seed_style(model, refs):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))  # the family matrix for this method (tests/test_families.py)
 def test_legacy_modifier_scores_what_the_seed_style_loop_scores(bench_for, family, tmp_path):
     config = tmp_path / "noisy.json"
     config.write_text(json.dumps(NOISE))

@@ -9,8 +9,17 @@ Eviction is masking: the cache keeps every key and decode queries do not attend 
 prompt positions. This computes exactly what a physically pruned cache would (keys are cached after
 RoPE, so a kept key's position is unchanged) and allows a different choice per KV head. Positions
 generated after the prompt stay visible. ``record`` counts, per layer, the prompt positions decode
-queries attend to over those the dense model lets them see: ``kept()["kv_fraction"]``. Key index j
-must be position j: a cache that drops positions (sliding-window layers) is refused with an error.
+queries attend to over those the dense model lets them see: ``kept()["kv_fraction"]``.
+
+Sliding-window layers (Gemma 3's local layers, Mistral, Phi-3 with a window) are left to the model's
+own window: every KV method here (eviction, quest, streamingllm, h2o, tova, kivi) compresses only
+full-attention layers. A sliding layer's cache already holds at most ``sliding_window`` positions, it
+drops old positions itself (so key index j is no longer position j), and the methods' papers budget
+the full cache. Those layers are recorded as dense (what their decode queries attend is everything
+their window shows), so ``kv_fraction`` stays the fraction of what the dense model attends. A model
+with no full-attention layer is refused by ``Method.apply`` (the method would change nothing).
+On full-attention layers key index j must be position j: a cache that drops positions there is
+refused with an error.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ DEFAULT_RATIO = 0.25
 @dataclasses.dataclass
 class KVMethod(Method):
     """A method with a KV budget: ``ratio`` of the prompt or ``budget`` tokens (not both)."""
+
+    full_attention_only = True
 
     ratio: float | None = None
     budget: int | None = None
@@ -73,6 +84,8 @@ class Evicting(KVMethod):
         raise NotImplementedError
 
     def attend(self, call: AttentionCall):
+        if leave_sliding(self, call):
+            return None
         if call.phase.name == "prefill":
             n = self.layer_budget(call)
             self.keep[call.layer_idx] = None if n >= call.phase.prompt_len else self.select(call, n)
@@ -89,13 +102,25 @@ class Evicting(KVMethod):
         return call.dense(mask=mask)
 
 
+def leave_sliding(method: Method, call: AttentionCall) -> bool:
+    """True on a sliding-window layer, which KV methods leave dense; decode calls are recorded as all kept."""
+    if call.sliding_window is None:
+        return False
+    if call.phase.name == "decode":
+        # The window holds a run of positions ending at the last query; count the prompt ones it shows.
+        in_prompt = int((call.key_positions() < call.phase.prompt_len).sum())
+        visible = call.visible()[..., :in_prompt].expand(*call.query.shape[:3], in_prompt).sum().item()
+        method.record(call.layer_idx, visible, visible)
+    return True
+
+
 def require_every_position(method: Method, call: AttentionCall) -> None:
     """Refuse caches that drop positions (sliding-window layers): these methods read key index j as position j."""
     p, q, kv = call.phase.prompt_len, call.query.shape[2], call.key.shape[2]
     if call.phase.name == "decode" and kv < p + q:
         raise ValueError(
             f"{method.name}: layer {call.layer_idx} caches {kv} keys for a {p}-token prompt and {q} new tokens; "
-            f"its cache drops positions (a sliding window?), and KV methods need every position cached"
+            f"its cache drops positions, and KV methods need every position of a full-attention layer cached"
         )
 
 

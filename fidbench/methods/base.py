@@ -40,6 +40,10 @@ class Method:
     # True when teacher forcing the whole reference in one forward computes exactly what a
     # token-by-token decode would (the method's state does not depend on earlier decode steps).
     parallel_exact: ClassVar[bool] = True
+    # True for KV-cache methods: they compress full-attention layers only and leave sliding-window
+    # layers to the model's own window (fidbench.methods._kv), so a model without a full-attention
+    # layer is refused rather than run unchanged.
+    full_attention_only: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError naming the parameter when a value is out of range."""
@@ -53,6 +57,12 @@ class Method:
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
+        if self.full_attention_only and "full_attention" not in attention.layer_kinds(model.config):
+            raise ValueError(
+                f"method {self.name!r} cannot run on {model.config.model_type}: every attention layer of this "
+                f"model uses a sliding window, and {self.name} compresses only full-attention layers (sliding "
+                f"ones keep the model's own window), so it would run the base model unchanged"
+            )
         if type(self).attend is Method.attend:
             yield model
         else:

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..attention import AttentionCall
+from ._kv import leave_sliding
 from .base import Method, register
 
 # Prompt queries scored at once: a (chunk x prompt) block of probabilities, never prompt x prompt.
@@ -46,6 +47,7 @@ class H2O(Method):
     name = "h2o"
     description = "recent tokens plus heavy hitters by accumulated attention, evicted while decoding (H2O)"
     parallel_exact = False  # which positions are kept depends on every earlier decode query
+    full_attention_only = True  # sliding-window layers keep the model's own window (fidbench.methods._kv)
     heavy: float = 0.1
     recent: float = 0.1
     heavy_budget: int | None = None
@@ -85,6 +87,8 @@ class H2O(Method):
         self.score: dict[int, torch.Tensor] = {}  # layer -> (B, KVH, positions) float32: accumulated attention
 
     def attend(self, call: AttentionCall):
+        if leave_sliding(self, call):
+            return None
         layer, n = call.layer_idx, call.key.shape[2]
         heavy, recent = self.budgets
         visible = call.visible()

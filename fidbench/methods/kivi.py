@@ -17,12 +17,17 @@ the full-precision cache the model holds, exactly what a query of a stepwise KIV
 What a query reads depends only on its position and the K/V of tokens before it, which are the same
 whether the reference is fed in one forward or token by token, so parallel teacher forcing is exact
 (tests/test_quant_prune.py checks parallel == stepwise).
+
+Sliding-window layers stay in full precision, like every KV method's (fidbench.methods._kv): their
+cache drops old positions, so the position-aligned groups above cannot be rebuilt from it. Their
+entries count as visible and unquantized in ``kept()``.
 """
 
 import torch
 
 from ..attention import AttentionCall
 from ..weights import SCALE_BITS, fake_quant
+from ._kv import require_every_position
 from .base import Method, register
 
 
@@ -30,6 +35,7 @@ from .base import Method, register
 class KIVI(Method):
     name = "kivi"
     description = "KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), last `residual` tokens in full precision"
+    full_attention_only = True
     bits: int = 2
     group: int = 32
     residual: int = 32
@@ -49,6 +55,10 @@ class KIVI(Method):
     def attend(self, call: AttentionCall):
         if self.bits == 16 or call.phase.name != "decode":
             return None
+        if call.sliding_window is not None:
+            self._counts[2] += int(call.visible().sum())
+            return None
+        require_every_position(self, call)  # key index = position below
         n_q, n_k = call.query.shape[2], call.key.shape[2]
         pos_k = torch.arange(n_k, device=call.query.device)
         pos_q = pos_k[n_k - n_q :, None]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionCall
-from ._kv import KVMethod, record, require_every_position, top_mask
+from ._kv import KVMethod, leave_sliding, record, require_every_position, top_mask
 from .base import register
 
 
@@ -40,6 +40,8 @@ class Quest(KVMethod):
             raise ValueError(f"{self.name}: budget ({self.budget}) must hold at least one page ({self.page} tokens)")
 
     def attend(self, call: AttentionCall):
+        if leave_sliding(self, call):
+            return None
         if call.phase.name != "decode":
             return None
         require_every_position(self, call)

@@ -13,7 +13,7 @@ for a budget of 1); an explicit budget must exceed ``sink``.
 import torch
 
 from ..attention import AttentionCall
-from ._kv import KVMethod, record, require_every_position
+from ._kv import KVMethod, leave_sliding, record, require_every_position
 from .base import register
 
 
@@ -31,6 +31,8 @@ class StreamingLLM(KVMethod):
             raise ValueError(f"{self.name}: budget ({self.budget}) must exceed sink ({self.sink}) to leave a recent window")
 
     def attend(self, call: AttentionCall):
+        if leave_sliding(self, call):
+            return None
         require_every_position(self, call)
         n = self.tokens(call.phase.prompt_len)
         q, kv = call.query.shape[2], call.key.shape[2]

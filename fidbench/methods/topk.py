@@ -38,11 +38,13 @@ class TopK(Method):
         # Keep exactly `budget` keys per query head: those above the budget-th largest score, then the
         # keys equal to it, lowest positions first (a stable descending sort's order). torch.topk up to
         # the largest budget instead of sorting every key: the sort was most of the decode's time.
-        threshold = scores.topk(int(budget.max()), dim=-1).values.gather(-1, budget.long() - 1)
-        keep = scores >= threshold
+        # A query that sees no key at all (a padding row of a left-padded batch) has budget 0: its
+        # index is clamped, and `& visible` keeps its row as empty as the model's mask made it.
+        threshold = scores.topk(max(int(budget.max()), 1), dim=-1).values.gather(-1, budget.long().clamp(min=1) - 1)
+        keep = (scores >= threshold) & visible
         if bool((keep.sum(-1, keepdim=True) > budget).any()):  # more ties at the threshold than room
             above = scores > threshold
-            ties = scores == threshold
+            ties = (scores == threshold) & visible
             keep = above | (ties & (ties.cumsum(-1) <= budget - above.sum(-1, keepdim=True)))
         self.record(call.layer_idx, budget.sum().item(), n_visible.expand_as(budget).sum().item())
         return call.dense(mask=keep)

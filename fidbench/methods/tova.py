@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..attention import AttentionCall
+from ._kv import leave_sliding
 from .base import Method, register
 
 
@@ -36,6 +37,7 @@ class TOVA(Method):
     name = "tova"
     description = "fixed-size cache: each step evicts the position the current query attends to least (TOVA)"
     parallel_exact = False  # which positions are kept depends on every earlier decode query
+    full_attention_only = True  # sliding-window layers keep the model's own window (fidbench.methods._kv)
     ratio: float = 0.1
     budget: int | None = None
     min_budget: int = 8
@@ -55,6 +57,8 @@ class TOVA(Method):
         self.keep: dict[int, torch.Tensor] = {}  # layer -> (B, KVH, positions) bool: not evicted
 
     def attend(self, call: AttentionCall):
+        if leave_sliding(self, call):
+            return None
         layer, n = call.layer_idx, call.key.shape[2]
         visible = call.visible()
         if call.phase.name == "prefill":
