@@ -1,4 +1,5 @@
-"""The ``fidbench`` command: list the registered methods, convert the original scripts' run configs.
+"""The ``fidbench`` command: list the registered methods, print a saved report, convert the original
+scripts' run configs.
 
 Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"``.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from . import runs
+from . import report, runs
 from .methods import REGISTRY
 
 
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fidbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list every registered method with its parameters and defaults")
+    rep = sub.add_parser("report", help="print the results table of a --fidbench-report JSON file")
+    rep.add_argument("path", type=Path, help="the report written by pytest --fidbench-report")
+    rep.add_argument("--overall", action="store_true", help="one row per case, without the per-dataset rows")
+    rep.add_argument("--markdown", action="store_true", help="a Markdown table")
     imp = sub.add_parser(
         "import-runs", help="write the suite equivalent to the original runs/{model}-{method}.json configs",
         description=runs.__doc__,
@@ -60,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "methods":
         print(describe_methods())
+        return 0
+    if args.command == "report":
+        try:
+            cases = json.loads(args.path.read_text())["cases"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"fidbench report: error: {args.path} is not a fidbench report ({e})", file=sys.stderr)
+            return 2
+        print(report.table(cases, datasets=not args.overall, markdown=args.markdown))
         return 0
     if args.output.exists() and not args.force:
         parser.error(f"{args.output} exists; use --force to overwrite it")

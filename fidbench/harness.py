@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -22,14 +22,15 @@ class Loaded:
     model: object
     tokenizer: object
     fingerprint: str
-    prompts: list[datasets.Prompt]  # every dataset's prompts, in suite order
+    prompts: list[datasets.Prompt]  # every scored dataset's prompts, in suite order
     references: list[Reference | None]  # None for skipped prompts
+    unscored: list[datasets.Prompt] = field(default_factory=list)  # calibration-only datasets' prompts
 
     def calibration(self, dataset: str, n: int) -> list[list[int]]:
         """Token ids of the first ``n`` prompts of a suite dataset (calibration data for a method)."""
-        ids = [p.p_ids for p in self.prompts if p.dataset == dataset][:n]
+        ids = [p.p_ids for p in self.prompts + self.unscored if p.dataset == dataset and p.skipped is None][:n]
         if not ids:
-            names = sorted({p.dataset for p in self.prompts})
+            names = sorted({p.dataset for p in self.prompts + self.unscored})
             raise ValueError(f"calibration dataset {dataset!r} is not in the suite (datasets: {', '.join(names)})")
         return ids
 
@@ -65,14 +66,16 @@ class Bench:
         fp = models.fingerprint(model)
         max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
         vocab = model.get_input_embeddings().num_embeddings
-        prompts = []
+        prompts, unscored = [], []
         for ds in self.suite.datasets:
-            for p in datasets.load(ds, tok, self.limit, vocab):
-                prompts.append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
+            # --fidbench-limit shortens what is scored; a calibration-only set keeps the size its methods ask for
+            for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab):
+                (prompts if ds.scored else unscored).append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size)
         live = [p for p in prompts if p.skipped is None]
         refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
-        self.loaded = Loaded(spec, model, tok, fp, prompts, [None if p.skipped else next(refs) for p in prompts])
+        refs = [None if p.skipped else next(refs) for p in prompts]
+        self.loaded = Loaded(spec, model, tok, fp, prompts, refs, unscored)
         self.generated = store.generated
         return self.loaded
 

@@ -47,13 +47,14 @@ def _fmt(fmt: str, value) -> str:
     return "-" if value is None else fmt.format(value)  # a metric the method does not measure
 
 
-def table(records: list[dict]) -> str:
-    """One row per case and dataset, then the case overall; failures marked."""
+def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
+    """One row per case and dataset (``datasets``), then the case overall; failures marked."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
     rows = []
     for r in records:
         kept = r["kept"].get("kv_fraction")
-        for name, scores in [*r["datasets"].items(), ("all", r["scores"])]:
+        parts = [*r["datasets"].items()] if datasets else []
+        for name, scores in [*parts, ("all", r["scores"])]:
             if not scores.get("n_tokens"):
                 continue
             row = [r["id"], name, *(_fmt(fmt, scores[k]) for k, _, fmt in COLUMNS)]
@@ -63,6 +64,9 @@ def table(records: list[dict]) -> str:
                     _fmt("{:.2f}", r["timing"]["decode_s"]) if overall else "",
                     ("FAIL" if r["failures"] else "ok") if overall else ""]
             rows.append(row)
+    if markdown:
+        lines = [header, ["---"] * len(header), *rows]
+        return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ class DatasetSpec:
     name: str
     path: Path
     kind: str  # "conversations" or "references" (original {"p_ids", "g_ids"} lines)
+    scored: bool = True  # False: calibration data for methods only, never evaluated
 
 
 @dataclass
@@ -150,14 +151,17 @@ def load(path: str | Path) -> Suite:
 
     for name, spec in _keys(f"{f}: datasets", raw["datasets"], set(raw["datasets"] or {})).items():
         where = f"{f}: datasets.{_name(f'{f}: datasets', name)}"
-        spec = {"path": spec} if isinstance(spec, str) else _keys(where, spec, {"path", "references"})
+        spec = {"path": spec} if isinstance(spec, str) else dict(_keys(where, spec, {"path", "references", "score"}))
+        scored = spec.pop("score", True)
+        if not isinstance(scored, bool):
+            raise SuiteError(f"{where}.score: must be true or false, got {scored!r}")
         if len(spec) != 1:
             raise SuiteError(f"{where}: give exactly one of 'path' (conversations) or 'references' (p_ids/g_ids)")
         kind, rel = next(iter(spec.items()))
         file = (path.parent / rel).resolve()
         if not file.exists():
             raise SuiteError(f"{where}: file {file} does not exist")
-        suite.datasets.append(DatasetSpec(name, file, "references" if kind == "references" else "conversations"))
+        suite.datasets.append(DatasetSpec(name, file, "references" if kind == "references" else "conversations", scored))
 
     default_floors: dict = {}
     for name, spec in _keys(f"{f}: methods", raw["methods"], set(raw["methods"] or {})).items():
@@ -179,6 +183,6 @@ def load(path: str | Path) -> Suite:
     for model, per_variant in _keys(f"{f}: floors", raw.get("floors") or {}, {m.name for m in suite.models}).items():
         for variant, bounds in _keys(f"{f}: floors.{model}", per_variant or {}, variants).items():
             suite.floors.setdefault(model, {})[variant] = _floors(f"{f}: floors.{model}.{variant}", bounds)
-    if not suite.models or not suite.datasets or not suite.variants:
-        raise SuiteError(f"{f}: models, datasets and methods must each name at least one entry")
+    if not suite.models or not any(d.scored for d in suite.datasets) or not suite.variants:
+        raise SuiteError(f"{f}: models, datasets (at least one scored) and methods must each name at least one entry")
     return suite

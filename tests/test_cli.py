@@ -116,3 +116,33 @@ def test_import_runs_does_not_overwrite_without_force(scripts, tmp_path):
     assert out.read_text() == "keep me"
     assert cli.main(["import-runs", str(scripts), "-o", str(out), "--force"]) == 0
     assert load(out).variants
+
+
+def _case(case_id: str, acc1: float, failures: list) -> dict:
+    scores = {"n_tokens": 10, "acc1": acc1, "acc5": 1.0, "kl_mean": 0.5, "kl_p99": 2.0, "nll_ratio": 1.1,
+              "first_divergence": 3.0}
+    return {"id": case_id, "kept": {"kv_fraction": 0.25}, "scores": scores,
+            "datasets": {"code": scores, "math": {**scores, "n_tokens": 0}},
+            "timing": {"prefill_s": 0.5, "decode_s": 0.25}, "failures": failures}
+
+
+def test_report_prints_a_saved_report(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"environment": {}, "cases": [_case("m-origin", 1.0, []), _case("m-topk", 0.75, ["acc1"])]}))
+    assert cli.main(["report", str(path)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    # per-dataset rows for datasets with tokens, then the overall row with the verdict
+    assert [line.split()[:2] for line in text[1:]] == [["m-origin", "code"], ["m-origin", "all"],
+                                                       ["m-topk", "code"], ["m-topk", "all"]]
+    assert text[2].split()[-1] == "ok" and text[4].split()[-1] == "FAIL"
+    assert cli.main(["report", str(path), "--overall", "--markdown"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].startswith("| --- |") and len(rows) == 4
+    assert rows[3].startswith("| m-topk | all | 0.7500 | 1.0000 |") and rows[3].endswith("| FAIL |")
+
+
+def test_report_of_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text("[1, 2]")
+    assert cli.main(["report", str(path)]) == 2
+    assert "is not a fidbench report" in capsys.readouterr().err

@@ -67,3 +67,14 @@ def test_imported_references_are_scored_against_their_own_tokens(tmp_path, check
     accs = [x["acc1"] for x in record["samples"]]
     assert accs[:3] == [1.0, 1.0, 1.0] and accs[3] == 0.0
     assert record["samples"][0]["template"] == "ids"
+
+
+def test_calibration_only_datasets_are_neither_referenced_nor_scored_nor_limited(tmp_path, checkpoint, cache):
+    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "calibration.jsonl").read_text())
+    s = suite(tmp_path, checkpoint, datasets={"mixed": "mixed.jsonl", "calib": {"path": "calib.jsonl", "score": False}})
+    bench = Bench(s, limit=1, progress=False)
+    record = bench.run(s.cases()[0])
+    assert bench.generated == 1 and list(record["datasets"]) == ["mixed"]
+    assert [x["dataset"] for x in record["samples"]] == ["mixed"]
+    calib = bench.loaded.calibration("calib", 100)
+    assert len(calib) == len((ROOT / "data" / "calibration.jsonl").read_text().splitlines()) == 16

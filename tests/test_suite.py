@@ -53,6 +53,8 @@ def test_valid_suite_gives_cases_in_file_order(tmp_path):
         ("floors: {acc1: 0.99}", "floors: {accuracy: 0.99}", "methods.origin.floors: unknown key 'accuracy'"),
         ("    topk-25: {acc5: 0.9}", "    topk-50: {acc5: 0.9}", "floors.tiny: unknown key 'topk-50'"),
         ("  tiny: {path", "  tiny model: {path", "models: name 'tiny model'"),
+        ("chat: chat.jsonl", "chat: {path: chat.jsonl, score: no-thanks}", "datasets.chat.score: must be true or false"),
+        ("chat: chat.jsonl", "chat: {path: chat.jsonl, score: false}", "datasets (at least one scored)"),
     ],
 )
 def test_bad_suites_name_file_and_key(tmp_path, old, new, message):

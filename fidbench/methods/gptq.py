@@ -4,7 +4,8 @@ for Generative Pre-trained Transformers").
 Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``), but each linear layer's columns are quantized
 one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
 Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset
-``dataset`` (``--fidbench-limit`` limits those prompts too). Decoder layers are processed in order,
+``dataset`` (``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score:
+false``). Decoder layers are processed in order,
 each calibrated on the outputs of the already quantized ones, as the paper does; ``damp`` adds that
 fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups then
 follow that order). Weights are restored on exit.

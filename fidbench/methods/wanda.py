@@ -3,7 +3,7 @@ Language Models").
 
 Scores each weight of the decoder's nn.Linear layers by |W_ij| · ||X_j||₂, the L2 norm of input feature
 j over the calibration tokens (``samples`` prompts of the suite dataset ``dataset``; ``--fidbench-limit``
-limits those prompts too), and zeroes the lowest scores of each output row: exactly
+limits them too unless the dataset is calibration-only, ``score: false``), and zeroes the lowest scores of each output row: exactly
 ``round(sparsity * inputs)`` per row (the paper's per-output comparison group), or all but the N best
 of every M consecutive inputs for an N:M ``pattern``. Layers are pruned in order, each calibrated on
 the outputs of the already pruned ones, as the paper's code does. Weights are restored on exit.
