@@ -119,7 +119,8 @@ def prune_mask(score: torch.Tensor, sparsity: float | None, nm: tuple[int, int] 
 def decoder_layers(model) -> nn.ModuleList:
     """The decoder's stack of layers: the ModuleList of ``num_hidden_layers`` blocks."""
     count = model.config.get_text_config().num_hidden_layers
-    for module in model.get_decoder().modules():
+    # transformers 4.56's get_decoder() returns None on *ForCausalLM models; the whole model then.
+    for module in (model.get_decoder() or model).modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}")

@@ -140,7 +140,8 @@ def test_masking_equals_physical_removal(family, name, prompt):
         keys, values = full.layers[layer].keys, full.layers[layer].values
         pruned.update(keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
                       values.gather(2, index.expand(-1, -1, -1, values.shape[-1])), layer)
-    out = model(input_ids=token, cache=pruned, position_ids=torch.tensor([[len(prompt)]]), use_cache=True)
+    out = model(input_ids=token, position_ids=torch.tensor([[len(prompt)]]), use_cache=True,
+                **{engine._cache_kwarg(model): pruned})  # `cache` in recent 5.x, `past_key_values` in 5.0
     torch.testing.assert_close(masked, out.logits[0].float(), rtol=1e-5, atol=1e-5)
 
 
