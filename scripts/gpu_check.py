@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from fidbench import engine, metrics  # noqa: E402
 from fidbench.harness import Bench  # noqa: E402
 from fidbench.methods import REGISTRY, build  # noqa: E402
-from fidbench.suite import DatasetSpec, ModelSpec, Suite  # noqa: E402
+from fidbench.suite import ModelSpec, Suite, load  # noqa: E402
 
 # Methods checked, with the parameters of their default-suite variant (defaults where it has none).
 METHODS = {"origin": {}, "topk": {"keep": 0.1}, "snapkv": {}, "kivi": {}}
@@ -40,7 +40,7 @@ def parse():
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--limit", type=int, default=2, help="prompts per dataset")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--datasets", default=None, help="comma-separated names from data/ (default: all)")
+    p.add_argument("--datasets", default=None, help="comma-separated datasets of fidbench.yaml (default: all it scores)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--min-agreement", type=float, default=0.9, help="parallel vs stepwise argmax agreement floor")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new case after this many seconds")
@@ -77,10 +77,9 @@ def main() -> int:
     if any(d.startswith("cuda") for d in args.devices.split(",")) and not torch.cuda.is_available():
         print("FAIL: a cuda placement was asked for but torch sees no CUDA device")
         return 1
-    names = sorted(p.stem for p in (ROOT / "data").glob("*.jsonl"))
-    if args.datasets:
-        names = [n for n in names if n in args.datasets.split(",")]
-    datasets = [DatasetSpec(n, ROOT / "data" / f"{n}.jsonl", "conversations") for n in names]
+    # The default suite's datasets: its scored ones (or those named) and its calibration-only ones.
+    datasets = [d for d in load(ROOT / "fidbench.yaml").datasets
+                if not d.scored or not args.datasets or d.name in args.datasets.split(",")]
     methods = []
     for name in args.methods.split(","):
         if name in REGISTRY:
