@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (README "GPUs"): origin, topk (and snapkv, kivi when registered) on the default model in
+# GPU check (README "GPUs"): origin, topk, snapkv and kivi (default-suite parameters) on the default model in
 # bf16 with device cuda and device auto; parallel vs stepwise agreement; prefill / decode timings.
 # Takes the torch already installed (never installs one: a bare `torch` pulls a multi-GB build),
 # installs fidbench from this checkout and the default model's GGUF, then runs scripts/gpu_check.py.
