@@ -7,7 +7,9 @@ the budget beyond the window is redistributed: the top layer gets (budget - wind
 it, the bottom layer twice the average minus that (capped at what the prompt holds, the top then
 taking the difference), the layers between a linear interpolation. Per-layer budgets are rounded
 so that their sum is exact (the paper's integer steps lose a few tokens). Averaging over the query
-heads sharing a KV head and the short-prompt rule are SnapKV's (see ``snapkv``).
+heads sharing a KV head and the short-prompt rule are SnapKV's (see ``snapkv``). On models with
+sliding-window layers (Gemma 3) only the full-attention layers are compressed (``_kv``), each with its
+depth's budget in the pyramid over all layers, so their mean budget is not the nominal one.
 """
 
 import math
