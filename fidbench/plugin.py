@@ -121,6 +121,7 @@ class Reporter:
     def __init__(self, config):
         self.config = config
         self.records: dict[str, dict] = {}
+        self.environment = report.environment()
 
     def pytest_runtest_logreport(self, report):
         if report.when != "call":
@@ -147,7 +148,7 @@ class Reporter:
             "decode": opt("fidbench_decode") or _suite(self.config).decode,
             "batch_size": opt("fidbench_batch_size"),
         }
-        doc = {"environment": report.environment(), "settings": settings, "cases": self.ordered()}
+        doc = {"environment": self.environment, "settings": settings, "cases": self.ordered()}
         tmp = f"{path}.tmp{os.getpid()}"
         Path(tmp).write_text(json.dumps(doc, indent=1))
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -18,24 +19,28 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def environment() -> dict:
+    """Taken when the session starts, so it describes the code that ran, not the tree at the last write."""
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "machine": {
             "platform": platform.platform(),
             "processor": platform.machine(),
-            "cpu_count": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        "commit": _commit(),
+        "commit": _git("rev-parse", "HEAD") or None,
+        # uncommitted changes to tracked files: the commit alone does not say what ran
+        "dirty": None if (status := _git("status", "--porcelain", "--untracked-files=no")) is None else bool(status),
     }
 
 

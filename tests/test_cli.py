@@ -146,3 +146,21 @@ def test_report_of_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, capsys
     path.write_text("[1, 2]")
     assert cli.main(["report", str(path)]) == 2
     assert "is not a fidbench report" in capsys.readouterr().err
+
+
+def test_environment_names_the_commit_and_uncommitted_changes(tmp_path, monkeypatch):
+    import subprocess
+
+    from fidbench import report
+
+    monkeypatch.chdir(tmp_path)
+    assert report.environment()["commit"] is None  # not a git checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    env = report.environment()
+    assert len(env["commit"]) == 40 and env["dirty"] is False
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert report.environment()["dirty"] is True
