@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import engine
-from .metrics import rest_logp
 from .datasets import Prompt
+from .metrics import rest_logp
 
 FORMAT = 2
 TOP_K = 32  # base log-probabilities kept per position for KL (the rest of the vocabulary is one bucket)

@@ -1,12 +1,12 @@
 """checkpoint: another model directory scored against the base model's references."""
 
 import pytest
+from tiny_dirs import save_tiny, tiny_tokenizer, write_suite
 
 from conftest import FAMILIES, TINY
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
-from tiny_dirs import save_tiny, tiny_tokenizer, write_suite
 
 
 @pytest.fixture

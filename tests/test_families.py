@@ -17,12 +17,12 @@ import functools
 
 import pytest
 import torch
+from test_engine import reference
+from test_quant_prune import context
 
 from conftest import FAMILIES, WINDOW, tiny_model
 from fidbench import attention, engine
 from fidbench.methods import REGISTRY, build
-from test_engine import reference
-from test_quant_prune import context
 
 BIG = 1024  # a budget above prompt + reference (64 tokens): nothing is ever evicted
 PARAMS = {

@@ -5,16 +5,16 @@ import copy
 import json
 from pathlib import Path
 
+import legacy_modifier
 import pytest
 import torch
+from tiny_dirs import save_tiny, write_suite
 
+from conftest import FAMILIES
 from fidbench import engine, metrics, models, report
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
-import legacy_modifier
-from conftest import FAMILIES
-from tiny_dirs import save_tiny, write_suite
 
 MODULE = str(Path(__file__).with_name("legacy_modifier.py"))
 NOISE = {"noise": 2.0, "seed": 0}

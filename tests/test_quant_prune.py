@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
 
+from conftest import TINY, tiny_model
 from fidbench import engine, weights
 from fidbench.attention import AttentionCall, Phase
 from fidbench.datasets import Prompt

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from test_engine import reference
 
 from fidbench import attention, engine
 from fidbench.methods import build
-from test_engine import reference
 
 
 def force(model, method, ref, mode="parallel"):

@@ -146,3 +146,13 @@ def last_rows_visible(call: AttentionCall, rows: int) -> torch.Tensor:
     kv = call.key.shape[2]
     q = torch.arange(kv - rows, kv, device=call.key.device)[:, None]
     return (torch.arange(kv, device=call.key.device)[None, :] <= q)[None, None]
+
+
+def kv_head_probs(call: AttentionCall, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over the first K keys, averaged over
+    the query heads of each KV head: (B, KVH, q, K). ``mask`` (B|1, KVH|1, q, K) is True where a key is seen."""
+    scale = call.kwargs.get("scaling") or query.shape[-1] ** -0.5
+    q = query.float().unflatten(1, (call.key.shape[1], call.groups))  # (B, KVH, G, q, D)
+    key = call.key[:, :, : mask.shape[-1]].float()
+    logits = (q @ key[:, :, None].transpose(-1, -2)) * scale
+    return logits.masked_fill(~mask[:, :, None], -math.inf).softmax(-1).mean(2)

@@ -19,17 +19,8 @@ import math
 import torch
 
 from ..attention import AttentionCall
-from ._kv import leave_sliding
+from ._kv import kv_head_probs, leave_sliding
 from .base import Method, register
-
-
-def kv_head_probs(call: AttentionCall, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over every key, averaged over the
-    query heads of each KV head: (B, KVH, q, K). ``mask`` (B|1, KVH|1, q, K) is True where a key is seen."""
-    scale = call.kwargs.get("scaling") or query.shape[-1] ** -0.5
-    q = query.float().unflatten(1, (call.key.shape[1], call.groups))  # (B, KVH, G, q, D)
-    logits = (q @ call.key.float()[:, :, None].transpose(-1, -2)) * scale
-    return logits.masked_fill(~mask[:, :, None], -math.inf).softmax(-1).mean(2)
 
 
 @register

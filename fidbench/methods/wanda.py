@@ -11,8 +11,6 @@ the outputs of the already pruned ones, as the paper's code does. Weights are re
 
 import contextlib
 
-import torch
-
 from .. import weights
 from .base import Method, register
 
