@@ -307,9 +307,12 @@ def target3(s: Setup, notes: list[str]) -> list[dict]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump({"p_ids": p_ids, "g_ids": ref.g_ids}, fh)
     results = {}
+    # glibc keeps freed tensors in a fragmented heap, so the same run's peak RSS varied by 600 MB;
+    # with large blocks mmapped, freed memory goes back at once and the peak is the live memory's.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for name in ["origin"] + [n for n in names if n != "origin"]:
         cmd = [sys.executable, __file__, "--child", "long", "--method", name, "--input", fh.name] + _child_args(a)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
