@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -80,9 +81,11 @@ class Bench:
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
         mode = engine.resolve_mode(method, self.decode)
-        per_dataset: dict[str, list[metrics.SampleScores]] = {}
+        # A method that scores a sample itself (a legacy Modifier's own loop) replaces engine + metrics.
+        score_sample = getattr(method, "score_sample", None)
+        per_dataset: dict[str, list] = {}
         samples, skipped = [], []
-        prefill_s = decode_s = 0.0
+        prefill_s = decode_s = own_s = 0.0
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
         with method.apply(loaded.model, loaded) as model:
             # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
@@ -90,11 +93,16 @@ class Bench:
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
-                forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
-                s = metrics.score(forced.logits, ref)
+                if score_sample is not None:
+                    t0 = time.perf_counter()
+                    s = metrics.PartialScores.of(score_sample(model, ref), f"method {method.name!r}")
+                    own_s += time.perf_counter() - t0
+                else:
+                    forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
+                    s = metrics.score(forced.logits, ref)
+                    prefill_s += forced.prefill_s
+                    decode_s += forced.decode_s
                 per_dataset.setdefault(prompt.dataset, []).append(s)
-                prefill_s += forced.prefill_s
-                decode_s += forced.decode_s
                 summary = {k: v for k, v in s.summary().items() if k not in ("n_samples", "acc1_by_position")}
                 samples.append({
                     "dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
@@ -113,7 +121,9 @@ class Bench:
             "decode": mode,
             "scores": scores,
             "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
-            "timing": {"prefill_s": prefill_s, "decode_s": decode_s},
+            # A method's own loop is timed as a whole: it has no separate prefill and decode.
+            "timing": ({"prefill_s": None, "decode_s": None, "method_s": own_s} if score_sample is not None
+                       else {"prefill_s": prefill_s, "decode_s": decode_s}),
             "kept": method.kept(),
             "floors": case.floors,
             "failures": metrics.check_floors(scores, case.floors) if every else ["no prompt was scored"],

@@ -3,6 +3,9 @@
 KL(base ‖ method) is computed over the base's stored top-K tokens plus one bucket holding the rest
 of the vocabulary. Merging tokens into one bucket can only lower a KL divergence, so the figure is
 a lower bound of the full-vocabulary KL, tight when the base's tail mass is small (see README).
+
+A method that scores samples itself (``score_sample``, e.g. a legacy Modifier reporting acc@1/acc@5)
+gives ``PartialScores``: the metrics it did not measure are reported as None, never estimated.
 """
 
 from __future__ import annotations
@@ -41,6 +44,29 @@ def rest_logp(logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
     return logp.scatter(1, top_idx.to(logp.device), -torch.inf).logsumexp(-1)
 
 
+@dataclass
+class PartialScores:
+    """One sample's scores as a method measured them: means over ``n_tokens`` positions, by metric."""
+
+    n_tokens: int
+    values: dict
+
+    @classmethod
+    def of(cls, scores: dict, who: str) -> "PartialScores":
+        """Check a method's ``score_sample`` result: ``n_tokens`` and known metrics only."""
+        values = dict(scores)
+        n_tokens = values.pop("n_tokens", None)
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
+            raise ValueError(f"{who}: score_sample must give n_tokens, a count of scored positions, got {n_tokens!r}")
+        unknown = sorted(set(values) - _SCALARS)
+        if unknown:
+            raise ValueError(f"{who}: score_sample gave unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(_SCALARS))}")
+        return cls(n_tokens, values)
+
+    def summary(self) -> dict:
+        return _summarize([self])
+
+
 def score(logits: torch.Tensor, ref) -> SampleScores:
     """Compare method ``logits`` (N, V) with the base's reference distribution (a ``Reference``)."""
     device = logits.device
@@ -61,9 +87,11 @@ def score(logits: torch.Tensor, ref) -> SampleScores:
     return SampleScores(hit1.cpu(), hit5.cpu(), kl.cpu(), nll.cpu(), -ref.gold_logp.double().cpu())
 
 
-def _summarize(samples: list[SampleScores]) -> dict:
+def _summarize(samples: list) -> dict:
     if not samples:
         return {"n_samples": 0, "n_tokens": 0}
+    if any(isinstance(s, PartialScores) for s in samples):
+        return _summarize_partial(samples)
     hit1 = torch.cat([s.hit1 for s in samples]).double()
     hit5 = torch.cat([s.hit5 for s in samples]).double()
     kl = torch.cat([s.kl for s in samples])
@@ -88,6 +116,19 @@ def _summarize(samples: list[SampleScores]) -> dict:
     return out
 
 
+def _summarize_partial(samples: list[PartialScores]) -> dict:
+    """Token-weighted means of what the samples measured; None for every metric none of them did."""
+    if not all(isinstance(s, PartialScores) for s in samples):
+        raise ValueError("cannot aggregate a method's own partial scores with teacher-forced scores")
+    out = {}
+    for metric in sorted(_SCALARS):
+        measured = [(s.values[metric], s.n_tokens) for s in samples if s.values.get(metric) is not None]
+        weight = sum(n for _, n in measured)
+        out[metric] = sum(v * n for v, n in measured) / weight if weight else None
+    out.update(n_samples=len(samples), n_tokens=sum(s.n_tokens for s in samples), acc1_by_position=None)
+    return out
+
+
 def _by_position(samples: list[SampleScores]) -> list[float]:
     """acc@1 per bin of POSITION_BUCKET reference positions, over the samples that reach the bin."""
     longest = max(len(s.hit1) for s in samples)
@@ -98,7 +139,7 @@ def _by_position(samples: list[SampleScores]) -> list[float]:
     return bins
 
 
-def aggregate(samples: list[SampleScores]) -> dict:
+def aggregate(samples: list) -> dict:
     """Token-weighted scores over samples; percentiles pooled over all positions."""
     return _summarize(samples)
 
@@ -108,7 +149,9 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
     failures = []
     for metric, bound in sorted(floors.items()):
         value = scores[metric]
-        if metric in HIGHER_IS_BETTER and value < bound:
+        if value is None:
+            failures.append(f"{metric} has a floor ({bound}) but this method does not measure it")
+        elif metric in HIGHER_IS_BETTER and value < bound:
             failures.append(f"{metric} = {value:.4f} is below its floor {bound}")
         elif metric not in HIGHER_IS_BETTER and value > bound:
             failures.append(f"{metric} = {value:.4f} is above its ceiling {bound}")
@@ -117,3 +160,6 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
 
 def known_metrics() -> set[str]:
     return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", *KL_PERCENTILES}
+
+
+_SCALARS = known_metrics() | {"nll_base"}  # the per-sample scalars of a summary

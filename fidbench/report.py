@@ -43,6 +43,10 @@ COLUMNS = [("acc1", "acc@1", "{:.4f}"), ("acc5", "acc@5", "{:.4f}"), ("kl_mean",
            ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
 
 
+def _fmt(fmt: str, value) -> str:
+    return "-" if value is None else fmt.format(value)  # a metric the method does not measure
+
+
 def table(records: list[dict]) -> str:
     """One row per case and dataset, then the case overall; failures marked."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
@@ -52,11 +56,11 @@ def table(records: list[dict]) -> str:
         for name, scores in [*r["datasets"].items(), ("all", r["scores"])]:
             if not scores.get("n_tokens"):
                 continue
-            row = [r["id"], name, *(fmt.format(scores[k]) for k, _, fmt in COLUMNS)]
+            row = [r["id"], name, *(_fmt(fmt, scores[k]) for k, _, fmt in COLUMNS)]
             overall = name == "all"
             row += [f"{kept:.3f}" if overall and kept is not None else "",
-                    f"{r['timing']['prefill_s']:.2f}" if overall else "",
-                    f"{r['timing']['decode_s']:.2f}" if overall else "",
+                    _fmt("{:.2f}", r["timing"]["prefill_s"]) if overall else "",
+                    _fmt("{:.2f}", r["timing"]["decode_s"]) if overall else "",
                     ("FAIL" if r["failures"] else "ok") if overall else ""]
             rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]

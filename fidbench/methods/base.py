@@ -9,6 +9,9 @@ The harness owns the evaluation loop. A method only says how it changes the mode
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n)``).
 - ``begin(prompt_len)``: reset per-sample state before each prefill.
 - ``kept()``: what the method kept or changed, for the report.
+- ``score_sample(model, ref)``, optional: a method that scores a sample with its own loop (``legacy``)
+  returns metric means and ``n_tokens``; the harness then skips the engine and reports every
+  metric it did not give as None.
 """
 
 from __future__ import annotations

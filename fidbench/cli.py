@@ -1,0 +1,77 @@
+"""The ``fidbench`` command: list the registered methods, convert the original scripts' run configs.
+
+Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from . import runs
+from .methods import REGISTRY
+
+
+def _type(annotation) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def describe_methods() -> str:
+    """Every registered method: name, how it is teacher-forced, description, parameters with defaults."""
+    lines = []
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        mode = "parallel" if cls.parallel_exact else "stepwise"
+        lines.append(f"{name}  ({mode})  {cls.description}")
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"    {f.name}: {_type(f.type)} = {default!r}")
+        if not fields:
+            lines.append("    (no parameters)")
+    return "\n".join(lines)
+
+
+def _dataset(arg: str) -> tuple[str, Path, str]:
+    """``[NAME=]PATH`` of a conversations JSONL file (the name defaults to the file's stem)."""
+    name, _, path = arg.rpartition("=")
+    path = Path(path)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"dataset file {path} does not exist")
+    return name or path.stem, path, "conversations"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fidbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list every registered method with its parameters and defaults")
+    imp = sub.add_parser(
+        "import-runs", help="write the suite equivalent to the original runs/{model}-{method}.json configs",
+        description=runs.__doc__,
+    )
+    imp.add_argument("dir", type=Path, help="the original scripts' directory (holding runs/) or the runs directory")
+    imp.add_argument("-o", "--output", type=Path, default=Path("fidbench.yaml"), help="suite file to write (default: fidbench.yaml)")
+    imp.add_argument("--datasets", nargs="+", type=_dataset, metavar="[NAME=]PATH",
+                     help="conversation JSONL files to evaluate on (default: the datasets of fidbench's default suite)")
+    imp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    args = parser.parse_args(argv)
+
+    if args.command == "methods":
+        print(describe_methods())
+        return 0
+    if args.output.exists() and not args.force:
+        parser.error(f"{args.output} exists; use --force to overwrite it")
+    try:
+        suite = runs.write(args.dir, args.output, args.datasets)
+    except runs.RunsError as e:
+        print(f"fidbench import-runs: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {len(suite['models'])} model(s), {len(suite['methods'])} variant(s), "
+          f"{len(suite['datasets'])} dataset(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

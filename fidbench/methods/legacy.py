@@ -1,0 +1,102 @@
+"""``legacy``: run a ``Modifier`` subclass written for the original fidbench scripts, unchanged.
+
+The class is built as the original scripts built it, ``cls(model, save_ckp=None, load_ckp=None,
+config=...)`` with ``config`` the path of its JSON config file (an inline mapping is written to a
+temporary file first) or None, and each sample is scored by its own
+``compute_accuracy(p_ids, g_ids) -> (acc1, acc5)`` on (1, n) token tensors. That loop is the
+original one: it scores reference tokens 1..N-1 (the first, predicted by the prefill, is skipped),
+so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
+measured (reported as None). Modifiers patch forwards and replace modules in place, so by default
+the Modifier gets a deep copy of the model (``copy: false`` saves the memory, at the price of
+leaving the Modifier's changes on the loaded model for later cases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copying
+import importlib
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import Method, register
+
+
+def load_class(module: str, name: str):
+    """Class ``name`` from a python file path or a dotted module name."""
+    if module.endswith(".py") or "/" in module:
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise ValueError(f"legacy: module file {module!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"fidbench_legacy_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses and pickling look classes up by module name
+        spec.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"legacy: cannot import module {module!r}: {e}") from None
+    cls = getattr(mod, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"legacy: {module!r} has no class {name!r}")
+    if not callable(getattr(cls, "compute_accuracy", None)):
+        raise ValueError(f"legacy: {name} has no compute_accuracy(p_ids, g_ids) method")
+    return cls
+
+
+@register
+class Legacy(Method):
+    name = "legacy"
+    description = "an original-scripts Modifier class run unchanged: its own compute_accuracy gives acc@1/acc@5 only"
+    parallel_exact = False  # the Modifier's loop feeds the reference token by token
+    module: str = ""
+    cls: str = ""
+    config: str | dict | None = None
+    copy: bool = True
+
+    def validate(self):
+        if not self.module or not self.cls:
+            raise ValueError("legacy: module (a .py file or dotted module) and cls (the Modifier class name) are required")
+        if self.config is not None and not isinstance(self.config, (str, dict)):
+            raise ValueError(f"legacy: config must be a JSON file path or a mapping, got {self.config!r}")
+        if isinstance(self.config, str):
+            path = Path(self.config)
+            if not path.is_file():
+                raise ValueError(f"legacy: config file {self.config!r} does not exist")
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"legacy: config file {self.config!r} is not valid JSON: {e}") from None
+
+    @contextlib.contextmanager
+    def apply(self, model, context=None):
+        cls = load_class(self.module, self.cls)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = self.config
+            if isinstance(config, dict):
+                config = str(Path(tmp) / "config.json")
+                Path(config).write_text(json.dumps(self.config))
+            elif config is not None:
+                config = str(Path(config).resolve())
+            target = copying.deepcopy(model) if self.copy else model
+            self._modifier = cls(target, save_ckp=None, load_ckp=None, config=config)
+            try:
+                yield target
+            finally:
+                del self._modifier
+
+    def score_sample(self, model, ref) -> dict:
+        turns = len(ref.g_ids) - 1
+        if turns < 1:  # the original loop divides by N-1: a one-token reference has nothing it scores
+            return {"n_tokens": 0}
+        acc1, acc5 = self._modifier.compute_accuracy(torch.tensor([ref.p_ids]), torch.tensor([ref.g_ids]))
+        return {"acc1": float(acc1), "acc5": float(acc5), "n_tokens": turns}
+
+    def kept(self) -> dict:
+        return {"modifier": f"{self.module}:{self.cls}", "scored_positions": "1..N-1 (the original loop)"}

@@ -1,0 +1,56 @@
+"""``wanda``: Wanda pruning (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large
+Language Models").
+
+Scores each weight of the decoder's nn.Linear layers by |W_ij| · ||X_j||₂, the L2 norm of input feature
+j over the calibration tokens (``samples`` prompts of the suite dataset ``dataset``; ``--fidbench-limit``
+limits those prompts too), and zeroes the lowest scores of each output row: exactly
+``round(sparsity * inputs)`` per row (the paper's per-output comparison group), or all but the N best
+of every M consecutive inputs for an N:M ``pattern``. Layers are pruned in order, each calibrated on
+the outputs of the already pruned ones, as the paper's code does. Weights are restored on exit.
+"""
+
+import contextlib
+
+import torch
+
+from .. import weights
+from .base import Method, register
+
+
+@register
+class Wanda(Method):
+    name = "wanda"
+    description = "zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): `sparsity` or N:M `pattern`"
+    sparsity: float | None = None
+    pattern: str | None = None
+    dataset: str = "chat"
+    samples: int = 8
+
+    def validate(self):
+        self._nm = weights.check_pruning(self.name, self.sparsity, self.pattern)
+        if self.samples < 1:
+            raise ValueError(f"wanda: samples must be >= 1, got {self.samples}")
+
+    @contextlib.contextmanager
+    def apply(self, model, context=None):
+        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        lins = weights.decoder_linears(model)
+        squares: dict = {}
+
+        def observe(lin, x):
+            squares[lin] = squares.get(lin, 0) + x.float().square().sum(0)
+
+        def transform(layer_linears):
+            for lin in layer_linears:
+                score = lin.weight.abs().float() * squares.pop(lin).sqrt()
+                lin.weight.mul_(weights.prune_mask(score, self.sparsity, self._nm, per_row=True))
+
+        with weights.restored(lin.weight for lin in lins):
+            weights.sequential(model, prompts, observe, transform)
+            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm),
+                            "calibration_prompts": len(prompts),
+                            "calibration_tokens": sum(len(p) for p in prompts)}
+            yield model
+
+    def kept(self) -> dict:
+        return getattr(self, "_report", {})  # filled by apply

@@ -1,0 +1,197 @@
+"""Converting the original scripts' run configs (``runs/{model}-{method}.json``) into a suite file.
+
+A run config names a model (``model_name``, ``model_dtype``, ``device_map``, ``max_length``,
+``tokenizer_name``), a method (``model_method``) and the method's JSON ``config`` file, either at
+the top level or under ``"model"`` as the original scripts wrote them. Each distinct model becomes a
+suite model and each distinct method configuration a variant; the suite then runs every model ×
+variant (a superset of the original runs). Original method names and parameters are mapped to
+registry names (``CONVERSIONS``); a method with no mapping is an error naming it. ``generation_kwargs``
+are not carried over: fidbench's references are always greedy.
+
+The original scripts read every ``data/*.jsonl`` of their working directory; the suite gets the
+datasets of fidbench's default suite (``fidbench.yaml`` of this checkout), or the files given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .methods import REGISTRY
+from .models import DTYPES
+from .suite import SuiteError, load
+
+MAX_NEW_TOKENS = 64
+
+
+class RunsError(ValueError):
+    pass
+
+
+def _no_config(method: str):
+    def convert(conf, where):
+        if conf:
+            raise RunsError(f"{where}: the original {method} takes no config, this run gives {sorted(conf)}")
+        return {}
+    return convert
+
+
+def _topk(conf, where):
+    """``mask_out`` is the fraction of keys dropped, ``keep`` the fraction kept; ``min_remain`` is ``min_keep``."""
+    if not conf:
+        raise RunsError(f"{where}: the original topk needs a config with mask_out and min_remain")
+    if conf.get("enable_lora"):
+        raise RunsError(f"{where}: enable_lora (a trained LoRA adapter) has no fidbench equivalent")
+    draft = conf.get("draft_kwargs", conf)  # config/topk.json nests the parameters under draft_kwargs
+    if draft.get("fix_layers"):
+        raise RunsError(f"{where}: fix_layers {draft['fix_layers']} (layers left dense) has no equivalent in fidbench's topk")
+    missing = [k for k in ("mask_out", "min_remain") if k not in draft]
+    if missing:
+        raise RunsError(f"{where}: the topk config has no {missing[0]}")
+    return {"keep": round(1 - draft["mask_out"], 10), "min_keep": draft["min_remain"]}
+
+
+# original method name -> (registry name, config -> params); names the registry already uses with
+# parameters under their own names convert as they are (see _convert).
+CONVERSIONS = {
+    "origin": ("origin", _no_config("origin")),
+    "topk": ("topk", _topk),
+    "topk-llama": ("topk", _topk),
+    "topk-qwen": ("topk", _topk),
+    "flash-attention-fp8": ("fp8-attention", _no_config("flash-attention-fp8")),
+    "sage-attention": ("sage-attention", _no_config("sage-attention")),
+}
+
+
+def _convert(method: str, conf, where: str) -> tuple[str, dict]:
+    if method in CONVERSIONS:
+        name, convert = CONVERSIONS[method]
+        return name, convert(conf, where)
+    if method in REGISTRY:
+        fields = {f.name for f in dataclasses.fields(REGISTRY[method]) if f.init}
+        unknown = sorted(set(conf or {}) - fields)
+        if unknown:
+            raise RunsError(f"{where}: config keys {unknown} of method {method!r} are not its fidbench parameters ({sorted(fields)})")
+        return method, dict(conf or {})
+    known = sorted(set(CONVERSIONS) | set(REGISTRY))
+    raise RunsError(
+        f"{where}: unknown method {method!r}: no fidbench equivalent (convertible: {', '.join(known)}); "
+        f"to run its Modifier class unchanged, add a variant with method: legacy"
+    )
+
+
+def _config(value, run: Path, root: Path, where: str):
+    """The run's method config: null, an inline mapping, or a JSON file relative to the scripts' root."""
+    if value is None or isinstance(value, dict):
+        return value
+    path = Path(value)
+    for candidate in ([path] if path.is_absolute() else [root / path, run.parent / path, Path.cwd() / path]):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as e:
+                raise RunsError(f"{where}: config {candidate} is not valid JSON: {e}") from None
+    raise RunsError(f"{where}: config file {value!r} not found (looked in {root} and {run.parent})")
+
+
+def _model(conf: dict, where: str) -> dict:
+    spec = {"path": conf["model_name"]}
+    if conf.get("tokenizer_name"):
+        spec["tokenizer"] = conf["tokenizer_name"]
+    dtype = conf.get("model_dtype", "fp32")
+    if dtype not in DTYPES:
+        raise RunsError(f"{where}: model_dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    spec["dtype"] = dtype
+    # The scripts loaded with device_map="auto" when it was null, and dispatched a given mapping.
+    device = conf.get("device_map")
+    spec["device"] = device if isinstance(device, str) and device != "auto" else "auto"
+    if conf.get("max_length") is not None:
+        spec["max_length"] = conf["max_length"]
+    return spec
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+:\[\]/-]", "-", name)
+
+
+def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
+    """The suite (as a mapping) equivalent to the run configs under ``directory`` (or its ``runs/``)."""
+    directory = Path(directory)
+    runs_dir = directory / "runs" if (directory / "runs").is_dir() else directory
+    root = runs_dir.parent if runs_dir.name == "runs" else runs_dir
+    files = sorted(runs_dir.rglob("*.json"))
+    if not files:
+        raise RunsError(f"no run configs (*.json) under {runs_dir}")
+    models: dict[str, dict] = {}
+    origins: dict[str, Path] = {}
+    variants: dict[str, dict] = {}
+    for file in files:
+        where = str(file)
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise RunsError(f"{where}: not valid JSON: {e}") from None
+        conf = raw.get("model", raw) if isinstance(raw, dict) else None
+        if not isinstance(conf, dict):
+            raise RunsError(f"{where}: expected a JSON object")
+        for key in ("model_name", "model_method"):
+            if key not in conf:
+                raise RunsError(f"{where}: missing key {key!r}")
+        if conf.get("load_ckp"):
+            raise RunsError(f"{where}: load_ckp (trained weights for the method) has no fidbench equivalent")
+        method = conf["model_method"]
+        stem = file.stem
+        model_name = _safe(stem[: -len(method) - 1] if stem.endswith(f"-{method}") else stem)
+        spec = _model(conf, where)
+        if model_name in models and models[model_name] != spec:
+            raise RunsError(f"{where}: model {model_name!r} is also defined, differently, by {origins[model_name]}")
+        models[model_name], origins[model_name] = spec, file
+        name, params = _convert(method, _config(conf.get("config"), file, root, where), where)
+        variant = {"method": name, **params}
+        if variant in variants.values():
+            continue
+        base, n = _safe(method), 1
+        while (vname := base if n == 1 else f"{base}-{n}") in variants:
+            n += 1
+        variants[vname] = variant
+    return {
+        "generation": {"max_new_tokens": MAX_NEW_TOKENS, "decode": "auto"},
+        "models": models,
+        "datasets": datasets,
+        "methods": variants,
+    }
+
+
+def default_datasets() -> list[tuple[str, Path, str]]:
+    """(name, file, kind) of the datasets of fidbench's default suite (in a source checkout)."""
+    suite = Path(__file__).resolve().parents[1] / "fidbench.yaml"
+    if not suite.is_file():
+        raise RunsError(f"fidbench's default suite {suite} is not there (installed from a wheel?): give --datasets")
+    return [(d.name, d.path, d.kind) for d in load(suite).datasets]
+
+
+def write(directory: Path, output: Path, datasets: list[tuple[str, Path, str]] | None = None) -> dict:
+    """Convert and write the suite to ``output``, checked by ``fidbench.suite.load`` before it replaces anything."""
+    output = Path(output).resolve()
+    entries = {}
+    for name, path, kind in datasets if datasets is not None else default_datasets():
+        rel = os.path.relpath(Path(path).resolve(), output.parent)
+        rel = str(Path(path).resolve()) if rel.startswith("..") else rel  # relative only below the suite
+        entries[_safe(name)] = {"references": rel} if kind == "references" else rel
+    suite = convert(directory, entries)
+    header = (f"# Converted by `fidbench import-runs` from the run configs in {Path(directory).resolve()}.\n"
+              "# No floors: run it once, then set floors below the measured values.\n")
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    tmp.write_text(header + yaml.safe_dump(suite, sort_keys=False, allow_unicode=True))
+    try:
+        load(tmp)
+    except SuiteError as e:
+        tmp.unlink()
+        raise RunsError(f"the converted suite does not load: {str(e).replace(str(tmp), str(output))}") from None
+    os.replace(tmp, output)
+    return suite

@@ -1,0 +1,186 @@
+"""Helpers shared by the weight methods (rtn, gptq, magnitude, wanda): grouped quantize-dequantize,
+pruning masks, the decoder's linear layers, calibration statistics, and restoring the weights.
+
+Layers are found by type (``nn.Linear`` inside the decoder layers), never by projection names, so any
+decoder-only model works. All transforms are simulated in place: the weights keep the model's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from torch import nn
+
+SCALE_BITS = 16  # a scale (and a zero point, asymmetric) per group, stored in fp16 as real kernels do
+
+
+def fake_quant(x: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize ``x`` along its last dim in groups of ``group`` (0: the whole dim; a shorter last group).
+
+    Computed in float32 with ``quant_params``/``quant_apply``, returned in ``x``'s dtype.
+    """
+    n = x.shape[-1]
+    group = group or n
+    full = n - n % group
+    parts = [x[..., :full].unflatten(-1, (full // group, group))] if full else []
+    if full < n:
+        parts.append(x[..., full:].unsqueeze(-2))
+    out = [quant_apply(p.float(), *quant_params(p.float(), bits, symmetric), bits, symmetric).flatten(-2) for p in parts]
+    return torch.cat(out, dim=-1).to(x.dtype)
+
+
+def quant_params(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) of each group = x's last dim, kept for broadcasting.
+
+    Asymmetric: ``2**bits`` levels from the group's min (the offset, stored like KIVI and llama.cpp's
+    Q4_1 store it) to its max. Symmetric: levels ``-q..q``, ``q = 2**(bits-1) - 1``, scaled to the
+    group's max magnitude, offset 0. Either way a value of the group moves by at most half a step.
+    """
+    if symmetric:
+        scale = x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        offset = torch.zeros_like(scale)
+    else:
+        offset = x.amin(-1, keepdim=True)
+        scale = (x.amax(-1, keepdim=True) - offset) / (2**bits - 1)
+    return torch.where(scale > 0, scale, 1.0), offset  # a constant group is exactly its offset
+
+
+def quant_apply(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Round ``x`` to the grid of (scale, offset), clamped to the ``bits`` levels (GPTQ's updated weights may leave it)."""
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    return torch.clamp(torch.round((x - offset) / scale), lo, hi) * scale + offset
+
+
+def check_bits(method: str, bits: int, group: int, allowed=(2, 3, 4, 8, 16)) -> None:
+    if bits not in allowed:
+        raise ValueError(f"{method}: bits must be one of {', '.join(map(str, allowed))} (16 = unchanged), got {bits}")
+    if group < 0:
+        raise ValueError(f"{method}: group must be a positive number of columns, or 0 for one group per row; got {group}")
+
+
+def quant_report(weights, bits: int, group: int, symmetric: bool) -> dict:
+    """What a quantization changed: bits, bits per weight with fp16 scales/offsets, layers and weights touched."""
+    total = sum(w.numel() for w in weights)
+    extra = sum(w.numel() * overhead_bits(w.shape[-1], group, symmetric) for w in weights) if bits < 16 else 0
+    return {"bits": bits, "effective_bits": bits + extra / max(total, 1),
+            "layers": len(weights) if bits < 16 else 0, "weights": total if bits < 16 else 0}
+
+
+def overhead_bits(columns: int, group: int, symmetric: bool) -> float:
+    """Scale/zero bits per weight for rows of ``columns`` quantized in groups of ``group``."""
+    groups = -(-columns // (group or columns))
+    return groups * SCALE_BITS * (1 if symmetric else 2) / columns
+
+
+def check_pruning(method: str, sparsity: float | None, pattern: str | None) -> tuple[int, int] | None:
+    """Validate a pruning target: exactly one of ``sparsity`` in [0, 1) or an N:M ``pattern``; returns (N, M) or None."""
+    if (sparsity is None) == (pattern is None):
+        raise ValueError(f"{method}: give exactly one of sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
+    if pattern is None:
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"{method}: sparsity must be in [0, 1), got {sparsity}")
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", pattern.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(f"{method}: pattern must be 'N:M' with 1 <= N <= M (keep N of every M inputs, e.g. '2:4'), got {pattern!r}")
+    return int(match[1]), int(match[2])
+
+
+def prune_report(weights, nm: tuple[int, int] | None) -> dict:
+    """What a pruning changed: the fraction of zero weights reached (measured), layers and weights touched."""
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {"sparsity": zeros / max(total, 1), "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
+            "layers": len(weights), "weights": total}
+
+
+def prune_mask(score: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:
+    """Bool mask of the weights to keep: the highest ``score`` ones.
+
+    N:M keeps the N best of every M consecutive inputs of a row; otherwise exactly
+    ``round(sparsity * size)`` weights with the lowest scores go, per row or over the whole matrix.
+    """
+    rows, cols = score.shape
+    if nm is not None:
+        n, m = nm
+        if cols % m:
+            raise ValueError(f"pattern {n}:{m}: a layer has {cols} inputs, not a multiple of {m}")
+        blocks = score.reshape(rows, cols // m, m)
+        drop = blocks.topk(m - n, dim=-1, largest=False).indices
+        return torch.ones_like(blocks, dtype=torch.bool).scatter_(-1, drop, False).reshape(rows, cols)
+    flat = score if per_row else score.reshape(1, -1)
+    k = round(sparsity * flat.shape[1])
+    drop = flat.topk(k, dim=-1, largest=False).indices
+    return torch.ones_like(flat, dtype=torch.bool).scatter_(-1, drop, False).reshape(rows, cols)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder's stack of layers: the ModuleList of ``num_hidden_layers`` blocks."""
+    count = model.config.get_text_config().num_hidden_layers
+    for module in model.get_decoder().modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+
+
+def linears(layer: nn.Module) -> list[nn.Linear]:
+    return [m for m in layer.modules() if isinstance(m, nn.Linear)]
+
+
+def decoder_linears(model) -> list[nn.Linear]:
+    """Every nn.Linear inside the decoder layers (not the embeddings, not lm_head)."""
+    return [lin for layer in decoder_layers(model) for lin in linears(layer)]
+
+
+@contextlib.contextmanager
+def restored(params):
+    """Put ``params`` back bit for bit on exit, whatever the block did to them."""
+    params = list({id(p): p for p in params}.values())  # tied weights once
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+class _Stop(Exception):
+    """Raised after the layer being calibrated: later layers need not run."""
+
+
+def _stop(*_):
+    raise _Stop
+
+
+@torch.no_grad()
+def sequential(model, prompts: list[list[int]], observe, transform) -> None:
+    """Calibrate and transform the decoder one layer at a time, as GPTQ and Wanda do.
+
+    For layer i: run every prompt through the model (layers before i already transformed) up to
+    layer i, calling ``observe(linear, x)`` with each (tokens, in_features) input of layer i's linear
+    layers; then ``transform(linears)`` changes that layer's weights.
+    """
+    device = model.get_input_embeddings().weight.device
+    for layer in decoder_layers(model):
+        lins = linears(layer)
+        hooks = [lin.register_forward_hook(lambda m, args, out: observe(m, args[0].reshape(-1, args[0].shape[-1])))
+                 for lin in lins]
+        hooks.append(layer.register_forward_hook(_stop))
+        try:
+            for ids in prompts:
+                with contextlib.suppress(_Stop):
+                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        transform(lins)
+
+
+def calibration(method: str, context, dataset: str, samples: int) -> list[list[int]]:
+    """The calibration prompts of ``dataset`` from the harness's loaded context."""
+    if context is None:
+        raise ValueError(f"{method}: needs calibration prompts; apply it with the harness's context")
+    return context.calibration(dataset, samples)

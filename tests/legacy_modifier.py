@@ -1,0 +1,79 @@
+"""Modifiers written the way the original fidbench scripts wrote them (README "添加新压缩方法"):
+a ``Modifier`` base holding the model, a JSON config read by ``get_conf``, and ``compute_accuracy``
+looping over the reference token by token with the model's ``past_key_values``. fidbench's
+``legacy`` method must run these unchanged."""
+
+import json
+
+import torch
+
+
+class Modifier(torch.nn.Module):
+    def __init__(self, model, save_ckp, load_ckp):
+        super().__init__()
+        self.model = model
+        self.save_ckp = save_ckp
+        self.load_ckp = load_ckp
+
+    def get_conf(self, config):
+        if config is not None:
+            with open(config, "r") as f:
+                self.conf = json.load(f)
+        else:
+            self.conf = None
+
+
+class Origin(Modifier):
+    def __init__(self, model, save_ckp=None, load_ckp=None, config=None):
+        super().__init__(model, save_ckp, load_ckp)
+
+    def ft_params(self):
+        return []
+
+    def reset(self):
+        pass
+
+    @torch.no_grad()
+    def compute_accuracy(self, p_ids, g_ids):
+
+        assert p_ids.shape[0] == 1, 'only support batch size 1'
+        assert p_ids.ndim == 2 and g_ids.ndim == 2
+
+        device = next(iter(self.model.parameters())).device
+        p_ids, g_ids = p_ids.to(device), g_ids.to(device)
+
+        output = self.model(input_ids=p_ids)
+        kv_cache = output.past_key_values
+
+        acc1, acc5 = 0, 0
+        turns = g_ids.shape[-1] - 1
+
+        for tok, label in zip(
+                torch.chunk(g_ids[:, :-1], turns, dim=-1),
+                torch.chunk(g_ids[:, 1:], turns, dim=-1)):
+
+            output = self.model(input_ids=tok, past_key_values=kv_cache)
+            logits, kv_cache = output.logits, output.past_key_values
+
+            label = label.ravel().item()
+            next_1 = logits.argmax(dim=-1).ravel().item()
+            next_5 = logits.topk(k=5, dim=-1).indices.ravel().tolist()
+
+            acc1 += next_1 == label
+            acc5 += label in next_5
+
+        acc1 /= turns
+        acc5 /= turns
+
+        return acc1, acc5
+
+
+class NoisyNorm(Origin):
+    """Perturbs the final norm's weights in place by the config's ``noise`` (a change that must not leak)."""
+
+    def __init__(self, model, save_ckp, load_ckp, config):
+        self.get_conf(config)
+        generator = torch.Generator().manual_seed(self.conf['seed'])
+        weight = model.model.norm.weight.data
+        weight += self.conf['noise'] * torch.randn(weight.shape, generator=generator)
+        super().__init__(model, save_ckp, load_ckp)

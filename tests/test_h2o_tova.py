@@ -1,0 +1,243 @@
+"""H2O and TOVA: decode-time KV eviction as masks over absolute positions, per KV head."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import FAMILIES, tiny_model
+from fidbench import attention, engine
+from fidbench.attention import AttentionCall, Phase
+from fidbench.methods import build, h2o
+
+# Variants whose budget is below a 40-token prompt, so both prefill and decode evict.
+EVICTING = {
+    "h2o": {"heavy_budget": 6, "recent_budget": 4},
+    "h2o-ratio": {"heavy": 0.15, "recent": 0.1},  # 6 + 4 of a 40-token prompt
+    "tova": {"budget": 10},
+    "tova-ratio": {"ratio": 0.25},  # 10 of a 40-token prompt
+}
+
+
+def variant(name):
+    return build(name.split("-")[0], EVICTING[name])
+
+
+def reference(n=8, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,params", [
+    ("h2o", {"heavy_budget": 30, "recent_budget": 18}),  # 48 = prompt 40 + reference 8
+    ("h2o", {"heavy": 0.5, "recent": 0.5, "min_budget": 48}),
+    ("tova", {"budget": 48}),
+    ("tova", {"ratio": 1.0, "min_budget": 48}),
+])
+def test_budget_covering_everything_equals_origin(family, method, params, prompt):
+    # A cache that never exceeds its budget evicts nothing, and the hook then hands every call back to
+    # the model's own attention: the logits are bit for bit those of origin, so we test equality.
+    model, g_ids = tiny_model(family), reference()
+    base = engine.teacher_force(model, build("origin", {}), prompt, g_ids, "stepwise").logits
+    m = build(method, params)
+    with m.apply(model) as applied:
+        forced = engine.teacher_force(applied, m, prompt, g_ids, "stepwise").logits
+    assert torch.equal(forced, base)
+    assert m.kept()["kv_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(EVICTING))
+def test_kept_count_per_head_is_the_budget(family, name, prompt):
+    model, m = tiny_model(family), variant(name)
+    counts = []
+
+    def checked(call, hook=m.attend):
+        out = hook(call)
+        counts.append(m.keep[call.layer_idx].sum(-1))  # (B, KVH) after this call's eviction
+        return out
+
+    m.attend = checked
+    with m.apply(model) as applied:
+        forced = engine.teacher_force(applied, m, prompt, reference(), "stepwise").logits
+    assert counts and all(bool((c == 10).all()) for c in counts)
+    assert torch.isfinite(forced).all()
+    # Every decode query saw the 10 kept positions plus itself, out of all it could see.
+    layers = model.config.num_hidden_layers
+    visible = sum(len(prompt) + 1 + t for t in range(len(reference()) - 1))
+    assert m.kept()["kv_fraction"] == pytest.approx(11 * (len(reference()) - 1) / visible)
+    assert len(m.kept()["kv_fraction_per_layer"]) == layers
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,params,budget", [
+    ("h2o", {"heavy": 0.1, "recent": 0.1}, 8),  # 20 % of 12 tokens is 2: raised to min_budget 8
+    ("tova", {"ratio": 0.1}, 8),
+    ("tova", {"ratio": 0.1, "min_budget": 3}, 3),
+])
+def test_short_prompt_gets_min_budget(family, method, params, budget):
+    model, m = tiny_model(family), build(method, params)
+    with m.apply(model) as applied:
+        engine.teacher_force(applied, m, list(range(12)), reference(), "stepwise")
+    assert all(bool((k.sum(-1) == budget).all()) for k in m.keep.values())
+
+
+def test_h2o_ratio_budgets_split_in_proportion():
+    m = build("h2o", {"heavy": 0.15, "recent": 0.05})
+    m.begin(100)
+    assert m.budgets == (15, 5)
+    m.begin(10)  # 2 tokens by ratio, raised to min_budget 8, split 3:1
+    assert m.budgets == (6, 2)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_h2o_prefill_scores_are_column_sums_in_chunks(family, prompt, monkeypatch):
+    # H2O's prefill score of a key is the sum over prompt queries of its attention probability, averaged
+    # over the query heads of its KV head: compare with the eager attention's own probabilities, with
+    # chunks of 7 queries so that chunk boundaries fall inside the 40-token prompt.
+    model = tiny_model(family)
+    ids = torch.tensor([prompt])
+    model.set_attn_implementation("eager")
+    probs = model(input_ids=ids, output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(h2o, "CHUNK", 7)
+    m = build("h2o", {})
+    with m.apply(model) as applied:
+        m.begin(len(prompt))
+        with attention.running(m, Phase("prefill", len(prompt))):
+            engine.forward(applied, ids)
+    for layer, p in enumerate(probs):
+        b, h, n, _ = p.shape
+        expected = p.sum(2).view(b, -1, h // m.score[layer].shape[1], n).mean(2)
+        torch.testing.assert_close(m.score[layer], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(EVICTING))
+def test_masking_equals_physical_removal(family, name, prompt):
+    # Prefill through the method, then decode one token with evicted positions masked; the same token
+    # decoded after a cache holding only the kept keys/values (gathered per KV head, RoPE positions
+    # given explicitly) must give the same logits. Tolerance: SDPA sums over a different number of
+    # (masked) entries, so float32 rounding differs slightly.
+    model, m = tiny_model(family), variant(name)
+    ids = torch.tensor([prompt])
+    token = torch.tensor([[reference()[0]]])
+    with m.apply(model) as applied:
+        m.begin(len(prompt))
+        with attention.running(m, Phase("prefill", len(prompt))):
+            _, cache = engine.forward(applied, ids)
+        kept = {layer: k.clone() for layer, k in m.keep.items()}
+        with attention.running(m, Phase("decode", len(prompt))):
+            masked, _ = engine.forward(applied, token, cache)
+    _, full = engine.forward(model, ids)
+    pruned = DynamicCache()
+    for layer, keep in kept.items():
+        b, kvh, n = keep.shape
+        assert keep.sum() < keep.numel()  # something was evicted
+        index = keep.nonzero()[:, -1].view(b, kvh, -1, 1)  # kept positions per head, in order
+        keys, values = full.layers[layer].keys, full.layers[layer].values
+        pruned.update(keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
+                      values.gather(2, index.expand(-1, -1, -1, values.shape[-1])), layer)
+    out = model(input_ids=token, cache=pruned, position_ids=torch.tensor([[len(prompt)]]), use_cache=True)
+    torch.testing.assert_close(masked, out.logits[0].float(), rtol=1e-5, atol=1e-5)
+
+
+class Layer(torch.nn.Module):
+    """The attributes SDPA and the hook read from an attention module."""
+    layer_idx = 0
+    is_causal = True
+
+
+def call(query, key, phase):
+    """A one-layer attention call on hand-made (B=1, heads, seq, D=1) tensors, unit scaling."""
+    q = torch.tensor(query, dtype=torch.float32).view(1, -1, len(query[0]), 1)
+    k = torch.tensor(key, dtype=torch.float32).view(1, -1, len(key[0]), 1)
+    v = torch.arange(k.numel(), dtype=torch.float32).view_as(k)
+    return AttentionCall(Layer(), q, k, v, None, Phase(phase, 4), {"scaling": 1.0})
+
+
+def test_h2o_hand_computed_eviction():
+    m = build("h2o", {"heavy_budget": 2, "recent_budget": 1})
+    m.begin(4)
+    # Prefill: zero queries attend uniformly, so the causal column sums are
+    # pos 0: 1 + 1/2 + 1/3 + 1/4 = 2.083, pos 1: 1.083, pos 2: 0.583, pos 3: 0.25.
+    # Recent keeps pos 3, heavy keeps the top 2 of pos 0..2: pos 0 and 1; pos 2 is evicted.
+    c = 57.0
+    assert m.attend(call([[0, 0, 0, 0]], [[0, 0, 0, math.log(c)]], "prefill")) is None
+    torch.testing.assert_close(m.score[0][0, 0], torch.tensor([25 / 12, 13 / 12, 7 / 12, 1 / 4]))
+    assert m.keep[0].tolist() == [[[True, True, False, True]]]
+    # Decode pos 4 with query 1: weights exp(q.k) over kept pos 0, 1, 3, 4 are 1, 1, 57, 1 (pos 2 masked),
+    # probabilities 1/60, 1/60, 57/60, 1/60. Accumulated: pos 0: 2.100, pos 1: 1.100, pos 3: 1.200,
+    # pos 4: 0.017. 4 kept > budget 3; pos 4 is the recent window, so the lowest of pos 0, 1, 3 goes:
+    # pos 1, although pos 3 had the lowest score before this step.
+    decode = call([[1]], [[0, 0, 0, math.log(c), 0]], "decode")
+    out = m.attend(decode)
+    assert m.keep[0].tolist() == [[[True, False, False, True, True]]]
+    torch.testing.assert_close(m.score[0][0, 0], torch.tensor([25 / 12 + 1 / 60, 13 / 12 + 1 / 60, 7 / 12,
+                                                                1 / 4 + 57 / 60, 1 / 60]))
+    # The query attended to pos 0, 1, 3, 4 (values 0, 1, 3, 4): output = (0 + 1 + 57*3 + 4) / 60.
+    assert out.flatten().item() == pytest.approx(176 / 60)
+    # Next step: pos 1 never comes back; pos 4 leaves the window and competes with pos 0 and 3.
+    m.attend(call([[0]], [[0, 0, 0, math.log(c), 0, 0]], "decode"))  # uniform 1/4 over pos 0, 3, 4, 5
+    assert m.keep[0].tolist() == [[[True, False, False, True, False, True]]]
+
+
+def test_tova_hand_computed_eviction():
+    m = build("tova", {"budget": 3})
+    m.begin(4)
+    # Prefill: the last query (1) weighs pos 0..3 by exp(k) = e^0.5, e^2, e^1, e^0: the most recent
+    # position is the least attended and is evicted.
+    m.attend(call([[0, 0, 0, 1]], [[0.5, 2, 1, 0]], "prefill"))
+    assert m.keep[0].tolist() == [[[True, True, True, False]]]
+    # Decode pos 4 (key 1.5): weights over kept pos 0, 1, 2, 4 are e^0.5, e^2, e^1, e^1.5: pos 0 goes.
+    m.attend(call([[1]], [[0.5, 2, 1, 0, 1.5]], "decode"))
+    assert m.keep[0].tolist() == [[[False, True, True, False, True]]]
+    # Decode pos 5 with key -1, the least attended of pos 1, 2, 4, 5: the new token itself goes.
+    m.attend(call([[1]], [[0.5, 2, 1, 0, 1.5, -1]], "decode"))
+    assert m.keep[0].tolist() == [[[False, True, True, False, True, False]]]
+
+
+def test_tova_grouped_heads_choose_by_their_mean():
+    m = build("tova", {"budget": 2})
+    m.begin(3)
+    # Two query heads share one KV head. Head 0 (q=1) weighs keys 0, ln 3, ln 2 as 1:3:2,
+    # head 1 (q=-1) as 1:1/3:1/2. Means: pos 0: (1/6 + 6/11)/2 = 0.356, pos 1: (1/2 + 2/11)/2 = 0.341,
+    # pos 2: (1/3 + 3/11)/2 = 0.303. Head 0 alone would keep pos 1 and 2; the mean keeps 0 and 1.
+    m.attend(call([[0, 0, 1], [0, 0, -1]], [[0, math.log(3), math.log(2)]], "prefill"))
+    assert m.keep[0].tolist() == [[[True, True, False]]]
+
+
+@pytest.mark.parametrize("method,params,match", [
+    ("h2o", {"heavy": -0.1}, "heavy"),
+    ("h2o", {"recent": 1.5}, "recent"),
+    ("h2o", {"heavy": 0.6, "recent": 0.6}, "heavy \\+ recent"),
+    ("h2o", {"heavy": 0.0, "recent": 0.0}, "heavy \\+ recent"),
+    ("h2o", {"heavy_budget": 8}, "set together"),
+    ("h2o", {"heavy_budget": -1, "recent_budget": 4}, "heavy_budget"),
+    ("h2o", {"heavy_budget": 0, "recent_budget": 0}, "heavy_budget \\+ recent_budget"),
+    ("h2o", {"min_budget": 0}, "min_budget"),
+    ("tova", {"ratio": 1.5}, "ratio"),
+    ("tova", {"ratio": 0.0}, "ratio"),
+    ("tova", {"budget": -3}, "budget"),
+    ("tova", {"budget": 0}, "budget"),
+    ("tova", {"min_budget": 0}, "min_budget"),
+    ("tova", {"window": 4}, "unknown parameter"),
+    ("h2o", {"heavy_budget": 2.5, "recent_budget": 4}, "heavy_budget"),
+])
+def test_bad_parameter_is_a_clear_error(method, params, match):
+    with pytest.raises(ValueError, match=match):
+        build(method, params)
+
+
+@pytest.mark.parametrize("method", ["h2o", "tova"])
+def test_parallel_decode_is_refused(method, prompt):
+    m = build(method, {})
+    assert engine.resolve_mode(m, "auto") == "stepwise"
+    with pytest.raises(ValueError, match="not exact under parallel"):
+        engine.resolve_mode(m, "parallel")
+    # Called directly with a multi-token decode forward, the hook refuses too.
+    model = tiny_model("llama")
+    with m.apply(model) as applied, pytest.raises(ValueError, match="one token per forward"):
+        engine.teacher_force(applied, m, prompt, reference(), "parallel")

@@ -1,0 +1,144 @@
+"""fp8-attention and sage-attention: rounding on the right grid, explicit math equal to dense attention
+when quantization is taken out, and small but real changes to a model's logits."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from fidbench import attention, engine
+from fidbench.methods import build
+from fidbench.methods import sage_attention as sage
+from fidbench.methods.fp8_attention import E4M3_MAX, fp8_e4m3, fp8_round
+
+
+def e4m3_grid() -> torch.Tensor:
+    """Every finite float8 e4m3fn value, built from the bit patterns."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return values[values.isfinite()].unique()
+
+
+def reference(n: int = 24, seed: int = 2) -> list[int]:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def logits(model, method, p_ids, g_ids):
+    with method.apply(model) as m:
+        return engine.teacher_force(m, method, p_ids, g_ids, engine.resolve_mode(method, "auto")).logits
+
+
+def test_fp8_rounds_to_nearest_e4m3_value_with_absmax_per_head():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 8, generator=g) * torch.logspace(-3, 2, 3)[None, :, None, None]
+    codes, scale = fp8_e4m3(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (2, 3, 1, 1)
+    # Each head's largest magnitude maps to e4m3's largest value.
+    assert torch.equal(codes.float().abs().amax(dim=(-2, -1)), torch.full((2, 3), E4M3_MAX))
+    grid = e4m3_grid()
+    target = (x / scale).reshape(-1, 1)
+    nearest = (target - grid).abs().min(dim=1).values
+    assert torch.all((target[:, 0] - codes.float().reshape(-1)).abs() <= nearest + 1e-6)
+    assert torch.equal(fp8_round(x), (codes.float() * scale).to(x.dtype))
+    assert not torch.equal(fp8_round(x), x)
+
+
+def test_fp8_attention_feeds_dense_attention_values_on_the_e4m3_grid(tiny, prompt, monkeypatch):
+    seen = []
+    dense = attention.AttentionCall.dense
+
+    def spy(call, mask=None, query=None, key=None, value=None):
+        seen.append((query, key, value))
+        return dense(call, mask, query, key, value)
+
+    monkeypatch.setattr(attention.AttentionCall, "dense", spy)
+    logits(tiny, build("fp8-attention", {}), prompt, reference(4))
+    assert len(seen) == 2 * 4  # two layers, one prefill and three decode steps
+    for tensors in seen:
+        for t in tensors:
+            scale = t.abs().amax(dim=(-2, -1), keepdim=True) / E4M3_MAX
+            scaled = t / scale
+            assert torch.allclose(scaled.to(torch.float8_e4m3fn).float(), scaled, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fp8-attention", "sage-attention"])
+def test_low_bit_attention_changes_logits_but_stays_close(tiny, prompt, name):
+    method = build(name, {})
+    assert engine.resolve_mode(method, "auto") == "stepwise"
+    g_ids = reference()
+    base = logits(tiny, build("origin", {}), prompt, g_ids)
+    out = logits(tiny, method, prompt, g_ids)
+    assert not torch.equal(out, base)
+    assert ((out - base).norm() / base.norm()).item() < 0.05
+    assert (out.argmax(-1) == base.argmax(-1)).double().mean().item() >= 0.9
+
+
+def _causal_rows(q_len, kv_len):
+    def rows(start, stop):
+        pos = torch.arange(start, stop)[:, None] + (kv_len - q_len)
+        return (torch.arange(kv_len)[None] <= pos)[None, None]
+    return rows
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(37, 37), (5, 41), (1, 30)])
+@pytest.mark.parametrize("smooth_k", [True, False])
+def test_sage_math_without_quantization_equals_dense_attention(q_len, kv_len, smooth_k):
+    g = torch.Generator().manual_seed(q_len + kv_len)
+    q = torch.randn(1, 4, q_len, 16, generator=g)
+    k = torch.randn(1, 2, kv_len, 16, generator=g) + 3.0  # an offset that smoothing removes
+    v = torch.randn(1, 2, kv_len, 16, generator=g)
+    rows = _causal_rows(q_len, kv_len)
+    mask = rows(0, q_len)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.3)
+    for block_q in (4, 128):  # chunking the queries changes nothing without quantization
+        out = sage.sage_attention(q, k, v, rows, 0.3, block_q=block_q, bits=None, smooth_k=smooth_k,
+                                  pv_dtype=torch.float32)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sage_math_honours_a_per_head_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    mask = torch.rand(1, 4, 9, 9, generator=g) < 0.5
+    mask[..., 0] = True  # every query sees at least one key
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    out = sage.sage_attention(q, k, v, lambda a, b: mask[..., a:b, :], 8 ** -0.5, block_q=4, bits=None,
+                              pv_dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sage_int8_blocks():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 150, 16, generator=g)
+    x[:, :, 70] *= 50  # an outlier token in the second block of 64
+    ints, scale = sage.quantize_blocks(x, 64, 8)
+    assert ints.shape == x.shape and scale.shape == (1, 2, 150, 1)
+    assert torch.equal(ints, ints.round()) and ints.abs().max() == 127
+    for start in (0, 64, 128):
+        block = slice(start, start + 64)
+        assert torch.all(scale[:, :, block] == x[:, :, block].abs().amax(dim=(-2, -1), keepdim=True) / 127)
+        assert ints[:, :, block].abs().amax() == 127
+    assert torch.all((ints * scale - x).abs() <= scale / 2 + 1e-6)
+    assert scale[0, 0, 0] < scale[0, 0, 64] / 10  # the outlier only coarsens its own block
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sage_without_quantization_equals_origin_through_the_model(family, prompt, monkeypatch):
+    """The method's wiring (layout, scaling, GQA, the model's own sliding-window mask) is dense attention
+    once quantization is the identity; only fp16 P·V remains. Larger weights make attention peaked, so
+    quantization error (and a mask ignored: logits off by ~3) stands out from fp16 rounding."""
+    window = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0} if family == "qwen2" else {}
+    model = tiny_model(family, initializer_range=0.1, **window)
+    g_ids = reference()
+    base = logits(model, build("origin", {}), prompt, g_ids)
+    quantized = logits(model, build("sage-attention", {"block_q": 16, "block_k": 16}), prompt, g_ids)
+    monkeypatch.setattr(sage, "quantize_blocks", lambda x, block, bits: (x, torch.ones_like(x[..., :1])))
+    plain = logits(model, build("sage-attention", {"block_q": 16, "block_k": 16}), prompt, g_ids)
+    torch.testing.assert_close(plain, base, rtol=0, atol=5e-3)
+    assert (quantized - base).abs().max() > 5 * (plain - base).abs().max()
+
+
+def test_sage_parameters_are_checked():
+    for params in ({"block_q": 0}, {"block_k": 0}, {"bits": 1}, {"bits": 9}):
+        with pytest.raises(ValueError, match="sage-attention: " + next(iter(params))):
+            build("sage-attention", params)

@@ -1,0 +1,255 @@
+"""Weight quantization (rtn, gptq), pruning (magnitude, wanda) and KV quantization (kivi) on tiny models."""
+
+import pytest
+import torch
+from conftest import TINY, tiny_model
+
+from fidbench import engine, weights
+from fidbench.attention import AttentionCall, Phase
+from fidbench.datasets import Prompt
+from fidbench.harness import Loaded
+from fidbench.methods import build
+from fidbench.methods.gptq import gptq
+
+
+def context(n=6, length=24):
+    """A harness context whose suite holds one dataset, "chat", of random prompts."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [Prompt("chat", i, torch.randint(0, TINY["vocab_size"], (length,), generator=g).tolist()) for i in range(n)]
+    return Loaded(None, None, None, "", prompts, [None] * n)
+
+
+def reference():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (40, 30)]
+
+
+def logits(model, method, mode="parallel"):
+    p_ids, g_ids = reference()
+    with method.apply(model, context()) as m:
+        return engine.teacher_force(m, method, p_ids, g_ids, mode).logits
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, params", [
+    ("rtn", {"bits": 16}), ("kivi", {"bits": 16}), ("gptq", {"bits": 16}),
+    ("magnitude", {"sparsity": 0.0}), ("magnitude", {"pattern": "4:4"}), ("wanda", {"pattern": "4:4"}),
+])
+def test_degenerate_params_equal_origin(tiny, name, params):
+    assert torch.equal(logits(tiny, build(name, params)), logits(tiny, build("origin", {})))
+
+
+@pytest.mark.parametrize("name, params", [
+    ("rtn", {"bits": 3}), ("gptq", {"bits": 4, "group": 32}), ("magnitude", {"sparsity": 0.5}),
+    ("wanda", {"pattern": "2:4"}), ("kivi", {"bits": 2, "group": 4, "residual": 8}),
+])
+def test_methods_change_the_model(tiny, name, params):
+    base = logits(tiny, build("origin", {}))
+    assert (logits(tiny, build(name, params)) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name, params", [
+    ("rtn", {"bits": 4, "embeddings": True}), ("gptq", {"bits": 3, "act_order": True}),
+    ("magnitude", {"pattern": "2:4"}), ("wanda", {"sparsity": 0.5}),
+])
+def test_weights_restored_exactly(tiny, name, params):
+    before = state(tiny)
+    with build(name, params).apply(tiny, context()):
+        assert any(not torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_rtn_touches_embeddings_only_when_asked(tiny, embeddings):
+    head = tiny.get_output_embeddings().weight.clone()
+    embed = tiny.get_input_embeddings().weight.clone()
+    method = build("rtn", {"bits": 4, "embeddings": embeddings})
+    with method.apply(tiny):
+        assert torch.equal(tiny.get_output_embeddings().weight, head) != embeddings
+        assert torch.equal(tiny.get_input_embeddings().weight, embed) != embeddings
+    assert method.kept()["layers"] == 7 * TINY["num_hidden_layers"] + 2 * embeddings
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(3, 24, False), (4, 0, True), (8, 128, False), (2, 16, True)])
+def test_rtn_within_half_a_step_on_a_grid(tiny, bits, group, symmetric):
+    originals = [lin.weight.clone() for lin in weights.decoder_linears(tiny)]
+    with build("rtn", {"bits": bits, "group": group, "symmetric": symmetric}).apply(tiny):
+        for w, lin in zip(originals, weights.decoder_linears(tiny)):
+            q = lin.weight
+            for start in range(0, w.shape[1], group or w.shape[1]):  # the last group may be shorter
+                cols = slice(start, start + (group or w.shape[1]))
+                wg, qg = w[:, cols], q[:, cols]
+                if symmetric:
+                    step = wg.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+                else:
+                    step = (wg.amax(1, keepdim=True) - wg.amin(1, keepdim=True)) / (2**bits - 1)
+                assert ((qg - wg).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+                levels = max(len(torch.unique(row)) for row in qg)
+                assert 2 <= levels <= 2**bits - symmetric
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda"])
+def test_2_4_keeps_two_of_every_four_inputs(tiny, name):
+    method = build(name, {"pattern": "2:4"})
+    with method.apply(tiny, context()):
+        for lin in weights.decoder_linears(tiny):
+            blocks = lin.weight.reshape(lin.weight.shape[0], -1, 4)
+            assert ((blocks != 0).sum(-1) == 2).all()
+    assert method.kept()["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_measured_sparsity_equals_parameter(tiny, name, sparsity):
+    method = build(name, {"sparsity": sparsity})
+    with method.apply(tiny, context()):
+        for lin in weights.decoder_linears(tiny):
+            zeros = lin.weight == 0
+            assert zeros.float().mean().item() == sparsity
+            if name == "wanda":  # the paper's comparison group: each output row
+                assert (zeros.sum(1) == round(sparsity * lin.weight.shape[1])).all()
+    assert method.kept()["sparsity"] == sparsity
+    assert method.kept()["layers"] == 7 * TINY["num_hidden_layers"]
+
+
+def test_wanda_uses_activations():
+    """Scaling one input feature's activations changes which weights Wanda keeps, not magnitude's."""
+    model = tiny_model("llama")
+    lin = weights.decoder_linears(model)[0]  # the first linear reads the normed embeddings
+    masks = {}
+    for scale in (1.0, 50.0):
+        with torch.no_grad():
+            weights.decoder_layers(model)[0].input_layernorm.weight[0] = scale
+        with build("wanda", {"sparsity": 0.5}).apply(model, context()):
+            masks[scale] = lin.weight[:, 0] != 0
+    assert masks[50.0].all() and not masks[1.0].all()
+
+
+def layer0_inputs(model):
+    """Each linear of decoder layer 0 -> its (tokens, in) calibration inputs, from the unchanged model."""
+    lins = weights.linears(weights.decoder_layers(model)[0])
+    xs = {lin: [] for lin in lins}
+    hooks = [lin.register_forward_hook(lambda m, a, o: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for lin in lins]
+    with torch.no_grad():
+        for ids in context().calibration("chat", 6):
+            model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {lin: torch.cat(x) for lin, x in xs.items()}
+
+
+@pytest.mark.parametrize("symmetric, act_order", [(False, False), (True, True)])
+def test_gptq_reconstructs_layers_better_than_rtn(tiny, symmetric, act_order):
+    inputs = layer0_inputs(tiny)
+    params = {"bits": 3, "group": 32, "symmetric": symmetric}
+    originals = {lin: lin.weight.clone() for lin in inputs}
+    errors = {}
+    for name, extra in (("rtn", {}), ("gptq", {"act_order": act_order})):
+        with build(name, {**params, **extra}).apply(tiny, context()):
+            errors[name] = [torch.linalg.norm(x @ (originals[lin] - lin.weight).T).item() for lin, x in inputs.items()]
+    assert all(g < r for g, r in zip(errors["gptq"], errors["rtn"])), errors
+
+
+def test_gptq_function_matches_rtn_grid_without_error_feedback():
+    """With an identity Hessian no error can be spread, so GPTQ is round-to-nearest on the same grid."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    q = gptq(w, torch.eye(64), bits=4, group=16, symmetric=False, damp=0.0, act_order=False)
+    assert torch.allclose(q, weights.fake_quant(w, 4, 16, False), atol=1e-6)
+
+
+class Recorded(AttentionCall):
+    """An attention call that keeps the keys, values and mask the method hands to dense."""
+
+    def dense(self, mask=None, query=None, key=None, value=None):
+        self.seen = (mask, key, value)
+        return super().dense(mask=mask, query=query, key=key, value=value)
+
+
+@pytest.mark.parametrize("n_q", [1, 37])
+def test_kivi_residual_window_is_bit_exact(tiny, n_q):
+    r, n_k = 8, 60
+    attn = weights.decoder_layers(tiny)[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, TINY["num_attention_heads"], n_q, 16, generator=g)
+    k, v = (torch.randn(1, TINY["num_key_value_heads"], n_k, 16, generator=g) for _ in range(2))
+    call = Recorded(attn, q, k, v, None, Phase("decode", n_k - n_q), {"scaling": 0.25})
+    method = build("kivi", {"bits": 2, "group": 4, "residual": r})
+    method.attend(call)
+    mask, keys, values = call.seen
+    assert mask.shape[-1] == 3 * n_k
+    for row, t in enumerate(range(n_k - n_q, n_k)):
+        for j in range(n_k):
+            copies = mask[0, 0, row].reshape(3, n_k)[:, j].nonzero().flatten().tolist()
+            if j > t:
+                assert copies == []
+                continue
+            assert len(copies) == 1
+            key, value = keys[0, :, copies[0] * n_k + j], values[0, :, copies[0] * n_k + j]
+            assert torch.equal(key, k[0, :, j]) == (j >= r * (t // r)), (t, j)
+            assert torch.equal(value, v[0, :, j]) == (j > t - r), (t, j)
+    kept = method.kept()
+    assert 0 < kept["values_quantized"] < kept["keys_quantized"] < 1
+
+
+def test_kivi_prefill_and_short_caches_stay_dense(tiny):
+    method = build("kivi", {"bits": 2, "group": 4, "residual": 8})
+    attn = weights.decoder_layers(tiny)[0].self_attn
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 20, 16)
+    assert method.attend(AttentionCall(attn, q, k, k, None, Phase("prefill", 20))) is None
+    assert method.attend(AttentionCall(attn, q[:, :, :1], k[:, :, :8], k[:, :, :8], None, Phase("decode", 7))) is None
+
+
+def test_kivi_parallel_equals_stepwise(tiny):
+    method = build("kivi", {"bits": 2, "group": 4, "residual": 8})
+    assert method.parallel_exact
+    parallel, stepwise = logits(tiny, method, "parallel"), logits(tiny, method, "stepwise")
+    assert torch.allclose(parallel, stepwise, atol=1e-5, rtol=0)
+    assert (parallel - logits(tiny, build("origin", {}))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("rtn", {"bits": 5}, "bits"),
+    ("gptq", {"bits": 5}, "bits"),
+    ("kivi", {"bits": 3}, "bits"),
+    ("kivi", {"residual": 20}, "residual"),
+    ("rtn", {"group": -1}, "group"),
+    ("magnitude", {"sparsity": 1.5}, "sparsity"),
+    ("wanda", {"sparsity": -0.1}, "sparsity"),
+    ("magnitude", {"pattern": "3:2"}, "pattern"),
+    ("wanda", {"pattern": "2-4"}, "pattern"),
+    ("magnitude", {}, "sparsity"),
+    ("wanda", {"sparsity": 0.5, "pattern": "2:4"}, "exactly one"),
+    ("gptq", {"samples": 0}, "samples"),
+])
+def test_bad_params_are_clear_errors(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        build(name, params)
+
+
+@pytest.mark.parametrize("name, params", [("gptq", {}), ("wanda", {"sparsity": 0.5})])
+def test_calibration_dataset_must_exist(name, params):
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="calibration dataset 'wiki'"):
+        with build(name, {**params, "dataset": "wiki"}).apply(model, context()):
+            pass
+    with pytest.raises(ValueError, match="calibration"):
+        with build(name, params).apply(model):
+            pass
+
+
+def test_calibration_is_recorded(tiny):
+    method = build("gptq", {"dataset": "chat", "samples": 4})
+    with method.apply(tiny, context(n=6, length=24)):
+        pass
+    assert method.params()["dataset"] == "chat" and method.params()["samples"] == 4
+    assert method.kept()["calibration_prompts"] == 4 and method.kept()["calibration_tokens"] == 96
+
+
+def test_pattern_needs_divisible_inputs():
+    model = tiny_model("llama")  # 64 and 128 inputs
+    with pytest.raises(ValueError, match="not a multiple of 24"):
+        with build("magnitude", {"pattern": "2:24"}).apply(model):
+            pass
