@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from fidbench import datasets, engine, metrics, models  # noqa: E402
 from fidbench.harness import Bench, Loaded, eos_ids  # noqa: E402
 from fidbench.methods import REGISTRY, build  # noqa: E402
+from fidbench.methods.base import Method  # noqa: E402
 from fidbench.reference import Store  # noqa: E402
 from fidbench.suite import load as load_suite  # noqa: E402
 
@@ -185,20 +187,57 @@ def methods_for(target_default, wanted: list[str] | None) -> tuple[list[str], li
     return [n for n in names if n in REGISTRY], notes
 
 
-def instantiate(s: Setup, name: str):
-    """(method, None) or (None, why it is skipped): methods needing user files or own loops are skipped."""
+APPLY_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def suite_params(name: str) -> dict | None:
+    """The parameters of the first variant of ``name`` in fidbench.yaml (None when the suite has none)."""
+    for variant in load_suite(SUITE).variants:
+        if variant.method == name:
+            return dict(variant.params)
+    return None
+
+
+def family(method) -> str:
+    """``attention`` (the method hooks attention: it acts on every prefill and decode) or ``weights``
+    (it only overrides ``apply``: it changes the model once, and the forwards are the dense model's)."""
+    return "weights" if type(method).attend is Method.attend and type(method).apply is not Method.apply else "attention"
+
+
+def instantiate(s: Setup, name: str, dry_weights: bool = True):
+    """(method, None) or (None, why it is skipped): methods needing user files or own loops are skipped.
+
+    A method runs with its defaults; one whose defaults do not validate (magnitude and wanda need a
+    sparsity or a pattern) runs with the parameters of its first variant in fidbench.yaml. A dry
+    ``apply`` catches methods that cannot run; ``dry_weights=False`` spares it to weight methods,
+    whose apply can calibrate for a minute (gptq), for callers that apply them once and check that."""
     try:
         method = build(name, {})
     except ValueError as e:
-        return None, f"{name}: needs parameters the benchmark cannot invent ({e})"
+        params = suite_params(name)
+        if params is None:
+            return None, f"{name}: needs parameters the benchmark cannot invent ({e})"
+        method = build(name, params)
     if getattr(method, "score_sample", None) is not None:
         return None, f"{name}: scores samples with its own loop, outside the engine"
-    try:
-        with method.apply(s.model, s.loaded):
-            pass
-    except (ValueError, OSError, RuntimeError) as e:
-        return None, f"{name}: cannot be applied with default parameters ({e})"
+    if dry_weights or family(method) == "attention":
+        try:
+            with method.apply(s.model, s.loaded):
+                pass
+        except APPLY_ERRORS as e:
+            return None, f"{name}: cannot be applied with default parameters ({e})"
     return method, None
+
+
+@contextlib.contextmanager
+def applied(s: Setup, method, spent: list[float]):
+    """``method.apply`` with the time of entering it appended to ``spent`` (a weight method's one-time cost)."""
+    _sync(s.device)
+    t0 = time.perf_counter()
+    with method.apply(s.model, s.loaded) as model:
+        _sync(s.device)
+        spent.append(time.perf_counter() - t0)
+        yield model
 
 
 # ---------------------------------------------------------------- targets
@@ -270,17 +309,29 @@ def target2(s: Setup, notes: list[str]) -> list[dict]:
     p_ids = long_prompt(s, "summarization", a.prompt_tokens, "Summarize each of the news articles above in a few sentences.")
     ref = reference(s, p_ids, a.reference_tokens)
     methods = {"origin": build("origin", {})}
+    apply_s = {"origin": []}
+    frozen = {}  # weight methods: the model they made, built once (gptq calibrates for a minute) and reused
     for name in names:
-        if name != "origin":
-            method, why = instantiate(s, name)
-            if method is None:
-                notes.append(why)
-            else:
-                methods[name] = method
+        if name == "origin":
+            continue
+        method, why = instantiate(s, name, dry_weights=False)
+        if method is None:
+            notes.append(why)
+            continue
+        apply_s[name] = []
+        if family(method) == "weights":
+            try:
+                with applied(s, method, apply_s[name]) as model:
+                    frozen[name] = copy.deepcopy(model)
+            except APPLY_ERRORS as e:
+                notes.append(f"{name}: cannot be applied with default parameters ({e})")
+                continue
+        methods[name] = method
     runs = {name: [] for name in methods}
     for r in range(a.repeats):
         for name, method in methods.items():  # origin first in every round: each method sits beside it
-            with method.apply(s.model, s.loaded) as model:
+            use = contextlib.nullcontext(frozen[name]) if name in frozen else applied(s, method, apply_s[name])
+            with use as model:
                 forced, _, peak = timed(s.device, lambda: engine.teacher_force(model, method, p_ids, ref.g_ids[:1], "auto"))
             runs[name].append((forced.prefill_s, peak))
         print(f"  target 2 repeat {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1][0]:.2f}s" for k, v in runs.items()), flush=True)
@@ -290,7 +341,9 @@ def target2(s: Setup, notes: list[str]) -> list[dict]:
         if name != "origin":
             pair = paired([t for t, _ in out], [t for t, _ in origin])
             records.append(record(2, f"{name}: prefill {len(p_ids)} tokens", "origin", pair["ours_s"], pair["baseline_s"],
-                                  None, highest([p for _, p in out]), highest([p for _, p in origin]), ratios=pair["ratios"]))
+                                  None, highest([p for _, p in out]), highest([p for _, p in origin]), ratios=pair["ratios"],
+                                  family=family(methods[name]), params=methods[name].params(),
+                                  apply_s=statistics.median(apply_s[name])))
     return records
 
 
@@ -337,7 +390,8 @@ def target3(s: Setup, notes: list[str]) -> list[dict]:
         cuda = {"peak_cuda_mb": res["peak_cuda_mb"], "baseline_peak_cuda_mb": base["peak_cuda_mb"]} if res["peak_cuda_mb"] else {}
         out.append(record(3, f"{name}: {len(p_ids)}+{len(ref.g_ids)} tokens ({res['mode']})", "origin", res["seconds"],
                           base["seconds"], None, res["peak_rss_mb"], base["peak_rss_mb"], rss_before_mb=res["rss_before_mb"],
-                          baseline_rss_before_mb=base["rss_before_mb"], load_peak_rss_mb=res["load_peak_rss_mb"], **cuda))
+                          baseline_rss_before_mb=base["rss_before_mb"], load_peak_rss_mb=res["load_peak_rss_mb"],
+                          family=res["family"], params=res["params"], **cuda))
     return out
 
 
@@ -350,11 +404,17 @@ def child_long(args) -> dict:
     s = setup(args, fingerprint=False)
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data = json.loads(Path(args.input).read_text())
-    method, why = instantiate(s, args.method)
+    method, why = instantiate(s, args.method, dry_weights=False)
     if method is None:
         return {"skipped": why}
     mode = engine.resolve_mode(method, "auto")
-    with method.apply(s.model, s.loaded) as model:
+    with contextlib.ExitStack() as stack:
+        try:
+            model = stack.enter_context(method.apply(s.model, s.loaded))
+        except APPLY_ERRORS as e:
+            return {"skipped": f"{args.method}: cannot be applied with default parameters ({e})"}
+        # Reset after apply: a weight method's saved copy of the weights it changed (to restore them
+        # on exit) is resident before the mark and so counted in the peak, like the model itself.
         with Peak(args.device) as peak:
             rss_before = _status_mb("VmRSS")
             _sync(args.device)
@@ -363,7 +423,7 @@ def child_long(args) -> dict:
             _sync(args.device)
             seconds = time.perf_counter() - t0
     return {"seconds": seconds, "mode": mode, "load_peak_rss_mb": load_peak, "rss_before_mb": rss_before,
-            "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb}
+            "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "family": family(method), "params": method.params()}
 
 
 def target4(s: Setup, notes: list[str]) -> list[dict]:
@@ -466,6 +526,14 @@ def table(records: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def tables(records: list[dict]) -> str:
+    """One table per device, dtype and command, each under a line saying where and how it was measured."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("device"), r.get("dtype"), r.get("command")), []).append(r)
+    return "\n\n".join(f"{device}, {dtype}: `{command}`\n\n{table(rs)}" for (device, dtype, command), rs in groups.items())
+
+
 def save(path: Path, records: list[dict]) -> None:
     """Write last.json: this run's records replace those of the same device, dtype, target and method."""
     key = lambda r: (r.get("device"), r.get("dtype"), r["target"], r.get("method"))  # noqa: E731
@@ -494,6 +562,8 @@ def parse(argv=None):
     p.add_argument("--profile", metavar="METHOD", help="profile target 1's case for METHOD with torch.profiler, then exit")
     p.add_argument("--out", type=Path, default=OUT, help="results file (default benchmarks/last.json)")
     p.add_argument("--show", action="store_true", help="print the table of the results file and exit")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="merge the records of another run's --out file (e.g. a GPU machine's) into the results file and exit")
     p.add_argument("--child", choices=["long", "suite"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -529,7 +599,14 @@ def profile(s: Setup) -> None:
 def main(argv=None) -> None:
     a = parse(argv)
     if a.show:
-        print(table(json.loads(a.out.read_text())))
+        print(tables(json.loads(a.out.read_text())))
+        return
+    if a.merge:
+        records = json.loads(a.merge.read_text())
+        for r in records:  # records written before `method` was a field name it as their case does
+            r.setdefault("method", r["case"].split(":")[0])
+        save(a.out, records)
+        print(f"merged {len(records)} records of {a.merge} into {a.out}")
         return
     if a.threads:
         torch.set_num_threads(a.threads)
