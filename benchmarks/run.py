@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # a fresh clone runs without installing fidbench 
 import torch  # noqa: E402
 
 from fidbench import datasets, engine, metrics, models  # noqa: E402
-from fidbench.harness import Bench, Loaded, eos_ids  # noqa: E402
+from fidbench.harness import Bench, Loaded  # noqa: E402
 from fidbench.methods import REGISTRY, build  # noqa: E402
 from fidbench.methods.base import Method  # noqa: E402
 from fidbench.reference import Store  # noqa: E402
