@@ -19,6 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 NAME = "fidbench"
+DENSE_ROWS = 1024  # queries per SDPA call when a method hands a full mask (see AttentionCall.dense)
 
 
 @dataclass
@@ -101,17 +102,23 @@ class AttentionCall:
         return (cols <= rows)[None, None]
 
     def dense(self, mask: torch.Tensor | None = None, query=None, key=None, value=None) -> torch.Tensor:
-        """Run transformers' SDPA attention, with ``mask`` (bool, True = attend) instead of the model's if given."""
+        """Run transformers' SDPA attention, with ``mask`` (bool, True = attend) instead of the model's if given.
+
+        A long masked prefill runs in slices of ``DENSE_ROWS`` queries: SDPA turns a bool mask into a
+        float copy of its own size (n × n floats per layer, 256 MB at 8,000 tokens). Query rows are
+        independent, so the output is the same (bitwise, measured) as in one call.
+        """
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        out, _ = sdpa(
-            self.module,
-            self.query if query is None else query,
-            self.key if key is None else key,
-            self.value if value is None else value,
-            self.attention_mask if mask is None else mask,
-            **self.kwargs,
-        )
-        return out
+        query = self.query if query is None else query
+        key = self.key if key is None else key
+        value = self.value if value is None else value
+        mask = self.attention_mask if mask is None else mask
+        rows = query.shape[2]
+        if mask is None or rows <= DENSE_ROWS or mask.shape[-2] != rows:
+            return sdpa(self.module, query, key, value, mask, **self.kwargs)[0]
+        parts = [sdpa(self.module, query[:, :, i : i + DENSE_ROWS], key, value, mask[..., i : i + DENSE_ROWS, :], **self.kwargs)[0]
+                 for i in range(0, rows, DENSE_ROWS)]
+        return torch.cat(parts, dim=1)  # transformers' output layout: (batch, queries, heads, dim)
 
 
 _active: contextvars.ContextVar = contextvars.ContextVar("fidbench_active", default=None)

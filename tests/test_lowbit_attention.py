@@ -107,6 +107,24 @@ def test_sage_math_honours_a_per_head_mask():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len,kv_len,block_q", [(300, 300, 128), (37, 37, 16), (5, 41, 4), (1, 30, 128)])
+def test_sage_skipping_keys_no_row_sees_is_bitwise_the_full_computation(q_len, kv_len, block_q, monkeypatch):
+    """Each query chunk scores only the keys up to the last one it may see (causal: the upper triangle is
+    skipped); the output must be bitwise what scoring every key gives, with a causal and a per-head mask."""
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(1, 9, q_len, 64, generator=g)
+    k, v = torch.randn(1, 3, kv_len, 64, generator=g), torch.randn(1, 3, kv_len, 64, generator=g)
+    per_head = _causal_rows(q_len, kv_len)(0, q_len) & (torch.rand(1, 9, q_len, kv_len, generator=g) < 0.7)
+    per_head[..., 0] = True
+    for rows in (_causal_rows(q_len, kv_len), lambda a, b: per_head[..., a:b, :]):
+        skipped = sage.sage_attention(q, k, v, rows, 0.125, block_q=block_q)
+        with monkeypatch.context() as m:
+            m.setattr(sage, "needed_keys", lambda mask: mask.shape[-1])  # every key, as before the skip
+            full = sage.sage_attention(q, k, v, rows, 0.125, block_q=block_q)
+        assert torch.equal(skipped, full)
+    assert sage.needed_keys(_causal_rows(q_len, kv_len)(0, min(block_q, q_len))) == kv_len - q_len + min(block_q, q_len)
+
+
 def test_sage_int8_blocks():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 2, 150, 16, generator=g)
@@ -136,6 +154,9 @@ def test_sage_without_quantization_equals_origin_through_the_model(family, promp
     plain = logits(model, build("sage-attention", {"block_q": 16, "block_k": 16}), prompt, g_ids)
     torch.testing.assert_close(plain, base, rtol=0, atol=5e-3)
     assert (quantized - base).abs().max() > 5 * (plain - base).abs().max()
+    monkeypatch.undo()
+    monkeypatch.setattr(sage, "needed_keys", lambda mask: mask.shape[-1])  # score every key: bitwise the same
+    assert torch.equal(logits(model, build("sage-attention", {"block_q": 16, "block_k": 16}), prompt, g_ids), quantized)
 
 
 def test_sage_parameters_are_checked():

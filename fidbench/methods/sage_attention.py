@@ -59,17 +59,31 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
     out = []
     for start in range(0, q_len, block_q):
         stop = min(start + block_q, q_len)
+        mask = visible_rows(start, stop)
+        n = needed_keys(mask)
         q = query[:, :, start:stop].float().unflatten(1, (kvh, h // kvh))  # (b, kvh, groups, c, d)
         if bits is None:
-            scores = q @ k.transpose(-1, -2)
+            scores = q @ k[..., :n, :].transpose(-1, -2)
         else:
             q, q_scale = quantize_blocks(q, stop - start, bits)  # the chunk is one Q block
-            scores = (q @ k.transpose(-1, -2)) * q_scale * k_scale
-        mask = visible_rows(start, stop)
+            scores = (q @ k[..., :n, :].transpose(-1, -2)) * q_scale * k_scale[..., :n]
+        mask = mask[..., :n]
         mask = mask.unflatten(1, (kvh, h // kvh)) if mask.shape[1] == h else mask[:, :, None]
         p = torch.softmax((scores * scaling).masked_fill(~mask, -math.inf), dim=-1)
+        # The skipped keys' probabilities are exact zeros: pad them back so that P·V keeps its full
+        # shape, whose fp32 accumulation order (and so the result, bitwise) a shorter product would change.
+        p = torch.nn.functional.pad(p, (0, v.shape[-2] - n))
         out.append((p.to(pv_dtype).float() @ v).to(pv_dtype).flatten(1, 2))
     return torch.cat(out, dim=2).to(query.dtype)
+
+
+def needed_keys(mask: torch.Tensor) -> int:
+    """How many leading keys a chunk of query rows needs: up to the last key any row may see.
+
+    Scores of later keys would be masked to -inf (probability exactly 0): in a causal prefill the
+    upper triangle, about half of the Q·Kᵀ and softmax work, skipped."""
+    seen = mask.flatten(0, -2).any(0).nonzero()
+    return int(seen[-1]) + 1 if len(seen) else mask.shape[-1]
 
 
 def _visible_rows(call: AttentionCall) -> Callable[[int, int], torch.Tensor]:
