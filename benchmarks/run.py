@@ -577,7 +577,8 @@ def parse(argv=None):
 
 
 def profile(s: Setup) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     a = s.args
     p_ids = long_prompt(s, "summarization", a.prompt_tokens, "Summarize each of the news articles above in a few sentences.")

@@ -24,10 +24,12 @@ DENSE_ROWS = 1024  # queries per SDPA call when a method hands a full mask (see 
 
 @dataclass
 class Phase:
-    """What the engine is doing while a forward runs: ``prefill`` or ``decode``, and the prompt length."""
+    """What the engine is doing while a forward runs: ``prefill`` or ``decode``, the prompt length, and
+    ``start``, the absolute position of the forward's first query (None: derived from the call)."""
 
     name: str
     prompt_len: int
+    start: int | None = None
 
 
 @dataclass
@@ -75,6 +77,19 @@ class AttentionCall:
             )
         return positions[0].to(self.query.device)
 
+    def query_start(self) -> int:
+        """Absolute position of the first query, from what the host knows (no GPU read inside the engine).
+
+        The engine states it in ``phase.start``; a full-attention layer's cache holds every position, so
+        there it is the number of cached keys before the queries. Only a sliding-window layer called
+        outside the engine falls back to reading ``position_ids``.
+        """
+        if self.phase is not None and self.phase.start is not None:
+            return self.phase.start
+        if self.sliding_window is None:
+            return self.key.shape[2] - self.query.shape[2]
+        return int(self.query_positions()[0])
+
     def key_positions(self) -> torch.Tensor:
         """Absolute positions (kv,) of ``key``/``value`` along their sequence axis.
 
@@ -82,8 +97,13 @@ class AttentionCall:
         layers, the last ``sliding_window - 1`` before the current queries on sliding ones. A method
         that physically removes cache entries must track positions itself.
         """
-        end = int(self.query_positions()[-1]) + 1
+        end = self.query_start() + self.query.shape[2]
         return torch.arange(end - self.key.shape[2], end, device=self.query.device)
+
+    def prompt_keys(self) -> int:
+        """How many of the leading keys are prompt positions (keys run contiguously up to the last query)."""
+        first = self.query_start() + self.query.shape[2] - self.key.shape[2]
+        return min(max(self.phase.prompt_len - first, 0), self.key.shape[2])
 
     def visible(self) -> torch.Tensor:
         """Boolean (batch|1, 1, q, kv) mask of the keys each query may see, materialized from the model's mask.

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import report, runs
+from . import report
+from .legacy import runs
 from .methods import REGISTRY
 
 

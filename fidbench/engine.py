@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
-from .methods import build
 
 MODES = ("auto", "parallel", "stepwise")
 
@@ -23,7 +22,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _call(model, cache, **inputs):
+def call_model(model, cache, **inputs):
     out = model(**inputs, **{_cache_kwarg(model): cache, "use_cache": True})
     return out.logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
 
@@ -31,7 +30,7 @@ def _call(model, cache, **inputs):
 def forward(model, ids: torch.Tensor, cache=None, last_only: bool = False):
     """One forward of ``ids`` (1, n) after ``cache``; returns (float32 logits (n|1, V), cache)."""
     extra = {"logits_to_keep": 1} if last_only else {}  # a long prompt's full-vocab logits would cost n × V floats
-    logits, new_cache = _call(model, cache, input_ids=ids, **extra)
+    logits, new_cache = call_model(model, cache, input_ids=ids, **extra)
     return logits[0].float(), new_cache
 
 
@@ -73,81 +72,21 @@ def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str) 
     method.begin(len(p_ids))
     _sync(device)
     t0 = time.perf_counter()
-    with attention.running(method, attention.Phase("prefill", len(p_ids))):
+    with attention.running(method, attention.Phase("prefill", len(p_ids), 0)):
         first, cache = forward(model, prompt, last_only=True)
     _sync(device)
     t1 = time.perf_counter()
     rows = [first[-1:]]
-    with attention.running(method, attention.Phase("decode", len(p_ids))):
-        if len(g_ids) > 1 and mode == "parallel":
+    p = len(p_ids)
+    if len(g_ids) > 1 and mode == "parallel":
+        with attention.running(method, attention.Phase("decode", p, p)):
             logits, cache = forward(model, ref[:, :-1], cache)
-            rows.append(logits)
-        elif len(g_ids) > 1:
-            for t in range(len(g_ids) - 1):
+        rows.append(logits)
+    elif len(g_ids) > 1:
+        for t in range(len(g_ids) - 1):
+            with attention.running(method, attention.Phase("decode", p, p + t)):
                 logits, cache = forward(model, ref[:, t : t + 1], cache)
-                rows.append(logits)
+            rows.append(logits)
     _sync(device)
     t2 = time.perf_counter()
     return Forced(torch.cat(rows), t1 - t0, t2 - t1)
-
-
-@torch.inference_mode()
-def greedy(model, p_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], torch.Tensor]:
-    """The base model's greedy continuation of ``p_ids`` and its (N, V) float32 logits, step by step.
-
-    Stops after an end-of-sequence token (kept as the last reference token) or ``max_new_tokens``.
-    """
-    device = input_device(model)
-    logits, cache = forward(model, torch.tensor([p_ids], device=device), last_only=True)
-    tokens, rows = [], []
-    while True:
-        row = logits[-1]
-        token = int(row.argmax())
-        tokens.append(token)
-        rows.append(row)
-        if token in eos_ids or len(tokens) == max_new_tokens:
-            break
-        logits, cache = forward(model, torch.tensor([[token]], device=device), cache)
-    return tokens, torch.stack(rows)
-
-
-@torch.inference_mode()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[tuple[list[int], torch.Tensor]]:
-    """``greedy`` for several prompts in one batch: left padding, an attention mask, position ids from the mask.
-
-    Padded positions are masked out, so the result is ``greedy``'s up to fp32 summation order (the
-    batch changes matmul shapes and the attention kernel): a near-tie can flip. Each sample stops at
-    its own end-of-sequence token; finished samples ride along until the last one stops.
-    """
-    if len(prompts) == 1:
-        return [greedy(model, prompts[0], max_new_tokens, eos_ids)]
-    device = input_device(model)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = _call(model, None, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    while True:
-        last = logits[:, -1].float()
-        step = last.argmax(-1).tolist()
-        for b, token in enumerate(step):
-            if not done[b]:
-                tokens[b].append(token)
-                rows[b].append(last[b])
-                done[b] = token in eos_ids or len(tokens[b]) == max_new_tokens
-        if all(done):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = _call(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
-                              attention_mask=mask, position_ids=positions)
-    return [(t, torch.stack(r)) for t, r in zip(tokens, rows)]
-
-
-@torch.inference_mode()
-def base_logits(model, p_ids: list[int], g_ids: list[int]) -> torch.Tensor:
-    """The base model's stepwise logits over a given reference (for imported references)."""
-    return teacher_force(model, build("origin", {}), p_ids, g_ids, "stepwise").logits

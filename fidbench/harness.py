@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from . import datasets, engine, metrics, models
+from . import datasets, engine, metrics, models, report
 from .methods import build
-from .reference import Reference, Store
+from .reference import Reference, Store, eos_ids
 from .suite import Case, ModelSpec, Suite
 
 
@@ -33,14 +33,6 @@ class Loaded:
             names = sorted({p.dataset for p in self.prompts + self.unscored})
             raise ValueError(f"calibration dataset {dataset!r} is not in the suite (datasets: {', '.join(names)})")
         return ids
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 class Bench:
@@ -80,15 +72,14 @@ class Bench:
         return self.loaded
 
     def run(self, case: Case, method=None) -> dict:
-        """Evaluate one model × variant over every prompt; the returned dict is the report's case."""
+        """Evaluate one model × variant over every prompt; the returned dict is the report's case record."""
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
         mode = engine.resolve_mode(method, self.decode)
-        # A method that scores a sample itself (a legacy Modifier's own loop) replaces engine + metrics.
-        score_sample = getattr(method, "score_sample", None)
+        own_loop = method.kind == "own_loop"  # a legacy Modifier's own loop replaces engine + metrics
         per_dataset: dict[str, list] = {}
         samples, skipped = [], []
-        prefill_s = decode_s = own_s = 0.0
+        timing = {"method_s": 0.0} if own_loop else {"prefill_s": 0.0, "decode_s": 0.0}
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
         with method.apply(loaded.model, loaded) as model:
             # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
@@ -96,40 +87,15 @@ class Bench:
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
-                if score_sample is not None:
+                if own_loop:
                     t0 = time.perf_counter()
-                    s = metrics.PartialScores.of(score_sample(model, ref), f"method {method.name!r}")
-                    own_s += time.perf_counter() - t0
+                    s = metrics.PartialScores.of(method.score_sample(model, ref), f"method {method.name!r}")
+                    timing["method_s"] += time.perf_counter() - t0
                 else:
                     forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
                     s = metrics.score(forced.logits, ref)
-                    prefill_s += forced.prefill_s
-                    decode_s += forced.decode_s
+                    timing["prefill_s"] += forced.prefill_s
+                    timing["decode_s"] += forced.decode_s
                 per_dataset.setdefault(prompt.dataset, []).append(s)
-                summary = {k: v for k, v in s.summary().items() if k not in ("n_samples", "acc1_by_position")}
-                samples.append({
-                    "dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
-                    "template": prompt.template, "truncated_from": prompt.truncated_from, **summary,
-                })
-        every = [s for group in per_dataset.values() for s in group]
-        scores = metrics.aggregate(every)
-        return {
-            "id": case.id,
-            "model": case.model.name,
-            "model_type": loaded.model.config.model_type,
-            "fingerprint": loaded.fingerprint,
-            "method": case.variant.method,
-            "variant": case.variant.name,
-            "params": method.params(),
-            "decode": mode,
-            "scores": scores,
-            "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
-            # A method's own loop is timed as a whole: it has no separate prefill and decode.
-            "timing": ({"prefill_s": None, "decode_s": None, "method_s": own_s} if score_sample is not None
-                       else {"prefill_s": prefill_s, "decode_s": decode_s}),
-            "kept": method.kept(),
-            "floors": case.floors,
-            "failures": metrics.check_floors(scores, case.floors) if every else ["no prompt was scored"],
-            "samples": samples,
-            "skipped": skipped,
-        }
+                samples.append(report.sample(prompt, ref, s))
+        return report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing)

@@ -7,8 +7,6 @@ report there, rewritten after every case so an interrupted run keeps what it mea
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -60,7 +58,7 @@ def _suite(config):
 
 
 def _mark(config, name: str):
-    config.addinivalue_line("markers", f"{name}: fidbench model family or method")
+    config.addinivalue_line("markers", f"{name}: fidbench model family, method or variant tag")
     return getattr(pytest.mark, name)
 
 
@@ -79,7 +77,8 @@ def pytest_generate_tests(metafunc):
                 error = f"fidbench: {suite.path}: models.{case.model.name}: {e}"
             if error:
                 pytest.fail(error, pytrace=False)
-        marks = [pytest.mark.fidbench, _mark(config, types[case.model.name]), _mark(config, case.variant.method)]
+        marks = [pytest.mark.fidbench, _mark(config, types[case.model.name]), _mark(config, case.variant.method),
+                 *(_mark(config, tag) for tag in case.variant.tags)]
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("fidbench_case", params)
 
@@ -116,45 +115,36 @@ def fidbench_record(request):
 
 
 class Reporter:
-    """Collects case records on the controller; writes the JSON report and prints the table."""
+    """Collects case records on the controller into the report; prints the table at the end."""
 
     def __init__(self, config):
         self.config = config
-        self.records: dict[str, dict] = {}
-        self.environment = report.environment()
+        self._report = None
+        self.environment = report.environment()  # at session start: the code that ran, not the tree at the end
+
+    @property
+    def report(self) -> report.Report:
+        if self._report is None:  # the suite is read on first use, after pytest has parsed the options
+            opt, suite = self.config.getoption, _suite(self.config)
+            settings = {
+                "suite": str(suite.path),
+                "limit": opt("fidbench_limit"),
+                "max_new_tokens": opt("fidbench_max_new_tokens") or suite.max_new_tokens,
+                "decode": opt("fidbench_decode") or suite.decode,
+                "batch_size": opt("fidbench_batch_size"),
+            }
+            self._report = report.Report(opt("fidbench_report"), settings, [c.id for c in suite.cases()], self.environment)
+        return self._report
 
     def pytest_runtest_logreport(self, report):
         if report.when != "call":
             return
         for name, value in report.user_properties:
             if name == "fidbench":
-                self.records[value["id"]] = value
-                self.write()
-
-    def ordered(self) -> list[dict]:
-        """Records in suite order, whatever order xdist workers finished them in."""
-        order = [c.id for c in _suite(self.config).cases()] if self.records else []
-        return sorted(self.records.values(), key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
-
-    def write(self) -> None:
-        path = self.config.getoption("fidbench_report")
-        if not path:
-            return
-        opt = self.config.getoption
-        settings = {
-            "suite": str(_suite(self.config).path),
-            "limit": opt("fidbench_limit"),
-            "max_new_tokens": opt("fidbench_max_new_tokens") or _suite(self.config).max_new_tokens,
-            "decode": opt("fidbench_decode") or _suite(self.config).decode,
-            "batch_size": opt("fidbench_batch_size"),
-        }
-        doc = {"environment": self.environment, "settings": settings, "cases": self.ordered()}
-        tmp = f"{path}.tmp{os.getpid()}"
-        Path(tmp).write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
+                self.report.add(value)
 
     def pytest_terminal_summary(self, terminalreporter):
-        records = self.ordered()
+        records = self.report.ordered() if self._report is not None else []
         if records:
             terminalreporter.write_sep("=", "fidbench results")
             terminalreporter.write_line(report.table(records))

@@ -1,4 +1,5 @@
-"""The reference store: the base model's greedy continuations and what KL needs, cached on disk.
+"""The reference store: the base model's greedy continuations and what KL needs, generated here and
+cached on disk.
 
 One safetensors file per sample, keyed by the model's fingerprint, the prompt's tokens, the
 generation settings and the library versions, so a second run generates nothing. Files are
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from . import engine
 from .datasets import Prompt
+from .methods import build
 from .metrics import rest_logp
 
 FORMAT = 2
@@ -46,6 +48,76 @@ class Reference:
         rest = rest_logp(logp, top.indices)
         return cls(list(p_ids), list(g_ids), top.indices.cpu(), top.values.cpu(), gold.cpu(), rest.cpu())
 
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Tokens that end a greedy reference: the generation config's and the tokenizer's end of sequence."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.inference_mode()
+def greedy(model, p_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], torch.Tensor]:
+    """The base model's greedy continuation of ``p_ids`` and its (N, V) float32 logits, step by step.
+
+    Stops after an end-of-sequence token (kept as the last reference token) or ``max_new_tokens``.
+    """
+    device = engine.input_device(model)
+    logits, cache = engine.forward(model, torch.tensor([p_ids], device=device), last_only=True)
+    tokens, rows = [], []
+    while True:
+        row = logits[-1]
+        token = int(row.argmax())
+        tokens.append(token)
+        rows.append(row)
+        if token in eos_ids or len(tokens) == max_new_tokens:
+            break
+        logits, cache = engine.forward(model, torch.tensor([[token]], device=device), cache)
+    return tokens, torch.stack(rows)
+
+
+@torch.inference_mode()
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[tuple[list[int], torch.Tensor]]:
+    """``greedy`` for several prompts in one batch: left padding, an attention mask, position ids from the mask.
+
+    Padded positions are masked out, so the result is ``greedy``'s up to fp32 summation order (the
+    batch changes matmul shapes and the attention kernel): a near-tie can flip. Each sample stops at
+    its own end-of-sequence token; finished samples ride along until the last one stops.
+    """
+    if len(prompts) == 1:
+        return [greedy(model, prompts[0], max_new_tokens, eos_ids)]
+    device = engine.input_device(model)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = engine.call_model(model, None, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    while True:
+        last = logits[:, -1].float()
+        step = last.argmax(-1).tolist()
+        for b, token in enumerate(step):
+            if not done[b]:
+                tokens[b].append(token)
+                rows[b].append(last[b])
+                done[b] = token in eos_ids or len(tokens[b]) == max_new_tokens
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = engine.call_model(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
+                              attention_mask=mask, position_ids=positions)
+    return [(t, torch.stack(r)) for t, r in zip(tokens, rows)]
+
+
+@torch.inference_mode()
+def base_logits(model, p_ids: list[int], g_ids: list[int]) -> torch.Tensor:
+    """The base model's stepwise logits over a given reference (for imported references)."""
+    return engine.teacher_force(model, build("origin", {}), p_ids, g_ids, "stepwise").logits
 
 
 class Store:
@@ -91,9 +163,9 @@ class Store:
 
     def _make(self, model, prompt: Prompt, eos_ids: set[int]) -> Reference:
         if prompt.g_ids is None:
-            g_ids, logits = engine.greedy(model, prompt.p_ids, self.settings["max_new_tokens"], eos_ids)
+            g_ids, logits = greedy(model, prompt.p_ids, self.settings["max_new_tokens"], eos_ids)
         else:
-            g_ids, logits = prompt.g_ids, engine.base_logits(model, prompt.p_ids, prompt.g_ids)
+            g_ids, logits = prompt.g_ids, base_logits(model, prompt.p_ids, prompt.g_ids)
         self.generated += 1
         return Reference.from_logits(prompt.p_ids, g_ids, logits)
 
@@ -101,7 +173,7 @@ class Store:
         """Generate several references at once (imported references are scored one by one)."""
         if len(prompts) == 1 or any(p.g_ids is not None for p in prompts):
             return [self._make(model, p, eos_ids) for p in prompts]
-        out = engine.greedy_batch(model, [p.p_ids for p in prompts], self.settings["max_new_tokens"], eos_ids)
+        out = greedy_batch(model, [p.p_ids for p in prompts], self.settings["max_new_tokens"], eos_ids)
         self.generated += len(prompts)
         return [Reference.from_logits(p.p_ids, g_ids, logits) for p, (g_ids, logits) in zip(prompts, out)]
 

@@ -47,6 +47,7 @@ class Variant:
     name: str
     method: str
     params: dict
+    tags: list[str] = field(default_factory=list)  # extra pytest markers: `pytest -m quick`
 
 
 @dataclass
@@ -172,11 +173,14 @@ def load(path: str | Path) -> Suite:
             raise SuiteError(f"{where}.method: unknown method {method!r} (registered: {', '.join(sorted(REGISTRY))})")
         if "floors" in spec:
             default_floors[name] = _floors(f"{where}.floors", spec.pop("floors"))
+        tags = spec.pop("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t.isidentifier() for t in tags):
+            raise SuiteError(f"{where}.tags: must be a list of marker names (letters, digits, _), got {tags!r}")
         try:
-            build(method, spec)
+            build(method, spec, where)
         except ValueError as e:
-            raise SuiteError(f"{where}: {e}") from None
-        suite.variants.append(Variant(name, method, spec))
+            raise SuiteError(str(e)) from None
+        suite.variants.append(Variant(name, method, spec, tags))
     suite.floors["*"] = default_floors
 
     variants = {v.name for v in suite.variants}

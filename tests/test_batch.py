@@ -3,9 +3,9 @@
 import pytest
 import torch
 from filelock import FileLock
+from helpers import tiny_model
 
-from conftest import tiny_model
-from fidbench import engine
+from fidbench import reference
 from fidbench.datasets import Prompt
 from fidbench.reference import Store
 
@@ -22,8 +22,8 @@ def prompts(seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batched_greedy_matches_batch_one_up_to_near_ties(family, seed):
     model, ps = tiny_model(family, seed=seed), prompts(seed)
-    ones = [engine.greedy(model, p, NEW_TOKENS, set()) for p in ps]
-    batched = [out for i in range(0, N_PROMPTS, BATCH) for out in engine.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
+    ones = [reference.greedy(model, p, NEW_TOKENS, set()) for p in ps]
+    batched = [out for i in range(0, N_PROMPTS, BATCH) for out in reference.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
     flipped = 0
     for (g1, l1), (gb, lb) in zip(ones, batched):
         agree = next((t for t, (a, b) in enumerate(zip(g1, gb)) if a != b), len(g1))
@@ -40,10 +40,10 @@ def test_batched_greedy_matches_batch_one_up_to_near_ties(family, seed):
 
 def test_samples_stop_at_their_own_end_of_sequence():
     model, ps = tiny_model("llama"), prompts(2)[:BATCH]
-    free = [engine.greedy(model, p, NEW_TOKENS, set())[0] for p in ps]
+    free = [reference.greedy(model, p, NEW_TOKENS, set())[0] for p in ps]
     eos = {free[0][3]}  # the first sample stops at its 4th token; the others stop wherever this token appears
-    expected = [engine.greedy(model, p, NEW_TOKENS, eos)[0] for p in ps]
-    got = [g for g, _ in engine.greedy_batch(model, ps, NEW_TOKENS, eos)]
+    expected = [reference.greedy(model, p, NEW_TOKENS, eos)[0] for p in ps]
+    got = [g for g, _ in reference.greedy_batch(model, ps, NEW_TOKENS, eos)]
     assert got == expected and len(got[0]) == 4
     assert max(len(g) for g in got) > 4  # the others went on after the first one stopped
 
@@ -53,8 +53,8 @@ def test_store_batches_generation_under_its_own_key(cache, monkeypatch):
     ps = [Prompt("d", i, p) for i, p in enumerate(prompts(3)[:6])]
     one = Store(cache, "tiny", "f" * 64, 8)
     four = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
-    calls, real = [], engine.greedy_batch
-    monkeypatch.setattr(engine, "greedy_batch", lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
+    calls, real = [], reference.greedy_batch
+    monkeypatch.setattr(reference, "greedy_batch", lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
     batched = four.get(model, ps, set(), progress=False)
     lengths = sorted(len(p.p_ids) for p in ps)
     assert calls == [lengths[:4], lengths[4:]] and four.generated == 6  # batches of similar lengths
@@ -76,7 +76,7 @@ def test_interrupted_batch_releases_its_locks_and_writes_nothing(cache, monkeypa
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "greedy_batch", interrupted)
+    monkeypatch.setattr(reference, "greedy_batch", interrupted)
     with pytest.raises(KeyboardInterrupt) as interrupt:
         store.get(model, ps, set(), progress=False)
     assert not any(p.suffix == ".safetensors" for p in store.dir.iterdir())

@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, save_tiny
+import pytest
+
+from helpers import ROOT, save_tiny
 
 
+@pytest.mark.slow
 def test_every_target_writes_its_records(tmp_path, cache):
     model = save_tiny(tmp_path / "tiny", "llama")
     out = tmp_path / "last.json"

@@ -1,9 +1,8 @@
 """checkpoint: another model directory scored against the base model's references."""
 
 import pytest
-from tiny_dirs import save_tiny, tiny_tokenizer, write_suite
+from helpers import FAMILIES, TINY, save_words, word_tokenizer, words_suite
 
-from conftest import FAMILIES, TINY
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
@@ -15,15 +14,15 @@ def cache(tmp_path, monkeypatch):
 
 
 def run_all(tmp_path, base, methods):
-    suite = load(write_suite(tmp_path, base, methods))
+    suite = load(words_suite(tmp_path, base, methods))
     bench = Bench(suite, progress=False)
     return {case.variant.name: bench.run(case) for case in suite.cases()}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))  # the family matrix for this method (tests/test_families.py)
 def test_checkpoint_of_the_base_directory_equals_origin(tmp_path, cache, family):
-    base = save_tiny(tmp_path / "base", family)
-    other = save_tiny(tmp_path / "other", family, seed=1)
+    base = save_words(tmp_path / "base", family)
+    other = save_words(tmp_path / "other", family, seed=1)
     runs = run_all(tmp_path, base, {
         "origin": {},
         "self": {"method": "checkpoint", "path": str(base)},
@@ -38,9 +37,9 @@ def test_checkpoint_of_the_base_directory_equals_origin(tmp_path, cache, family)
 
 
 def test_checkpoint_vocabulary_mismatches_are_clear_errors(tmp_path, cache):
-    base = save_tiny(tmp_path / "base", "llama")
-    bigger = save_tiny(tmp_path / "bigger", "llama", vocab_size=TINY["vocab_size"] + 2, tokenizer=tiny_tokenizer())
-    swapped = save_tiny(tmp_path / "swapped", "llama", tokenizer=tiny_tokenizer(swap=True))
+    base = save_words(tmp_path / "base", "llama")
+    bigger = save_words(tmp_path / "bigger", "llama", vocab_size=TINY["vocab_size"] + 2, tokenizer=word_tokenizer())
+    swapped = save_words(tmp_path / "swapped", "llama", tokenizer=word_tokenizer(swap=True))
     with pytest.raises(ValueError, match=f"vocab_size {TINY['vocab_size'] + 2}, the base model 'tiny' has {TINY['vocab_size']}"):
         run_all(tmp_path, base, {"bigger": {"method": "checkpoint", "path": str(bigger)}})
     with pytest.raises(ValueError, match=r"maps tokens to other ids .*2 differ.*'cat'"):

@@ -3,15 +3,14 @@
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from fidbench import cli
 from fidbench.methods import REGISTRY
 from fidbench.suite import load
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPK = {
     "draft_kwargs": {"enable": True, "mask_out": 0.9, "bench_mark": False, "min_remain": 8},
     "enable_lora": False,

@@ -3,8 +3,8 @@
 import json
 
 import pytest
+from helpers import tiny_tokenizer
 
-from conftest import tiny_tokenizer
 from fidbench.datasets import DatasetError, Prompt, fit, load
 from fidbench.suite import DatasetSpec
 

@@ -1,15 +1,10 @@
 """Engine equivalences on tiny random models: origin reproduces the reference, parallel == stepwise."""
 
 import torch
+from helpers import reference
 
 from fidbench import engine, metrics
 from fidbench.methods import build
-from fidbench.reference import Reference
-
-
-def reference(model, p_ids, n=24):
-    g_ids, logits = engine.greedy(model, p_ids, n, eos_ids=set())
-    return Reference.from_logits(p_ids, g_ids, logits)
 
 
 def scores(model, method, ref, mode):

@@ -1,11 +1,11 @@
-"""Every registered method on every tiny model family (conftest.FAMILIES), and the model's own masks
+"""Every registered method on every tiny model family (tests/helpers.py FAMILIES), and the model's own masks
 under fidbench's attention function: sliding-window layers stay sliding.
 
-Each method needs an entry in ``PARAMS``: parameters that must reproduce ``origin`` ("degenerate";
-None with a reason where no setting is lossless), parameters that must change the logits ("real";
-None for origin itself), or "covered_by": the test that runs it on every family when it needs inputs
-the matrix cannot build (another checkpoint directory, a Modifier file). A new method without an entry
-fails ``test_every_method_has_matrix_parameters``.
+Each method declares its matrix parameters on its class (``Method.test_params``): parameters that must
+reproduce ``origin`` ("degenerate"; None with a "why" where no setting is lossless), parameters that
+must change the logits ("real"; None for origin itself), or "covered_by": the test that runs it on
+every family when it needs inputs the matrix cannot build (another checkpoint directory, a Modifier
+file). A method without them fails ``test_every_method_declares_matrix_parameters``.
 
 KV-cache methods (``full_attention_only``) compress full-attention layers only and leave sliding-window
 layers to the model's window (fidbench/methods/_kv.py): on gemma3_text they act on its full-attention
@@ -14,40 +14,15 @@ method and the family.
 """
 
 import functools
+import textwrap
 
 import pytest
 import torch
-from test_engine import reference
-from test_quant_prune import context
+from helpers import FAMILIES, ROOT, WINDOW, calibration, reference, tiny_model
 
-from conftest import FAMILIES, WINDOW, tiny_model
 from fidbench import attention, engine
 from fidbench.methods import REGISTRY, build
 
-BIG = 1024  # a budget above prompt + reference (64 tokens): nothing is ever evicted
-PARAMS = {
-    "origin": {"degenerate": {}, "real": None},
-    "topk": {"degenerate": {"keep": 1.0}, "real": {"keep": 0.1, "min_keep": 2}},
-    "streamingllm": {"degenerate": {"budget": BIG}, "real": {"budget": 12}},
-    "snapkv": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "window": 4, "kernel": 3}},
-    "pyramidkv": {"degenerate": {"budget": BIG}, "real": {"budget": 12, "window": 4, "kernel": 3}},
-    "knorm": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12}},
-    "random": {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "seed": 3}},
-    "quest": {"degenerate": {"budget": BIG, "page": 8, "dense_layers": 0}, "real": {"budget": 16, "page": 8, "dense_layers": 0}},
-    "h2o": {"degenerate": {"heavy_budget": BIG, "recent_budget": BIG}, "real": {"heavy_budget": 6, "recent_budget": 6}},
-    "tova": {"degenerate": {"budget": BIG}, "real": {"budget": 12}},
-    "kivi": {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}},
-    "rtn": {"degenerate": {"bits": 16}, "real": {"bits": 3}},
-    "gptq": {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}},
-    "magnitude": {"degenerate": {"sparsity": 0.0}, "real": {"sparsity": 0.5}},
-    "wanda": {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}},
-    "fp8-attention": {"degenerate": None, "why": "no parameters: the e4m3 rounding is the method", "real": {}},
-    "sage-attention": {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}},  # INT8 moves these tiny models by ~1e-4, under the threshold below
-    "checkpoint": {"covered_by": "tests/test_checkpoint.py::test_checkpoint_of_the_base_directory_equals_origin "
-                                 "(its own saved directory equals origin, another checkpoint differs; every family)"},
-    "legacy": {"covered_by": "tests/test_legacy.py::test_legacy_modifier_scores_what_the_seed_style_loop_scores "
-                             "(every family)"},
-}
 SLIDING = ("gemma3_text", "mistral")
 # Degenerate parameters must give origin's logits to fp32 round-off. Bit-identical is not always
 # possible: where the model hands SDPA no mask (its is_causal fast path, e.g. one-token decode steps
@@ -57,12 +32,13 @@ ATOL = 1e-5
 
 
 def _spec(method: str) -> dict:
-    if method not in PARAMS:
+    spec = REGISTRY[method].test_params
+    if not spec or not ({"degenerate", "real"} <= set(spec) or "covered_by" in spec):
         pytest.fail(
-            f"method {method!r} has no entry in tests/test_families.py PARAMS: add its degenerate parameters "
-            f"(equal origin) and real parameters (change the logits)", pytrace=False,
+            f"method {method!r} declares no test_params: give its class degenerate parameters (equal origin) "
+            f"and real parameters (change the logits), see fidbench/methods/base.py", pytrace=False,
         )
-    return PARAMS[method]
+    return spec
 
 
 @functools.cache
@@ -74,7 +50,7 @@ def _model_and_reference(family: str):
 
 def _force(model, method, ref, mode=None):
     mode = mode or engine.resolve_mode(method, "auto")
-    with method.apply(model, context()) as m:  # calibration prompts for gptq / wanda
+    with method.apply(model, calibration()) as m:  # calibration prompts for gptq / wanda
         return engine.teacher_force(m, method, ref.p_ids, ref.g_ids, mode).logits
 
 
@@ -96,20 +72,22 @@ def _run_or_refusal(method_name: str, family: str, params: dict, mode=None):
     return _force(model, method, ref, mode), method
 
 
-def test_every_method_has_matrix_parameters():
-    missing = sorted(set(REGISTRY) - set(PARAMS))
-    assert not missing, f"add {', '.join(missing)} to tests/test_families.py PARAMS (degenerate and real parameters)"
-    assert set(PARAMS) <= set(REGISTRY), f"PARAMS names unregistered methods: {sorted(set(PARAMS) - set(REGISTRY))}"
+def test_every_method_declares_matrix_parameters():
+    for method in REGISTRY:
+        spec = _spec(method)
+        for kind in ("degenerate", "real"):
+            if kind in spec and spec[kind] is None:
+                assert spec.get("why") or method == "origin", f"{method}: {kind} is None without a why"
 
 
 def _cases(kind: str):
     """(method, family) pairs of the matrix with ``kind`` parameters; methods without an entry are kept so that they fail."""
-    names = [m for m in sorted(REGISTRY) if m not in PARAMS or PARAMS[m].get(kind) is not None]
+    names = [m for m in sorted(REGISTRY) if REGISTRY[m].test_params.get(kind, {}) is not None and "covered_by" not in REGISTRY[m].test_params]
     return [pytest.param(m, f, id=f"{m}-{f}") for m in names for f in sorted(FAMILIES)]
 
 
-@pytest.mark.parametrize("method, family", _cases("degenerate"))
-def test_degenerate_parameters_equal_origin(method, family):
+def check_degenerate(method: str, family: str) -> None:
+    """The method's degenerate parameters give origin's logits on ``family`` (or its documented refusal)."""
     logits, m = _run_or_refusal(method, family, _spec(method)["degenerate"])
     if logits is None:
         return
@@ -119,11 +97,12 @@ def test_degenerate_parameters_equal_origin(method, family):
     torch.testing.assert_close(logits, base, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method, family", _cases("real"))
-def test_real_parameters_change_logits_and_report_what_they_kept(method, family, record_property):
+def check_real(method: str, family: str) -> dict:
+    """The method's real parameters change the logits on ``family``, report what they kept, and (when the
+    method claims it) give the same logits in parallel as stepwise. Returns what it measured."""
     logits, m = _run_or_refusal(method, family, _spec(method)["real"])
     if logits is None:
-        return
+        return {}
     model, ref = _model_and_reference(family)
     base = _force(model, build("origin", {}), ref)
     assert logits.shape == base.shape and torch.isfinite(logits).all()
@@ -131,12 +110,40 @@ def test_real_parameters_change_logits_and_report_what_they_kept(method, family,
     assert change > 1e-3, f"{method} {_spec(method)['real']} left {family}'s logits unchanged (max |Δ| {change:.2g})"
     kept = m.kept()
     assert kept, f"{method} on {family}: kept() reports nothing; record() what it keeps or override kept()"
-    record_property("kept", kept)
-    record_property("max_abs_logit_change", change)
     if m.parallel_exact:  # the claim that lets the engine run it in one forward
         step = _force(model, build(method, _spec(method)["real"]), ref, "stepwise")
         assert torch.equal(step.argmax(-1), logits.argmax(-1))
         torch.testing.assert_close(step, logits, atol=1e-4, rtol=1e-4)
+    return {"kept": kept, "max_abs_logit_change": change}
+
+
+@pytest.mark.parametrize("method, family", _cases("degenerate"))
+def test_degenerate_parameters_equal_origin(method, family):
+    check_degenerate(method, family)
+
+
+@pytest.mark.parametrize("method, family", _cases("real"))
+def test_real_parameters_change_logits_and_report_what_they_kept(method, family, record_property):
+    for name, value in check_real(method, family).items():
+        record_property(name, value)
+
+
+def test_readme_example_method_passes_the_matrix_unchanged():
+    """The README's "Adding a method" example, exactly as printed, on every family."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = textwrap.dedent(code[: code.index("```")])
+    before = set(REGISTRY)
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+        (name,) = set(REGISTRY) - before
+        for family in sorted(FAMILIES):
+            check_degenerate(name, family)
+            check_real(name, family)
+    finally:
+        for added in set(REGISTRY) - before:  # registered for this test only
+            del REGISTRY[added]
 
 
 KV = sorted(m for m, cls in REGISTRY.items() if cls.full_attention_only)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import FULL, tiny_model
 from transformers import DynamicCache
 
-from conftest import FULL, tiny_model
 from fidbench import attention, engine
 from fidbench.attention import AttentionCall, Phase
 from fidbench.methods import build, h2o

@@ -4,8 +4,8 @@ imported reference files."""
 import json
 
 import pytest
+from helpers import ROOT, save_tiny
 
-from conftest import ROOT, save_tiny
 from fidbench.harness import Bench
 from fidbench.suite import load
 

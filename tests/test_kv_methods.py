@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
-from conftest import tiny_model
 from fidbench import attention, engine
 from fidbench.attention import AttentionCall, Phase
 from fidbench.methods import REGISTRY, build

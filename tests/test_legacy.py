@@ -8,9 +8,8 @@ from pathlib import Path
 import legacy_modifier
 import pytest
 import torch
-from tiny_dirs import save_tiny, write_suite
+from helpers import FAMILIES, save_words, words_suite
 
-from conftest import FAMILIES
 from fidbench import engine, metrics, models, report
 from fidbench.harness import Bench
 from fidbench.methods import build
@@ -25,7 +24,7 @@ def bench_for(tmp_path, monkeypatch):
     monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / "cache"))
 
     def make(family, methods):
-        suite = load(write_suite(tmp_path, save_tiny(tmp_path / family, family), methods))
+        suite = load(words_suite(tmp_path, save_words(tmp_path / family, family), methods))
         return Bench(suite, progress=False), {c.variant.name: c for c in suite.cases()}
 
     return make

@@ -3,8 +3,8 @@ when quantization is taken out, and small but real changes to a model's logits."
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from conftest import tiny_model
 from fidbench import attention, engine
 from fidbench.methods import build
 from fidbench.methods import sage_attention as sage

@@ -4,8 +4,7 @@ import json
 import shutil
 
 import pytest
-
-from conftest import ROOT, save_tiny
+from helpers import ROOT, save_tiny
 
 SUITE = """
 generation: {max_new_tokens: 12}
@@ -56,6 +55,15 @@ def test_cases_are_model_times_variant_and_k_selects_family_and_method(project):
     result.stdout.fnmatch_lines(["*fidbench results*", "tiny-b-origin*chat*", "tiny-b-origin*all*ok"])
 
 
+def test_variant_tags_are_markers(project):
+    (project.path / "fidbench.yaml").write_text(SUITE.replace("keep: 0.1,", "keep: 0.1, tags: [quick],"))
+    result = project.runpytest("-m", "quick", "--fidbench-quiet", "--benchmark-disable")
+    assert ids(result) == ["tiny-a-topk-10", "tiny-b-topk-10"]
+    (project.path / "fidbench.yaml").write_text(SUITE.replace("keep: 0.1,", "keep: 0.1, tags: [not-a-name],"))
+    result = project.runpytest("--fidbench-quiet")
+    result.stdout.fnmatch_lines(["*methods.topk-10.tags: must be a list of marker names*"])
+
+
 def test_floor_violation_fails_its_case_with_metric_value_and_floor(project):
     (project.path / "fidbench.yaml").write_text(SUITE + "floors:\n  tiny-a:\n    topk-10: {kl_mean: 0.0}\n")
     result = project.runpytest("--fidbench-quiet", "--benchmark-disable")
@@ -89,6 +97,7 @@ def test_benchmark_json_holds_timings_and_scores(project, monkeypatch):
     assert 0 < extra["kept"]["kv_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_report_is_the_same_with_and_without_xdist(project):
     project.runpytest_subprocess("--fidbench-quiet", "--fidbench-report", "serial.json", "-p", "no:randomly").assert_outcomes(passed=4)
     result = project.runpytest_subprocess("--fidbench-quiet", "--fidbench-report", "xdist.json", "-n", "2")

@@ -2,21 +2,13 @@
 
 import pytest
 import torch
+from helpers import TINY, calibration, tiny_model
 
-from conftest import TINY, tiny_model
-from fidbench import engine, weights
+from fidbench import engine
 from fidbench.attention import AttentionCall, Phase
-from fidbench.datasets import Prompt
-from fidbench.harness import Loaded
+from fidbench.methods import _weights as weights
 from fidbench.methods import build
 from fidbench.methods.gptq import gptq
-
-
-def context(n=6, length=24):
-    """A harness context whose suite holds one dataset, "chat", of random prompts."""
-    g = torch.Generator().manual_seed(7)
-    prompts = [Prompt("chat", i, torch.randint(0, TINY["vocab_size"], (length,), generator=g).tolist()) for i in range(n)]
-    return Loaded(None, None, None, "", prompts, [None] * n)
 
 
 def reference():
@@ -26,7 +18,7 @@ def reference():
 
 def logits(model, method, mode="parallel"):
     p_ids, g_ids = reference()
-    with method.apply(model, context()) as m:
+    with method.apply(model, calibration()) as m:
         return engine.teacher_force(m, method, p_ids, g_ids, mode).logits
 
 
@@ -57,7 +49,7 @@ def test_methods_change_the_model(tiny, name, params):
 ])
 def test_weights_restored_exactly(tiny, name, params):
     before = state(tiny)
-    with build(name, params).apply(tiny, context()):
+    with build(name, params).apply(tiny, calibration()):
         assert any(not torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
 
@@ -97,7 +89,7 @@ def test_rtn_within_half_a_step_on_a_grid(tiny, bits, group, symmetric):
 @pytest.mark.parametrize("name", ["magnitude", "wanda"])
 def test_2_4_keeps_two_of_every_four_inputs(tiny, name):
     method = build(name, {"pattern": "2:4"})
-    with method.apply(tiny, context()):
+    with method.apply(tiny, calibration()):
         for lin in weights.decoder_linears(tiny):
             blocks = lin.weight.reshape(lin.weight.shape[0], -1, 4)
             assert ((blocks != 0).sum(-1) == 2).all()
@@ -108,7 +100,7 @@ def test_2_4_keeps_two_of_every_four_inputs(tiny, name):
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
 def test_measured_sparsity_equals_parameter(tiny, name, sparsity):
     method = build(name, {"sparsity": sparsity})
-    with method.apply(tiny, context()):
+    with method.apply(tiny, calibration()):
         for lin in weights.decoder_linears(tiny):
             zeros = lin.weight == 0
             assert zeros.float().mean().item() == sparsity
@@ -126,7 +118,7 @@ def test_wanda_uses_activations():
     for scale in (1.0, 50.0):
         with torch.no_grad():
             weights.decoder_layers(model)[0].input_layernorm.weight[0] = scale
-        with build("wanda", {"sparsity": 0.5}).apply(model, context()):
+        with build("wanda", {"sparsity": 0.5}).apply(model, calibration()):
             masks[scale] = lin.weight[:, 0] != 0
     assert masks[50.0].all() and not masks[1.0].all()
 
@@ -137,7 +129,7 @@ def layer0_inputs(model):
     xs = {lin: [] for lin in lins}
     hooks = [lin.register_forward_hook(lambda m, a, o: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for lin in lins]
     with torch.no_grad():
-        for ids in context().calibration("chat", 6):
+        for ids in calibration().calibration("chat", 6):
             model(input_ids=torch.tensor([ids]))
     for h in hooks:
         h.remove()
@@ -151,7 +143,7 @@ def test_gptq_reconstructs_layers_better_than_rtn(tiny, symmetric, act_order):
     originals = {lin: lin.weight.clone() for lin in inputs}
     errors = {}
     for name, extra in (("rtn", {}), ("gptq", {"act_order": act_order})):
-        with build(name, {**params, **extra}).apply(tiny, context()):
+        with build(name, {**params, **extra}).apply(tiny, calibration()):
             errors[name] = [torch.linalg.norm(x @ (originals[lin] - lin.weight).T).item() for lin, x in inputs.items()]
     assert all(g < r for g, r in zip(errors["gptq"], errors["rtn"])), errors
 
@@ -236,7 +228,7 @@ def test_bad_params_are_clear_errors(name, params, message):
 def test_calibration_dataset_must_exist(name, params):
     model = tiny_model("qwen2")
     with pytest.raises(ValueError, match="calibration dataset 'wiki'"):
-        with build(name, {**params, "dataset": "wiki"}).apply(model, context()):
+        with build(name, {**params, "dataset": "wiki"}).apply(model, calibration()):
             pass
     with pytest.raises(ValueError, match="calibration"):
         with build(name, params).apply(model):
@@ -245,7 +237,7 @@ def test_calibration_dataset_must_exist(name, params):
 
 def test_calibration_is_recorded(tiny):
     method = build("gptq", {"dataset": "chat", "samples": 4})
-    with method.apply(tiny, context(n=6, length=24)):
+    with method.apply(tiny, calibration(n=6, length=24)):
         pass
     assert method.params()["dataset"] == "chat" and method.params()["samples"] == 4
     assert method.kept()["calibration_prompts"] == 4 and method.kept()["calibration_tokens"] == 96

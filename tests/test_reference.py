@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 from filelock import FileLock
+from helpers import tiny_model
 
-from conftest import tiny_model
-from fidbench import engine
+from fidbench import reference
 from fidbench.datasets import Prompt
 from fidbench.reference import Store
 
@@ -30,7 +30,7 @@ def test_second_run_generates_nothing_and_reads_the_same(cache, model):
     assert again.generated == 0
     for a, b in zip(refs, cached):
         assert a.g_ids == b.g_ids and torch.equal(a.top_logp, b.top_logp) and torch.equal(a.rest_logp, b.rest_logp)
-    g, _ = engine.greedy(model, prompts()[0].p_ids, 8, set())
+    g, _ = reference.greedy(model, prompts()[0].p_ids, 8, set())
     assert refs[0].g_ids == g
 
 
@@ -43,7 +43,7 @@ def test_key_covers_model_and_generation_settings(cache, model):
 
 def test_interrupted_generation_keeps_finished_samples(cache, model, monkeypatch):
     store = Store(cache, "tiny", "f" * 64, 8)
-    real, calls = engine.greedy, []
+    real, calls = reference.greedy, []
 
     def flaky(*args):
         calls.append(1)
@@ -51,12 +51,12 @@ def test_interrupted_generation_keeps_finished_samples(cache, model, monkeypatch
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(engine, "greedy", flaky)
+    monkeypatch.setattr(reference, "greedy", flaky)
     with pytest.raises(KeyboardInterrupt):
         store.get(model, prompts(), set(), progress=False)
     files = sorted(p.name for p in store.dir.iterdir() if not p.name.endswith(".lock"))
     assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)  # no partial file left
-    monkeypatch.setattr(engine, "greedy", real)
+    monkeypatch.setattr(reference, "greedy", real)
     resumed = Store(cache, "tiny", "f" * 64, 8)
     resumed.get(model, prompts(), set(), progress=False)
     assert resumed.generated == 1
@@ -93,5 +93,5 @@ def test_imported_reference_keeps_its_tokens_and_gets_base_logits(cache, model):
     p = Prompt("d", 0, list(range(10)), g_ids=[7, 8, 9], template="ids")
     ref = Store(cache, "tiny", "f" * 64, 8).get(model, [p], set(), progress=False)[0]
     assert ref.g_ids == [7, 8, 9]
-    logits = engine.base_logits(model, p.p_ids, p.g_ids)
+    logits = reference.base_logits(model, p.p_ids, p.g_ids)
     torch.testing.assert_close(ref.gold_logp, logits.log_softmax(-1)[torch.arange(3), torch.tensor([7, 8, 9])])

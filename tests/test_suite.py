@@ -75,7 +75,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_the_default_suite_loads():
-    from conftest import ROOT
+    from helpers import ROOT
 
     suite = load(ROOT / "fidbench.yaml")
     assert suite.models[0].name == "smollm2-135m" and {"origin", "topk"} <= {v.method for v in suite.variants}

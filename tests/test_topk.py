@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_engine import reference
+from helpers import reference
 
 from fidbench import attention, engine
 from fidbench.methods import build

@@ -8,7 +8,7 @@ at or above the prompt length evicts nothing.
 Eviction is masking: the cache keeps every key and decode queries do not attend to the evicted
 prompt positions. This computes exactly what a physically pruned cache would (keys are cached after
 RoPE, so a kept key's position is unchanged) and allows a different choice per KV head. Positions
-generated after the prompt stay visible. ``record`` counts, per layer, the prompt positions decode
+generated after the prompt stay visible. ``record_mask`` counts, per layer, the prompt positions decode
 queries attend to over those the dense model lets them see: ``kept()["kv_fraction"]``.
 
 Sliding-window layers (Gemma 3's local layers, Mistral, Phi-3 with a window) are left to the model's
@@ -24,7 +24,6 @@ refused with an error.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -35,7 +34,6 @@ from .base import Method
 DEFAULT_RATIO = 0.25
 
 
-@dataclasses.dataclass
 class KVMethod(Method):
     """A method with a KV budget: ``ratio`` of the prompt or ``budget`` tokens (not both)."""
 
@@ -94,11 +92,11 @@ class Evicting(KVMethod):
         keep = self.keep[call.layer_idx]
         visible = call.visible()
         if keep is None:
-            record(self, call, visible, visible)
+            self.record_mask(call)
             return None
         mask = visible.expand(*call.query.shape[:3], -1).clone()
         mask[..., : call.phase.prompt_len] &= keep.repeat_interleave(call.groups, dim=1)[:, :, None, :]
-        record(self, call, visible, mask)
+        self.record_mask(call, mask)
         return call.dense(mask=mask)
 
 
@@ -106,11 +104,7 @@ def leave_sliding(method: Method, call: AttentionCall) -> bool:
     """True on a sliding-window layer, which KV methods leave dense; decode calls are recorded as all kept."""
     if call.sliding_window is None:
         return False
-    if call.phase.name == "decode":
-        # The window holds a run of positions ending at the last query; count the prompt ones it shows.
-        in_prompt = int((call.key_positions() < call.phase.prompt_len).sum())
-        visible = call.visible()[..., :in_prompt].expand(*call.query.shape[:3], in_prompt).sum().item()
-        method.record(call.layer_idx, visible, visible)
+    method.record_mask(call)
     return True
 
 
@@ -122,13 +116,6 @@ def require_every_position(method: Method, call: AttentionCall) -> None:
             f"{method.name}: layer {call.layer_idx} caches {kv} keys for a {p}-token prompt and {q} new tokens; "
             f"its cache drops positions, and KV methods need every position of a full-attention layer cached"
         )
-
-
-def record(method: Method, call: AttentionCall, visible: torch.Tensor, mask: torch.Tensor) -> None:
-    """Count the prompt positions decode queries attend to under ``mask`` against those ``visible`` shows."""
-    p = call.phase.prompt_len
-    shape = (*call.query.shape[:3], p)  # (batch, heads, queries, prompt)
-    method.record(call.layer_idx, mask[..., :p].expand(shape).sum().item(), visible[..., :p].expand(shape).sum().item())
 
 
 def top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,42 +1,58 @@
 """The method API: a method is a dataclass whose fields are its parameters, registered by name.
 
-The harness owns the evaluation loop. A method only says how it changes the model:
-- ``attend(call)``: per-layer attention hook (sparse attention, KV eviction as a mask, KV quantization);
-  return the attention output, or ``None`` to run the model's dense attention unchanged.
-- ``apply(model, context)``: a context manager for changes made once (weights, another checkpoint);
-  it yields the model to evaluate and undoes its changes on exit. The default installs the
-  attention hook when the class defines ``attend``. ``context`` is the harness's loaded model
+The harness owns the evaluation loop. A method only says how it changes the model, and declares
+which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
+- ``"attention"``: ``attend(call)``, a per-layer attention hook (sparse attention, KV eviction as a
+  mask, KV quantization, low-precision attention); it returns the attention output, or ``None`` to
+  run the model's dense attention unchanged. The default ``apply`` installs the hook.
+- ``"weights"``: ``apply(model, context)``, a context manager that changes weights once, yields the
+  model to evaluate and restores the weights on exit. ``context`` is the harness's loaded model
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n)``).
-- ``begin(prompt_len)``: reset per-sample state before each prefill.
-- ``kept()``: what the method kept or changed, for the report.
-- ``score_sample(model, ref)``, optional: a method that scores a sample with its own loop (``legacy``)
-  returns metric means and ``n_tokens``; the harness then skips the engine and reports every
-  metric it did not give as None.
+- ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
+- ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
+  and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
+  it did not give as None.
+Every method may also override ``begin(prompt_len)`` (reset per-sample state before each prefill)
+and ``kept()`` (what it kept or changed, for the report).
+
+Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
+Parameters are checked against their resolved annotations when a suite builds a method.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import ClassVar
+import types
+import typing
+from typing import Any, ClassVar, Literal
+
+import torch
 
 from .. import attention
 
 REGISTRY: dict[str, type["Method"]] = {}
+KINDS = ("none", "attention", "weights", "model", "own_loop")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make ``cls`` available to suites under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__}: a registered method needs a name")
     if cls.name in REGISTRY:
         raise ValueError(f"method name {cls.name!r} is registered twice")
-    # A subclass of a dataclass inherits `is_dataclass`; only the class's own marker says its fields are collected.
-    REGISTRY[cls.name] = cls if "__dataclass_fields__" in cls.__dict__ else dataclasses.dataclass(cls)
-    return REGISTRY[cls.name]
+    if cls.kind not in KINDS:
+        raise ValueError(f"method {cls.name!r}: kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    if cls.kind == "attention" and cls.attend is Method.attend:
+        raise ValueError(f"method {cls.name!r} is of kind 'attention' but defines no attend(call) hook")
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    kind: ClassVar[str] = "attention"
     # True when teacher forcing the whole reference in one forward computes exactly what a
     # token-by-token decode would (the method's state does not depend on earlier decode steps).
     parallel_exact: ClassVar[bool] = True
@@ -44,13 +60,22 @@ class Method:
     # layers to the model's own window (fidbench.methods._kv), so a model without a full-attention
     # layer is refused rather than run unchanged.
     full_attention_only: ClassVar[bool] = False
+    # Parameters for the family matrix (tests/test_families.py) on tiny models with a 40-token prompt
+    # and a 24-token reference: "degenerate" must reproduce origin, "real" must change the logits.
+    # Either may be None with a "why"; "covered_by" names the test that covers a method needing
+    # inputs the matrix cannot build (another checkpoint, a Modifier file).
+    test_params: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(cls)  # in place: every subclass collects its own fields and its bases'
 
     def validate(self) -> None:
         """Raise ValueError naming the parameter when a value is out of range."""
 
     def __post_init__(self):
         self.validate()
-        self._kept: dict[int, list[float]] = {}
+        self._kept: dict[int, list] = {}
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,7 +88,7 @@ class Method:
                 f"model uses a sliding window, and {self.name} compresses only full-attention layers (sliding "
                 f"ones keep the model's own window), so it would run the base model unchanged"
             )
-        if type(self).attend is Method.attend:
+        if self.kind != "attention":
             yield model
         else:
             with attention.installed(model, self.name):
@@ -75,55 +100,102 @@ class Method:
     def attend(self, call: attention.AttentionCall):
         return None
 
-    def record(self, layer: int, kept: float, visible: float) -> None:
-        """Count ``kept`` of ``visible`` key positions (summed over heads and queries) at ``layer``."""
-        acc = self._kept.setdefault(layer, [0.0, 0.0])
-        acc[0] += float(kept)
-        acc[1] += float(visible)
+    def record(self, layer: int, kept, visible) -> None:
+        """Count ``kept`` of ``visible`` key positions (summed over heads and queries) at ``layer``.
+
+        Counts may be tensors: they are summed where they live and read once, in ``kept()``, so a
+        hook never waits for the GPU.
+        """
+        acc = self._kept.setdefault(layer, [0, 0])
+        acc[0] = acc[0] + kept
+        acc[1] = acc[1] + visible
+
+    def record_mask(self, call: attention.AttentionCall, mask: torch.Tensor | None = None) -> None:
+        """Record what decode queries attend to: the prompt keys ``mask`` (bool, True = attend; None =
+        everything the model shows) leaves visible, against those the model's own mask shows.
+
+        Works on every layer kind: on a sliding-window layer the prompt keys are those still inside
+        the window. Prefill calls record nothing.
+        """
+        if call.phase.name != "decode":
+            return
+        n = call.prompt_keys()
+        visible = call.visible()[..., :n]
+        shape = (*call.query.shape[:3], n)  # (batch, heads, queries, prompt keys)
+        seen = visible.expand(shape).sum()
+        kept = seen if mask is None else (mask[..., :n] & visible).expand(shape).sum()
+        self.record(call.layer_idx, kept, seen)
 
     def kept(self) -> dict:
-        """Fraction of visible KV entries that decode queries attended, overall and per layer."""
+        """Fraction of visible prompt KV entries that decode queries attended, overall and per layer."""
         if not self._kept:
             return {}
         layers = sorted(self._kept)
-        kept = sum(self._kept[i][0] for i in layers)
-        visible = sum(self._kept[i][1] for i in layers)
+        counts = [(float(self._kept[i][0]), float(self._kept[i][1])) for i in layers]
+        kept = sum(k for k, _ in counts)
+        visible = sum(v for _, v in counts)
         return {
             "kv_fraction": kept / visible if visible else 1.0,
-            "kv_fraction_per_layer": [self._kept[i][0] / max(self._kept[i][1], 1.0) for i in layers],
+            "kv_fraction_per_layer": [k / max(v, 1.0) for k, v in counts],
         }
 
 
-# YAML values accepted for annotated parameter types (bool is not a number here).
-_TYPES = {
-    "float": (float, int),
-    "int": int,
-    "bool": bool,
-    "str": str,
-    "float|None": (float, int, type(None)),
-    "int|None": (int, type(None)),
-    "str|None": (str, type(None)),
-}
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def build(method: str, params: dict) -> Method:
-    """Instantiate a registered method, with clear errors for unknown names and parameters."""
+def accepts(hint, value: Any) -> bool:
+    """Whether a YAML ``value`` fits the annotation ``hint``: bool is not a number, an int is a float."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(a, value) for a in typing.get_args(hint))
+    if origin is not None:  # dict[str, int], list[int], ...: the container type
+        return isinstance(value, origin)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def parameters(cls: type[Method]) -> dict[str, Any]:
+    """A method's parameters with their resolved annotations (postponed annotations included)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def build(method: str, params: dict, where: str | None = None) -> Method:
+    """Instantiate a registered method, with clear errors for unknown names, parameters and types.
+
+    ``where`` (e.g. the suite variant) starts every message."""
+    who = where or f"method {method!r}"
     if method not in REGISTRY:
-        raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(f"{who}: unknown method {method!r}; registered: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[method]
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(params) - fields)
+    hints = parameters(cls)
+    unknown = sorted(set(params) - set(hints))
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; "
-            f"it takes: {', '.join(sorted(fields)) or 'no parameters'}"
+            f"{who}: unknown parameter(s) {', '.join(unknown)} for method {method!r}; "
+            f"it takes: {', '.join(sorted(hints)) or 'no parameters'}"
         )
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in params.items():
-        expected = _TYPES.get(str(types[key]).replace(" ", ""))
-        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool)):
-            raise ValueError(f"method {method!r}: parameter {key!r} must be {types[key]}, got {value!r}")
+        if not accepts(hints[key], value):
+            raise ValueError(
+                f"{who}: parameter {key!r} of method {method!r} must be {_type_name(hints[key])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
     try:
         return cls(**params)
-    except TypeError as e:
-        raise ValueError(f"method {method!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{who}: {e}") from None

@@ -36,6 +36,7 @@ def fp8_round(x: torch.Tensor) -> torch.Tensor:
 class FP8Attention(Method):
     name = "fp8-attention"
     description = "attention on Q, K, V rounded to float8 e4m3 with per-head absmax scales (FP8 kernels)"
+    test_params = {"degenerate": None, "why": "no parameters: the e4m3 rounding is the method", "real": {}}
     parallel_exact = False  # K/V scales span the whole cache of each step
 
     def attend(self, call: AttentionCall):

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .. import weights
+from . import _weights as weights
 from .base import Method, register
 
 
@@ -74,6 +74,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 class GPTQ(Method):
     name = "gptq"
     description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
+    kind = "weights"
+    test_params = {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}}
     bits: int = 4
     group: int = 128
     symmetric: bool = False

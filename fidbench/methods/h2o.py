@@ -36,6 +36,7 @@ CHUNK = 256
 class H2O(Method):
     name = "h2o"
     description = "recent tokens plus heavy hitters by accumulated attention, evicted while decoding (H2O)"
+    test_params = {"degenerate": {"heavy_budget": 1024, "recent_budget": 1024}, "real": {"heavy_budget": 6, "recent_budget": 6}}
     parallel_exact = False  # which positions are kept depends on every earlier decode query
     full_attention_only = True  # sliding-window layers keep the model's own window (fidbench.methods._kv)
     heavy: float = 0.1
@@ -105,7 +106,7 @@ class H2O(Method):
         probs = kv_head_probs(call, call.query, mask)[:, :, 0]
         score = torch.cat([self.score[layer], probs.new_zeros(*call.key.shape[:2], 1)], -1) + probs
         heads = mask.repeat_interleave(call.groups, dim=1)
-        self.record(layer, heads.sum().item(), visible.expand_as(heads).sum().item())
+        self.record(layer, heads.sum(), visible.expand_as(heads).sum())
         # Nothing evicted yet: the model's own attention, bit for bit.
         out = None if bool(keep.all()) else call.dense(mask=heads)
         over = keep.sum(-1, keepdim=True) > heavy + recent  # at most one position over: one token came in

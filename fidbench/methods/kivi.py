@@ -26,8 +26,8 @@ entries count as visible and unquantized in ``kept()``.
 import torch
 
 from ..attention import AttentionCall
-from ..weights import SCALE_BITS, fake_quant
 from ._kv import require_every_position
+from ._weights import SCALE_BITS, fake_quant
 from .base import Method, register
 
 
@@ -35,6 +35,7 @@ from .base import Method, register
 class KIVI(Method):
     name = "kivi"
     description = "KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), last `residual` tokens in full precision"
+    test_params = {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}}
     full_attention_only = True
     bits: int = 2
     group: int = 32

@@ -16,6 +16,7 @@ from .base import register
 class KNorm(Evicting):
     name = "knorm"
     description = "after prefill, keep per KV head the prompt keys with the smallest L2 norm"
+    test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12}}
 
     def select(self, call: AttentionCall, n: int):
         return top_mask(-call.key.float().norm(dim=-1), n)

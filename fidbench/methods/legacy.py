@@ -15,45 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import copy as copying
-import importlib
-import importlib.util
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..legacy import load_class
 from .base import Method, register
-
-
-def load_class(module: str, name: str):
-    """Class ``name`` from a python file path or a dotted module name."""
-    if module.endswith(".py") or "/" in module:
-        path = Path(module).resolve()
-        if not path.is_file():
-            raise ValueError(f"legacy: module file {module!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"fidbench_legacy_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses and pickling look classes up by module name
-        spec.loader.exec_module(mod)
-    else:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"legacy: cannot import module {module!r}: {e}") from None
-    cls = getattr(mod, name, None)
-    if not isinstance(cls, type):
-        raise ValueError(f"legacy: {module!r} has no class {name!r}")
-    if not callable(getattr(cls, "compute_accuracy", None)):
-        raise ValueError(f"legacy: {name} has no compute_accuracy(p_ids, g_ids) method")
-    return cls
 
 
 @register
 class Legacy(Method):
     name = "legacy"
     description = "an original-scripts Modifier class run unchanged: its own compute_accuracy gives acc@1/acc@5 only"
+    kind = "own_loop"
+    test_params = {"covered_by": "tests/test_legacy.py::test_legacy_modifier_scores_what_the_seed_style_loop_scores"}
     parallel_exact = False  # the Modifier's loop feeds the reference token by token
     module: str = ""
     cls: str = ""

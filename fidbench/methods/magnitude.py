@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from .. import weights
+from . import _weights as weights
 from .base import Method, register
 
 
@@ -18,6 +18,8 @@ from .base import Method, register
 class Magnitude(Method):
     name = "magnitude"
     description = "zero the smallest-magnitude weights of the decoder's linear layers: `sparsity` per matrix or N:M `pattern`"
+    kind = "weights"
+    test_params = {"degenerate": {"sparsity": 0.0}, "real": {"sparsity": 0.5}}
     sparsity: float | None = None
     pattern: str | None = None
 

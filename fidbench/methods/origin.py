@@ -7,3 +7,5 @@ from .base import Method, register
 class Origin(Method):
     name = "origin"
     description = "the base model, unchanged: measures the engine's own noise floor"
+    kind = "none"
+    test_params = {"degenerate": {}, "real": None, "why": "origin is the base model"}

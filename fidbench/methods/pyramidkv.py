@@ -43,6 +43,7 @@ def pyramid(n: int, prompt_len: int, window: int, layers: int, beta: float) -> l
 class PyramidKV(SnapKV):
     name = "pyramidkv"
     description = "SnapKV scoring with per-layer budgets shrinking linearly with depth, same total"
+    test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12, "window": 4, "kernel": 3}}
     beta: float = 20.0
 
     def validate(self):

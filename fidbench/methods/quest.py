@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionCall
-from ._kv import KVMethod, leave_sliding, record, require_every_position, top_mask
+from ._kv import KVMethod, leave_sliding, require_every_position, top_mask
 from .base import register
 
 
@@ -27,6 +27,7 @@ from .base import register
 class Quest(KVMethod):
     name = "quest"
     description = "each decode query attends only to its top pages of keys by a min/max bound on q·k"
+    test_params = {"degenerate": {"budget": 1024, "page": 8, "dense_layers": 0}, "real": {"budget": 16, "page": 8, "dense_layers": 0}}
     page: int = 16
     dense_layers: int = 2
 
@@ -50,7 +51,7 @@ class Quest(KVMethod):
         chosen = max(1, self.tokens(call.phase.prompt_len) // self.page)
         visible = call.visible()
         if call.layer_idx < self.dense_layers or chosen >= pages:
-            record(self, call, visible, visible)
+            self.record_mask(call)
             return None
         # Page-wise key extremes; padding of the last page never wins a min or max.
         pad = (0, 0, 0, pages * self.page - kv)
@@ -66,5 +67,5 @@ class Quest(KVMethod):
         bound = bound.masked_fill(index > own, float("-inf")).masked_fill(index == own, float("inf"))
         keep = top_mask(bound, chosen).repeat_interleave(self.page, dim=-1)[..., :kv]
         mask = visible & keep.repeat_interleave(call.groups, dim=1)
-        record(self, call, visible, mask)
+        self.record_mask(call, mask)
         return call.dense(mask=mask)

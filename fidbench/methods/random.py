@@ -15,6 +15,7 @@ from .base import register
 class Random(Evicting):
     name = "random"
     description = "after prefill, keep a seeded uniform random subset of prompt positions per KV head"
+    test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "seed": 3}}
     seed: int = 0
 
     def begin(self, prompt_len: int) -> None:

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from .. import weights
+from . import _weights as weights
 from .base import Method, register
 
 
@@ -19,6 +19,8 @@ from .base import Method, register
 class RTN(Method):
     name = "rtn"
     description = "round-to-nearest `bits` weight quantization of the decoder's linear layers, in groups of `group` inputs"
+    kind = "weights"
+    test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3}}
     bits: int = 4
     group: int = 128
     symmetric: bool = False

@@ -25,6 +25,7 @@ from .base import register
 class SnapKV(Evicting):
     name = "snapkv"
     description = "after prefill, keep per KV head the window plus the positions the window's queries attend to most"
+    test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "window": 4, "kernel": 3}}
     window: int = 32
     kernel: int = 7
 

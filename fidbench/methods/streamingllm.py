@@ -13,7 +13,7 @@ for a budget of 1); an explicit budget must exceed ``sink``.
 import torch
 
 from ..attention import AttentionCall
-from ._kv import KVMethod, leave_sliding, record, require_every_position
+from ._kv import KVMethod, leave_sliding, require_every_position
 from .base import register
 
 
@@ -21,6 +21,7 @@ from .base import register
 class StreamingLLM(KVMethod):
     name = "streamingllm"
     description = "every query sees the first `sink` positions and a rolling window of recent ones"
+    test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     sink: int = 4
 
     def validate(self):
@@ -45,5 +46,5 @@ class StreamingLLM(KVMethod):
             cols = torch.arange(kv, device=call.key.device)[None, :]
             mask = visible & ((cols < sink) | (cols > rows - (n - sink)))
         if call.phase.name == "decode":
-            record(self, call, visible, visible if mask is None else mask)
+            self.record_mask(call, mask)
         return None if mask is None else call.dense(mask=mask)

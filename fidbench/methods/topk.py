@@ -17,6 +17,7 @@ from .base import Method, register
 class TopK(Method):
     name = "topk"
     description = "decode queries attend only to their top `keep` fraction of keys by q·k (>= min_keep)"
+    test_params = {"degenerate": {"keep": 1.0}, "real": {"keep": 0.1, "min_keep": 2}}
     keep: float = 0.1
     min_keep: int = 8
 
@@ -46,5 +47,5 @@ class TopK(Method):
             above = scores > threshold
             ties = (scores == threshold) & visible
             keep = above | (ties & (ties.cumsum(-1) <= budget - above.sum(-1, keepdim=True)))
-        self.record(call.layer_idx, budget.sum().item(), n_visible.expand_as(budget).sum().item())
+        self.record(call.layer_idx, budget.sum(), n_visible.expand_as(budget).sum())
         return call.dense(mask=keep)

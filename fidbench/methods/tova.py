@@ -27,6 +27,7 @@ from .base import Method, register
 class TOVA(Method):
     name = "tova"
     description = "fixed-size cache: each step evicts the position the current query attends to least (TOVA)"
+    test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     parallel_exact = False  # which positions are kept depends on every earlier decode query
     full_attention_only = True  # sliding-window layers keep the model's own window (fidbench.methods._kv)
     ratio: float = 0.1
@@ -67,7 +68,7 @@ class TOVA(Method):
         mask = keep[:, :, None] & visible  # (B, KVH, 1, n)
         probs = kv_head_probs(call, call.query, mask)[:, :, 0]
         heads = mask.repeat_interleave(call.groups, dim=1)
-        self.record(layer, heads.sum().item(), visible.expand_as(heads).sum().item())
+        self.record(layer, heads.sum(), visible.expand_as(heads).sum())
         # Nothing evicted yet: the model's own attention, bit for bit.
         out = None if bool(keep.all()) else call.dense(mask=heads)
         over = keep.sum(-1, keepdim=True) > self.size  # at most one position over: one token came in

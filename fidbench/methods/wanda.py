@@ -11,7 +11,7 @@ the outputs of the already pruned ones, as the paper's code does. Weights are re
 
 import contextlib
 
-from .. import weights
+from . import _weights as weights
 from .base import Method, register
 
 
@@ -19,6 +19,8 @@ from .base import Method, register
 class Wanda(Method):
     name = "wanda"
     description = "zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): `sparsity` or N:M `pattern`"
+    kind = "weights"
+    test_params = {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}}
     sparsity: float | None = None
     pattern: str | None = None
     dataset: str = "chat"

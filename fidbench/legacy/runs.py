@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from .methods import REGISTRY
-from .models import DTYPES
-from .suite import SuiteError, load
+from ..methods import REGISTRY
+from ..models import DTYPES
+from ..suite import SuiteError, load
 
 MAX_NEW_TOKENS = 64
 
@@ -169,7 +169,7 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
 
 def default_datasets() -> list[tuple[str, Path, str]]:
     """(name, file, kind) of the datasets of fidbench's default suite (in a source checkout)."""
-    suite = Path(__file__).resolve().parents[1] / "fidbench.yaml"
+    suite = Path(__file__).resolve().parents[2] / "fidbench.yaml"
     if not suite.is_file():
         raise RunsError(f"fidbench's default suite {suite} is not there (installed from a wheel?): give --datasets")
     return [(d.name, d.path, d.kind) for d in load(suite).datasets]

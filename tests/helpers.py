@@ -1,0 +1,144 @@
+"""Helpers shared by the tests: tiny random models of several families, tiny tokenizers and model
+directories (all built in-process, no download), references and teacher-forced logits on them."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from fidbench import engine
+from fidbench.datasets import Prompt
+from fidbench.harness import Loaded
+from fidbench.reference import Reference, greedy
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+)
+WINDOW = 16  # sliding window of the tiny mistral / gemma3: the `prompt` fixture (40 tokens) exceeds it
+# Overrides per family: what the family's config needs at TINY's size, and what makes it differ.
+FAMILIES = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},  # QK-norm on queries and keys; its default head_dim is 128
+    "mistral": {"sliding_window": WINDOW},  # every layer sliding
+    # One sliding and one full-attention layer; query_pre_attn_scalar != head_dim (its own scaling).
+    "gemma3_text": {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+    },
+    "phi3": {"pad_token_id": 0, "eos_token_id": 2},  # fused qkv_proj; default token ids exceed TINY's vocabulary
+}
+# Families whose every layer is full attention: the `tiny` fixture runs method-specific tests on these.
+# Sliding-window families (mistral, gemma3_text) are covered by tests/test_families.py, where KV methods
+# leave sliding layers to the model's window and refuse models that have no full-attention layer.
+FULL = sorted(f for f, o in FAMILIES.items() if "sliding_window" not in o)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "the a cat dog sat on mat ran far home red blue green tree sky sun moon one two three".split()
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised model of ``family`` (fp32, SDPA attention, eval mode)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **{**TINY, **FAMILIES.get(family, {}), **overrides})
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE tokenizer trained on this repo's datasets (under TINY's vocab size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator((p.read_text() for p in sorted((ROOT / "data").glob("*.jsonl"))), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def word_tokenizer(vocab_size: int = TINY["vocab_size"], swap: bool = False):
+    """A word-level tokenizer with ``vocab_size`` ids; ``swap`` exchanges the ids of "cat" and "dog"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = ["<unk>", "<s>", "</s>"] + WORDS
+    names += [f"w{i}" for i in range(vocab_size - len(names))]
+    ids = {name: i for i, name in enumerate(names)}
+    if swap:
+        ids["cat"], ids["dog"] = ids["dog"], ids["cat"]
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def save_tiny(path: Path, family: str = "llama", tokenizer=None, seed: int = 0, eos: int | None = None, **overrides) -> Path:
+    """A tiny checkpoint directory (model + tokenizer, BPE by default) that fidbench loads like any HF model."""
+    model = tiny_model(family, seed=seed, **overrides)
+    if eos is not None:
+        model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
+    return path
+
+
+def save_words(path: Path, family: str, seed: int = 0, tokenizer=None, **overrides) -> Path:
+    """A tiny checkpoint directory with the word-level tokenizer (end of sequence ``</s>``), for ``words_suite``."""
+    tokenizer = tokenizer or word_tokenizer(overrides.get("vocab_size", TINY["vocab_size"]))
+    return save_tiny(path, family, tokenizer, seed, eos=2, **overrides)
+
+
+def words_suite(tmp: Path, model_dir: Path, methods: dict, max_new_tokens: int = 12) -> Path:
+    """A suite over ``model_dir`` (``save_words``) with three short conversations and ``methods`` (name -> spec)."""
+    lines = [
+        {"conversations": [{"role": "user", "content": "the cat sat on the mat one two three " * 3}]},
+        {"conversations": [{"role": "user", "content": "red blue green tree sky sun moon far home"}]},
+        {"conversations": [{"role": "user", "content": "a dog ran far " * 5 + "the red sun"}]},
+    ]
+    (tmp / "words.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    suite = {
+        "generation": {"max_new_tokens": max_new_tokens},
+        "models": {"tiny": {"path": str(model_dir), "max_length": 256}},
+        "datasets": {"words": "words.jsonl"},
+        "methods": methods,
+    }
+    path = tmp / "suite.yaml"
+    path.write_text(json.dumps(suite))  # JSON is YAML
+    return path
+
+
+def random_ids(n: int, seed: int = 2, high: int = 128) -> list[int]:
+    """``n`` seeded random token ids below ``high``."""
+    return torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference(model, p_ids: list[int], n: int = 24) -> Reference:
+    """The base model's greedy ``n``-token reference for ``p_ids`` (end of sequence ignored)."""
+    g_ids, logits = greedy(model, p_ids, n, eos_ids=set())
+    return Reference.from_logits(p_ids, g_ids, logits)
+
+
+def calibration(n: int = 6, length: int = 24) -> Loaded:
+    """A harness context whose suite holds one dataset, "chat", of random prompts (for gptq / wanda)."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [Prompt("chat", i, torch.randint(0, TINY["vocab_size"], (length,), generator=g).tolist()) for i in range(n)]
+    return Loaded(None, None, None, "", prompts, [None] * n)
+
+
+def force(model, method, p_ids: list[int], g_ids: list[int], mode: str | None = None) -> torch.Tensor:
+    """Teacher-forced logits of ``method`` (applied with the ``calibration`` context) over ``g_ids`` after ``p_ids``;
+    ``mode`` defaults to the method's own (parallel when exact)."""
+    mode = mode or engine.resolve_mode(method, "auto")
+    with method.apply(model, calibration()) as applied:
+        return engine.teacher_force(applied, method, p_ids, g_ids, mode).logits
