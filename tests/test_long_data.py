@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import tiny_tokenizer
 
-from conftest import tiny_tokenizer
 from fidbench import models
 from fidbench.datasets import load, render
 from fidbench.suite import DatasetSpec
