@@ -64,7 +64,7 @@ def pytest_configure(config):
             try:
                 report.check_writable(path)
             except OSError as e:
-                raise pytest.UsageError(f"--fidbench-report {path}: cannot write the report there ({e})") from None
+                raise pytest.UsageError(f"--fidbench-report {path}: cannot write the report there ({e.strerror or e})") from None
         config.pluginmanager.register(Reporter(config), "fidbench-reporter")
 
 
@@ -107,11 +107,18 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("fidbench_case", params)
 
 
+def _item_case(item) -> Case | None:
+    """The fidelity case an item runs (its ``fidbench_case`` parameter), or None for any other test."""
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("fidbench_case") if callspec is not None else None
+    return case if isinstance(case, Case) else None
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("fidbench_case")
-        if isinstance(case, Case):
+        case = _item_case(item)
+        if case is not None:
             item.user_properties.append((CASE, case.id))
             # A fidelity case is a benchmark even when it asks for pytest-benchmark's fixture only while timing
             # is on (fidbench_benchmark): --benchmark-only must not skip it as a non-benchmark.
@@ -272,6 +279,8 @@ class Reporter:
 
     def pytest_sessionfinish(self, session):
         """Selected cases that never ran (-x, --maxfail, an interruption) are in the report too."""
+        if self.config.option.collectonly:
+            return
         for case_id in self.selected.values():
             if case_id in self.cases and case_id not in self.report.records:
                 self.report.settle(self.cases[case_id], "skipped", "not run: the session ended before this case")

@@ -54,6 +54,12 @@ def test_a_change_of_end_of_sequence_device_or_batch_regenerates(cache, model, c
     assert (same.generated, other.generated) == (0, 1)
 
 
+def test_the_model_fingerprint_covers_the_dtype(model):
+    from fidbench.models import fingerprint
+
+    assert fingerprint(model) != fingerprint(model.to(torch.bfloat16))  # the dtype keys references via the fingerprint
+
+
 def corrupt_truncated(store, paths):
     paths[0].write_bytes(paths[0].read_bytes()[:100])
 
