@@ -176,8 +176,9 @@ def long_prompt(s: Setup, dataset: str, n_tokens: int, instruction: str) -> list
 def reference(s: Setup, p_ids: list[int], n: int):
     """The base model's greedy ``n``-token continuation, end-of-sequence ignored so it has exactly ``n``
     tokens; cached in the benchmark's own store (never mixed with suite references)."""
-    store = Store(models.cache_root() / "benchmark", s.loaded.spec.name, s.loaded.fingerprint, n)
-    return store.get(s.model, [datasets.Prompt("benchmark", 0, p_ids)], set(), progress=False)[0]
+    store = Store(models.cache_root() / "benchmark", s.loaded.spec.name, s.loaded.fingerprint, n,
+                  device=models.device_key(s.model))
+    return store.get(s.model, [datasets.Prompt("benchmark", 0, p_ids)], progress=False)[0]
 
 
 def methods_for(target_default, wanted: list[str] | None) -> tuple[list[str], list[str]]:
