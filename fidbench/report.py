@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import metrics, stats
 
 FORMAT = 2  # 1: records without "format"; 2: + format, kind
 
@@ -80,6 +80,8 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
         "decode": mode,
         "scores": scores,
         "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
+        "ci": stats.intervals(samples),  # bootstrap over samples: metric -> [lo, hi], None below two samples
+        "ci_level": stats.LEVEL,
         "timing": timing,
         "kept": method.kept(),
         "floors": case.floors,
@@ -125,8 +127,19 @@ def _fmt(fmt: str, value) -> str:
     return "-" if value is None else fmt.format(value)  # a metric the method does not measure
 
 
+def _pm(fmt: str, ci) -> str:
+    """Half the interval's width, 2 significant digits (enough to tell a difference from noise), no finer than
+    the column's own ``fmt``."""
+    if not ci:
+        return ""
+    half = (ci[1] - ci[0]) / 2
+    text = f"{half:.2g}"
+    return f" ±{fmt.format(half) if 'e' in text else text}"
+
+
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
-    """One row per case and dataset (``datasets``), then the case overall; failures marked."""
+    """One row per case and dataset (``datasets``), then the case overall, with ± half its bootstrap interval
+    (``ci``) on acc@1, acc@5 and KL; failures marked."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
     rows = []
     for r in records:
@@ -135,16 +148,19 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
         for name, scores in [*parts, ("all", r["scores"])]:
             if not scores.get("n_tokens"):
                 continue
-            row = [r["id"], name, *(_fmt(fmt, scores[k]) for k, _, fmt in COLUMNS)]
             overall = name == "all"
+            ci = (r.get("ci") or {}) if overall else {}
+            row = [r["id"], name, *(_fmt(fmt, scores[k]) + _pm(fmt, ci.get(k)) for k, _, fmt in COLUMNS)]
             row += [f"{kept:.3f}" if overall and kept is not None else "",
                     _fmt("{:.2f}", r["timing"]["prefill_s"]) if overall else "",
                     _fmt("{:.2f}", r["timing"]["decode_s"]) if overall else "",
                     ("FAIL" if r["failures"] else "ok") if overall else ""]
             rows.append(row)
+    levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
+    note = [f"±: half the {', '.join(f'{x:.0%}' for x in sorted(levels))} bootstrap interval over samples"] if levels else []
     if markdown:
-        lines = [header, ["---"] * len(header), *rows]
-        return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
+        lines = ["| " + " | ".join(str(x) for x in row) + " |" for row in [header, ["---"] * len(header), *rows]]
+        return "\n".join(lines + (["", *note] if note else []))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join(lines + note)
