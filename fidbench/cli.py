@@ -83,6 +83,11 @@ def _level(text: str) -> float:
     return level
 
 
+def _described(module) -> dict:
+    """A subcommand's description: its module's docstring, as written."""
+    return {"description": module.__doc__.replace("``", ""), "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def _parser() -> argparse.ArgumentParser:
     summary, _, epilog = __doc__.replace("``", "").partition("\n\n")
     parser = argparse.ArgumentParser(prog="fidbench", description=" ".join(summary.split()), epilog=epilog.strip())
@@ -103,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
 
     cmp = sub.add_parser("compare", help="paired per-sample changes between two reports, with intervals and a gate",
-                         description=compare.__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         **_described(compare))
     cmp.add_argument("base", type=Path, help="the baseline report")
     cmp.add_argument("new", type=Path, help="the report to judge against it")
     cmp.add_argument("--max-drop", action="append", default=[], type=_allowance("drop"), metavar="METRIC=X",
@@ -111,21 +116,22 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-rise", action="append", default=[], type=_allowance("rise"), metavar="METRIC=X",
                      help="allowed rise of kl_mean, absolute (kl_mean=0.05) or relative to the base (kl_mean=10%%)")
     cmp.add_argument("--gate", choices=compare.RULES, default="interval",
-                     help="fail when the whole interval is beyond the allowance (interval, default) or the measured change is (point)")
+                     help="fail when the whole interval is beyond the allowance (interval, default) "
+                          "or when the measured change is (point)")
     cmp.add_argument("--level", type=_level, default=stats.LEVEL, help="confidence of the intervals (default 0.95)")
     cmp.add_argument("--allow-mismatch", action="store_true",
                      help="compare reports of other base model weights, settings or references anyway")
     cmp.add_argument("--json", type=Path, metavar="OUT", help="also write the comparison as JSON")
 
     mrg = sub.add_parser("merge", help="merge the reports of shards of one run into one report",
-                         description=merge.__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         **_described(merge))
     mrg.add_argument("reports", type=Path, nargs="+", help="the shards' reports")
     mrg.add_argument("-o", "--output", type=Path, required=True, help="the merged report to write")
     mrg.add_argument("--force", action="store_true",
                      help="merge reports of other model weights, settings, library versions or commits anyway")
 
     flo = sub.add_parser("floors", help="propose floors from a measured run, as YAML for a suite",
-                         description=floors.__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         **_described(floors))
     flo.add_argument("path", type=Path, help="a report of the run to learn from (ideally of every prompt)")
     flo.add_argument("--at-limit", nargs="+", type=_limit, default=[None], metavar="N",
                      help="run sizes the floors must hold at: prompts per dataset, or all (default: the report's own)")
@@ -133,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="one-sided confidence of each floor (default 0.99)")
 
     plt = sub.add_parser("plot", help="figures (PNG, SVG) and an HTML page of a report",
-                         description=plot.__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         **_described(plot))
     plt.add_argument("path", type=Path, help="the report to plot")
-    plt.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="directory for the figures and index.html")
+    plt.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                     help="directory for the figures and index.html")
     return parser
 
 

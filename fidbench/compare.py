@@ -110,7 +110,7 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
         b = {_key(s): s for s in base_cases[case_id].get("samples") or []}
         n = {_key(s): s for s in new_cases[case_id].get("samples") or []}
         keys = [k for k in b if k in n]
-        differ = [k for k in keys if (b[k].get("prompt_tokens"), b[k].get("n_tokens")) != (n[k].get("prompt_tokens"), n[k].get("n_tokens"))]
+        differ = [k for k in keys if any(b[k].get(f) != n[k].get(f) for f in ("prompt_tokens", "n_tokens"))]
         if differ:
             problems.append(f"case {case_id}: {len(differ)} sample(s) have another prompt or reference length "
                             f"(first: {differ[0][0]} #{differ[0][1]}), so they were not scored on the same tokens")
@@ -165,15 +165,15 @@ def table(result: dict) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     lines = [f"base: {result['base']}", f"new:  {result['new']}"]
     lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    for label, ids in (("only in " + result["base"], result["only_base"]), ("only in " + result["new"], result["only_new"])):
-        if ids:
-            lines.append(f"{label} (not compared): {', '.join(ids)}")
+    for side in ("base", "new"):
+        if result[f"only_{side}"]:
+            lines.append(f"only in {result[side]} (not compared): {', '.join(result[f'only_{side}'])}")
     lines += [f"warning: {m}" for m in result["mismatches"]] + result["notes"]
     if gated:
         rule = ("the whole interval beyond the allowed change" if result["rule"] == "interval"
                 else "the measured change beyond the allowed change")
         if any(ch and ch.get("verdict") == "warn" for c in result["cases"] for ch in c["metrics"].values()):
-            lines.append("warn: the change is beyond the allowance but its interval reaches back to it (not significant)")
+            lines.append("warn: the change is beyond the allowance, its interval reaches back to it (not significant)")
         lines.append(f"gate ({', '.join(result['gate'].values())}; fails on {rule}): "
                      + ("passed" if result["passed"] else f"FAILED: {', '.join(result['failed'])}"))
     return "\n".join(lines)

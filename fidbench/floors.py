@@ -70,9 +70,9 @@ def propose(doc: dict, limits: list[int | None] = (None,), level: float = LEVEL)
                 size = [len(v[0]) if limit is None else min(limit, len(v[0])) for v in per.values()]
                 runs = stats.stratified(list(per.values()), size)
                 candidates.append(float(np.quantile(runs, 1 - level if higher else level)))
-                first = [s for s in samples if limit is None or s["index"] < limit]
-                total, tokens = stats.sums(first, metric)
-                candidates.append(float(total.sum() / tokens.sum()))
+                first = stats.sums([s for s in samples if limit is None or s["index"] < limit], metric)
+                if first is not None:  # (None: every one of the first prompts was skipped)
+                    candidates.append(float(first[0].sum() / first[1].sum()))
             bounds[metric] = _down(min(candidates)) if higher else _up(max(candidates))
         out.append({"id": record["id"], "model": record.get("model"), "variant": record.get("variant"),
                     "n_samples": len(samples), "measured": measured, "floors": bounds})
@@ -88,9 +88,9 @@ def yaml(proposals: list[dict], warnings: list[str], source: str, limits: list[i
         f"# Rule: {stats.RESAMPLES} bootstrap runs per size draw that many of each dataset's prompts in the report",
         f"# (with replacement, seed {stats.SEED}); acc1/acc5 floor = their {1 - level:.0%} quantile, kl_mean ceiling"
         f" = their {level:.0%} quantile",
-        "# (a one-sided bound at that level), never stricter than the report's first N prompts (what --fidbench-limit N",
-        "# runs); the most lenient over the sizes, rounded outward (acc down to 0.01, KL up to 2 significant digits,",
-        f"# at least {KL_RESOLUTION:g}).",
+        "# (a one-sided bound at that level), never stricter than the report's first N prompts (what",
+        "# --fidbench-limit N runs); the most lenient over the sizes, rounded outward (acc down to 0.01,",
+        f"# KL up to 2 significant digits, at least {KL_RESOLUTION:g}).",
         "# Paste as the suite's floors: section (per model and variant; it overrides the variants' own floors).",
         *("\n#   ".join(textwrap.wrap(f"# warning: {w}", 116)) for w in dict.fromkeys(warnings)),
         "floors:",
@@ -104,5 +104,6 @@ def yaml(proposals: list[dict], warnings: list[str], source: str, limits: list[i
         for p in props:
             bounds = ", ".join(f"{k}: {v!r}" for k, v in p["floors"].items())
             seen = " ".join(f"{k} {v:.4f}" for k, v in p["measured"].items())
-            lines.append(f"    {p['variant'] + ':':<{width + 1}} {{{bounds}}}  # measured {seen} ({p['n_samples']} prompts)")
+            name = f"{p['variant']}:"
+            lines.append(f"    {name:<{width + 1}} {{{bounds}}}  # measured {seen} ({p['n_samples']} prompts)")
     return "\n".join(lines)

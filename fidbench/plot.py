@@ -27,7 +27,7 @@ def _figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotError("matplotlib is not installed: pip install 'fidbench[plot]' (or pip install matplotlib)") from None
+        raise PlotError("matplotlib is not installed: pip install 'fidbench[plot]' (or matplotlib)") from None
     return Figure(**kwargs)
 
 
@@ -121,7 +121,8 @@ def heatmap(records: list[dict]):
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v is not None:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="small", color="black" if v > 0.6 else "white")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="small",
+                        color="black" if v > 0.6 else "white")
     fig.colorbar(image, ax=ax, label="acc@1")
     ax.set_title("acc@1 by case and dataset")
     return fig
@@ -154,7 +155,8 @@ def page(doc: dict, source: str, drawn: set[str]) -> str:
     env = doc.get("environment") or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
     settings = ", ".join(f"{k}: {v}" for k, v in (doc.get("settings") or {}).items())
-    parts = [f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>fidbench: {html.escape(source)}</title>",
+    parts = ["<!doctype html>",
+             f"<html lang='en'><head><meta charset='utf-8'><title>fidbench: {html.escape(source)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>fidbench report: {html.escape(source)}</h1>",
              f"<p class='meta'>{html.escape(settings)}<br>commit {html.escape(str(env.get('commit')))}"
              f"{' (uncommitted changes)' if env.get('dirty') else ''}; {html.escape(versions)}</p>"]

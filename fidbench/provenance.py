@@ -21,8 +21,10 @@ def read(path: str | Path) -> dict:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ReportError(f"{path} is not a fidbench report ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list) or not isinstance(doc.get("settings", {}), dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
         raise ReportError(f"{path} is not a fidbench report (no list of cases)")
+    if not isinstance(doc.get("settings", {}), dict):
+        raise ReportError(f"{path}: settings is not a mapping")
     for i, record in enumerate(doc["cases"]):
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             raise ReportError(f"{path}: cases[{i}] is not a case record (no id)")

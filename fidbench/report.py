@@ -157,7 +157,8 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
                     ("FAIL" if r["failures"] else "ok") if overall else ""]
             rows.append(row)
     levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
-    note = [f"±: half the {', '.join(f'{x:.0%}' for x in sorted(levels))} bootstrap interval over samples"] if levels else []
+    shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
+    note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []
     if markdown:
         lines = ["| " + " | ".join(str(x) for x in row) + " |" for row in [header, ["---"] * len(header), *rows]]
         return "\n".join(lines + (["", *note] if note else []))

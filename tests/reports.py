@@ -13,7 +13,8 @@ ENVIRONMENT = {"versions": {"python": "3.12.0", "fidbench": "0.1.0", "torch": "2
 SETTINGS = {"suite": "fidbench.yaml", "limit": None, "max_new_tokens": 16, "decode": "auto", "batch_size": 1}
 
 
-def sample(dataset: str, index: int, acc1: float, kl_mean: float, n_tokens: int = 16, acc5: float | None = None) -> dict:
+def sample(dataset: str, index: int, acc1: float, kl_mean: float, n_tokens: int = 16,
+           acc5: float | None = None) -> dict:
     acc5 = min(1.0, acc1 + 0.25) if acc5 is None else acc5
     return {"dataset": dataset, "index": index, "prompt_tokens": 40 + index, "template": "chat", "truncated_from": None,
             "acc1": acc1, "acc5": acc5, "kl_mean": kl_mean, "n_tokens": n_tokens}

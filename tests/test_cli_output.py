@@ -27,7 +27,8 @@ def test_help_says_what_the_command_does_in_whole_sentences(capsys):
 
 def piped(*args, lines: int = 1) -> tuple[int, str]:
     """Run ``fidbench ARGS | head -LINES``: read that much, close the pipe, return the exit status and stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "fidbench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "fidbench.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for _ in range(lines):
         proc.stdout.readline()
     proc.stdout.close()

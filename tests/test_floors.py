@@ -16,7 +16,7 @@ def proposed(tmp_path, capsys, cases, *args, **settings) -> tuple[dict, str]:
 
 
 def scores_at(case: dict, limit: int | None) -> dict:
-    """The case's token-weighted scores over the first ``limit`` prompts of each dataset (what --fidbench-limit runs)."""
+    """The case's token-weighted scores over the first ``limit`` prompts of each dataset (--fidbench-limit's)."""
     chosen = [s for s in case["samples"] if limit is None or s["index"] < limit]
     tokens = sum(s["n_tokens"] for s in chosen)
     return {m: sum(s[m] * s["n_tokens"] for s in chosen) / tokens for m in ("acc1", "acc5", "kl_mean")}
@@ -62,9 +62,9 @@ def test_floors_hold_at_every_size_asked_and_paste_into_a_suite(tmp_path, capsys
         for limit in (1, 2, 4, None):
             assert metrics.check_floors(scores_at(case, limit), bounds) == [], (case["id"], limit)
     (tmp_path / "d.jsonl").write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
-    (tmp_path / "suite.yaml").write_text("models: {m: {path: m}}\ndatasets: {d: d.jsonl}\nmethods:\n"
-                                         "  topk-10: {method: topk, floors: {acc1: 0.99}}\n  snapkv-10: {method: snapkv}\n"
-                                         + text)
+    (tmp_path / "suite.yaml").write_text(
+        "models: {m: {path: m}}\ndatasets: {d: d.jsonl}\nmethods:\n"
+        "  topk-10: {method: topk, floors: {acc1: 0.99}}\n  snapkv-10: {method: snapkv}\n" + text)
     suite = load(tmp_path / "suite.yaml")
     assert [c.floors for c in suite.cases()] == [floors["m"]["topk-10"], floors["m"]["snapkv-10"]]
 

@@ -50,7 +50,8 @@ def test_a_case_twice_is_kept_once_when_identical_else_an_error(tmp_path, capsys
     other = case("y")
     other["scores"]["acc1"] = 0.1
     write(tmp_path / "c.json", [other])
-    assert cli.main(["merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "-o", str(tmp_path / "all.json")]) == 2
+    paths = [str(tmp_path / name) for name in ("a.json", "c.json", "all.json")]
+    assert cli.main(["merge", paths[0], paths[1], "-o", paths[2]]) == 2
     err = capsys.readouterr().err
     assert f"case m-y is in {tmp_path / 'a.json'} and {tmp_path / 'c.json'} with different records" in err
 
@@ -58,7 +59,7 @@ def test_a_case_twice_is_kept_once_when_identical_else_an_error(tmp_path, capsys
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d["cases"][0].update(fingerprint="fp-other"), "model m fingerprint: {a} fp-m, {b} fp-other"),
     (lambda d: d["settings"].update(max_new_tokens=32), "settings.max_new_tokens: {a} 16, {b} 32"),
-    (lambda d: d.update(environment={**d["environment"], "versions": {**d["environment"]["versions"], "torch": "2.12.0"}}),
+    (lambda d: d["environment"].update(versions={**d["environment"]["versions"], "torch": "2.12.0"}),
      "version of torch: {a} 2.13.0, {b} 2.12.0"),
     (lambda d: d.update(environment={**d["environment"], "commit": "beef"}), "commit: {a} c0ffee, {b} beef"),
     (lambda d: d.update(format=3), "report format: {a} 2, {b} 3"),

@@ -18,7 +18,8 @@ from fidbench import plot  # noqa: E402
 
 
 def case(variant: str, acc1: float, kv: float | None, datasets=("code", "math"), model: str = "m") -> dict:
-    samples = [sample(d, i, round(acc1 - 0.1 * i, 4), round((1 - acc1) * (1 + i), 4)) for d in datasets for i in range(3)]
+    samples = [sample(d, i, round(acc1 - 0.1 * i, 4), round((1 - acc1) * (1 + i), 4))
+               for d in datasets for i in range(3)]
     return record(model, variant, samples, kv_fraction=kv)
 
 
@@ -83,7 +84,8 @@ def test_cli_writes_every_figure_and_the_page(tmp_path, capsys):
     assert cli.main(["plot", str(path), "-o", str(tmp_path / "out")]) == 0
     assert "wrote 7 files" in capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["budget.png", "budget.svg", "heatmap.png", "heatmap.svg", "index.html", "position.png", "position.svg"]
+    assert names == ["budget.png", "budget.svg", "heatmap.png", "heatmap.svg", "index.html", "position.png",
+                     "position.svg"]
     page = (tmp_path / "out" / "index.html").read_text()
     for name in ("budget", "position", "heatmap"):
         assert f"<img src='{name}.svg'" in page
@@ -119,8 +121,8 @@ class DevTools:
                 os.set_inheritable(target, True)  # dup2 onto itself (a == 3) keeps the close-on-exec flag
 
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-             "--window-size=1280,900", "about:blank"],
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
             preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser)
         os.close(from_browser)
@@ -180,7 +182,8 @@ def test_page_renders_in_a_headless_browser(tmp_path):
             assert time.monotonic() < deadline, "index.html did not finish loading"
             time.sleep(0.1)
         images = tools.evaluate(session, "[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
-        rows = tools.evaluate(session, "[...document.querySelectorAll('table')[0].tBodies[0].rows].map(r => r.cells[0].textContent)")
+        rows = tools.evaluate(session, "[...document.querySelector('table').tBodies[0].rows]"
+                                       ".map(r => r.cells[0].textContent)")
         heights = tools.evaluate(session, "[...document.images].map(i => i.getBoundingClientRect().height)")
         title = tools.evaluate(session, "document.title")
     finally:
