@@ -49,25 +49,33 @@ class Bench:
         self.loaded: Loaded | None = None
         self.generated = 0  # references the last load generated (0 when all were cached)
 
-    def load(self, spec: ModelSpec) -> Loaded:
+    def load(self, spec: ModelSpec, model=None, tokenizer=None) -> Loaded:
+        """``spec``'s model with its prompts and references; ``model`` and ``tokenizer``, when given, are
+        used instead of loading ``spec.path`` (a model built in-process, e.g. benchmarks/run.py --shape).
+
+        The model is warmed up (``engine.warm_up``) before anything is timed."""
         if self.loaded is not None and self.loaded.spec is spec:
             return self.loaded
         self.loaded = None  # free the previous model before loading the next
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+        if model is None:
+            model, tokenizer = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+        elif tokenizer is None:
+            raise ValueError(f"model {spec.name!r}: a model given to Bench.load needs its tokenizer")
+        engine.warm_up(model)
         fp = models.fingerprint(model)
         max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
         vocab = model.get_input_embeddings().num_embeddings
         prompts, unscored = [], []
         for ds in self.suite.datasets:
             # --fidbench-limit shortens what is scored; a calibration-only set keeps the size its methods ask for
-            for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab):
+            for p in datasets.load(ds, tokenizer, self.limit if ds.scored else None, vocab):
                 (prompts if ds.scored else unscored).append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size)
         live = [p for p in prompts if p.skipped is None]
-        refs = iter(store.get(model, live, eos_ids(model, tok), self.progress))
+        refs = iter(store.get(model, live, eos_ids(model, tokenizer), self.progress))
         refs = [None if p.skipped else next(refs) for p in prompts]
-        self.loaded = Loaded(spec, model, tok, fp, prompts, refs, unscored)
+        self.loaded = Loaded(spec, model, tokenizer, fp, prompts, refs, unscored)
         self.generated = store.generated
         return self.loaded
 

@@ -114,13 +114,21 @@ def fidbench_record(request):
     return lambda record: request.node.user_properties.append(("fidbench", record))
 
 
+def _workers(config) -> int:
+    """Processes that run cases at once: pytest-xdist's workers (each sees PYTEST_XDIST_WORKER_COUNT), else 1."""
+    if config.getoption("dist", "no") != "no" and config.getoption("tx", None):
+        return len(config.getoption("tx"))
+    return 1
+
+
 class Reporter:
     """Collects case records on the controller into the report; prints the table at the end."""
 
     def __init__(self, config):
         self.config = config
         self._report = None
-        self.environment = report.environment()  # at session start: the code that ran, not the tree at the end
+        # at session start: the code that ran, not the tree at the end
+        self.environment = report.environment(workers=_workers(config))
 
     @property
     def report(self) -> report.Report:

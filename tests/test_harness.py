@@ -78,3 +78,23 @@ def test_calibration_only_datasets_are_neither_referenced_nor_scored_nor_limited
     assert [x["dataset"] for x in record["samples"]] == ["mixed"]
     calib = bench.loaded.calibration("calib", 100)
     assert len(calib) == len((ROOT / "data" / "calibration.jsonl").read_text().splitlines()) == 16
+
+
+def test_a_model_built_in_process_is_used_as_given_and_warmed_up_once(tmp_path, checkpoint, cache, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fidbench import engine, models
+
+    s = suite(tmp_path, checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    warmed = []
+    monkeypatch.setattr(engine, "warm_up", warmed.append)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("Bench.load loaded a model it was given"))
+    bench = Bench(s, progress=False)
+    loaded = bench.load(s.models[0], model, tokenizer)
+    assert loaded.model is model and loaded.tokenizer is tokenizer and warmed == [model]
+    assert bench.load(s.models[0]) is loaded and warmed == [model]  # the same model: no second warm-up
+    assert bench.run(s.cases()[0])["scores"]["acc1"] >= 0.95
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        Bench(s, progress=False).load(s.models[0], model)

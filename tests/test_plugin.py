@@ -105,6 +105,7 @@ def test_report_is_the_same_with_and_without_xdist(project):
     serial = json.loads((project.path / "serial.json").read_text())
     xdist = json.loads((project.path / "xdist.json").read_text())
     assert {"versions", "machine", "commit", "dirty"} <= set(serial["environment"])
+    assert serial["environment"]["machine"]["workers"] == 1 and xdist["environment"]["machine"]["workers"] == 2
     assert [c["id"] for c in serial["cases"]] == [c["id"] for c in xdist["cases"]] == [
         "tiny-a-origin", "tiny-a-topk-10", "tiny-b-origin", "tiny-b-topk-10"]
     for a, b in zip(serial["cases"], xdist["cases"]):
