@@ -79,8 +79,10 @@ class Bench:
         self.generated = store.generated
         return self.loaded
 
-    def run(self, case: Case, method=None) -> dict:
-        """Evaluate one model × variant over every prompt; the returned dict is the report's case record."""
+    def run(self, case: Case, method=None, on_sample=None) -> dict:
+        """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
+
+        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
         mode = engine.resolve_mode(method, self.decode)
@@ -104,6 +106,8 @@ class Bench:
                     s = metrics.score(forced.logits, ref)
                     timing["prefill_s"] += forced.prefill_s
                     timing["decode_s"] += forced.decode_s
+                    if on_sample:
+                        on_sample(forced)
                 per_dataset.setdefault(prompt.dataset, []).append(s)
                 samples.append(report.sample(prompt, ref, s))
         return report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing)

@@ -98,3 +98,10 @@ def test_a_model_built_in_process_is_used_as_given_and_warmed_up_once(tmp_path, 
     assert bench.run(s.cases()[0])["scores"]["acc1"] >= 0.95
     with pytest.raises(ValueError, match="needs its tokenizer"):
         Bench(s, progress=False).load(s.models[0], model)
+
+
+def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache):
+    s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
+    seen = []
+    record = Bench(s, progress=False).run(s.cases()[0], on_sample=seen.append)
+    assert [f.logits.shape[0] for f in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2
