@@ -208,7 +208,8 @@ def setup(args) -> Setup:
     suite = load_suite(SUITE)
     spec = model_spec(args)
     suite.models, suite.datasets = [spec], [dataclasses.replace(d, scored=False) for d in suite.datasets]
-    return Setup(args, Bench(suite, progress=False).load(spec, *make_model(args, spec)))
+    model, tokenizer = make_model(args, spec)
+    return Setup(args, Bench(suite, progress=False).load(spec, model=model, tokenizer=tokenizer))
 
 
 def long_prompt(s: Setup, dataset_instruction: tuple[str, str], n_tokens: int) -> list[int]:
@@ -231,8 +232,9 @@ def long_prompt(s: Setup, dataset_instruction: tuple[str, str], n_tokens: int) -
 def reference(s: Setup, p_ids: list[int], n: int):
     """The base model's greedy ``n``-token continuation, end of sequence ignored so it has exactly ``n``
     tokens; cached in the benchmark's own store (never mixed with suite references)."""
-    store = Store(models.cache_root() / "benchmark", s.loaded.spec.name, s.loaded.fingerprint, n)
-    return store.get(s.model, [datasets.Prompt("benchmark", 0, p_ids)], set(), progress=False)[0]
+    store = Store(models.cache_root() / "benchmark", s.loaded.spec.name, s.loaded.fingerprint, n,
+                  device=models.device_key(s.model))
+    return store.get(s.model, [datasets.Prompt("benchmark", 0, p_ids)], progress=False)[0]
 
 
 def suite_params(name: str) -> dict | None:
@@ -556,7 +558,7 @@ def child_suite(args) -> dict:
     model.register_forward_pre_hook(before)
     model.register_forward_hook(after)
     bench = Bench(suite, limit=args.suite_limit, progress=False)
-    loaded = bench.load(spec, model, tok)
+    loaded = bench.load(spec, model=model, tokenizer=tok)
     load_s = time.perf_counter() - t0
     first = bench.run(case)["timing"]
     total, forward = time.perf_counter() - t0, sum(spent)

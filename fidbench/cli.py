@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -70,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         try:
-            cases = json.loads(args.path.read_text())["cases"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"fidbench report: error: {args.path} is not a fidbench report ({e})", file=sys.stderr)
+            cases = report.read(args.path)["cases"]
+        except report.ReportError as e:
+            print(f"fidbench report: error: {e}", file=sys.stderr)
             return 2
         print(report.table(cases, datasets=not args.overall, markdown=args.markdown))
         return 0
