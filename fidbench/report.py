@@ -41,8 +41,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment() -> dict:
-    """Taken when the session starts, so it describes the code that ran, not the tree at the last write."""
+def environment(workers: int = 1) -> dict:
+    """Taken when the session starts, so it describes the code that ran, not the tree at the last write.
+
+    ``workers``: the processes that ran cases at once (pytest-xdist's workers), sharing the machine."""
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "machine": {
@@ -51,6 +53,7 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "workers": workers,
         },
         "commit": _git("rev-parse", "HEAD") or None,
         # uncommitted changes to tracked files: the commit alone does not say what ran
