@@ -12,7 +12,10 @@ head's top ``int(n × alpha_safeguard)`` scores to the dtype's maximum, then the
 lowest scores of the layer are evicted. Forced positions (SnapKV's window, StreamingLLM's sinks) score
 inf and are never evicted, as kvpress's max + 1 scores. The budget ``n`` (``ratio``/``budget``) is
 this method's and drives the scorer too (kvpress: the wrapped press's compression ratio); a pyramidkv
-scorer keeps its per-layer budget, shared adaptively among the heads of each layer.
+scorer keeps its per-layer budget, shared adaptively among the heads of each layer. Heads are those of
+the scorer's granularity: snapkv's default chooses per query head (as Ada-KV's own code and
+KVCache-Factory's AdaKV do); ``scorer_params: {granularity: kv_head, pooling: avg, window: 64,
+kernel: 5}`` is kvpress's ``AdaKVPress(SnapKVPress())`` under fidbench's budget and window rules.
 
 Why a wrapper method and not a parameter of every eviction method: the allocation is one idea with its
 own parameter (the safeguard), applied on top of a score, as kvpress composes presses; a wrapper keeps
