@@ -268,10 +268,11 @@ def physical(model, method, p_ids, g_ids):
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: QK-norm, its own head_dim
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_masking_equals_a_physical_cache(case):
+def test_masking_equals_a_physical_cache(case, family):
     name, params = CASES[case]
-    model = tiny_model("llama", num_hidden_layers=4 if name == "pyramidkv" else 2)
+    model = tiny_model(family, num_hidden_layers=4 if name == "pyramidkv" else 2)
     g = torch.Generator().manual_seed(1)
     p_ids, g_ids = torch.randint(0, 283, (P,), generator=g).tolist(), torch.randint(0, 283, (N,), generator=g).tolist()
     masked_method = build(name, params)

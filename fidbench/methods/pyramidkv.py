@@ -12,7 +12,10 @@ window, L the prompt length, beta 20 and layer i of ``num_hidden_layers``:
   and ``min = 2 (B - w) - max``; ``steps = (max - min) // (layers - 1)``; layer i keeps
   ``max - i * steps`` positions plus the window. Because ``steps`` is floored, the upper layers keep a
   little more than the linear schedule: the layers together keep up to ``(layers - 1) / 2`` positions
-  per head and layer more than SnapKV's ``layers × B`` (as in the reference; ``kept()`` shows it).
+  per head and layer more than SnapKV's ``layers × B`` (as in the reference; ``kept()`` shows it). At
+  small budgets, where ``max - min < layers - 1``, ``steps`` is 0 and every layer keeps ``2 B - w - min``:
+  up to 1.5 B at fidbench's smallest budgets (B = 8, w = 4), so pyramidkv then runs above the nominal
+  budget (``kept()["budget_per_head"]`` against ``kept()["budget"]``).
 
 Differences: the window rule and budget rounding are snapkv's (see there). On models with
 sliding-window layers (Gemma 3) only the full-attention layers are compressed (``_kv``), each with

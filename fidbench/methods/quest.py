@@ -3,10 +3,9 @@ Long-Context LLM Inference").
 
 Nothing is evicted. The cache is cut into pages of ``page`` consecutive positions (aligned to position
 0); each page's elementwise key maximum and minimum bound q·k for any of its keys by
-``sum_d max(q_d · max_d, q_d · min_d)``. Every decode query attends only to the
-``min(max(3, budget // page), pages)`` pages with the highest bound, where t is its position and
-``pages`` those holding positions up to t: at least three pages, all of them while the cache holds no
-more. The prefill and the first
+``sum_d max(q_d · max_d, q_d · min_d)``. A decode query at position t attends only to the
+``min(max(3, budget // page), pages)`` pages with the highest bound, ``pages`` being those holding
+positions up to t: at least three, all of them while the cache holds no more. The prefill and the first
 ``dense_layers`` layers stay dense.
 
 Follows Quest's accuracy-evaluation code (mit-han-lab/Quest ``evaluation/quest_attention.py``, the code
@@ -15,14 +14,13 @@ every query head chooses its own pages (granularity ``query_head``); the page ho
 forced but competes, its bound computed over the keys up to the query; pages of 16 and the first two
 layers dense, as in its scripts. Quest's budget is in tokens; here it is fidbench's one rule (``_kv``).
 
-Differences: Quest's code takes ``min(t + 1, budget) // page`` pages, which leaves out the partial last page
-when the budget holds the whole cache; fidbench attends to every key then (a budget covering the cache
-equals dense attention; it never happens at the suite's ratio budgets). The bound is computed as
+Differences: Quest's code takes ``min(t + 1, budget) // page`` pages, which leaves out the partial last
+page when the budget holds the whole cache; fidbench attends to every key then (a budget covering the
+cache equals dense attention; it never happens at the suite's ratio budgets). The bound is computed as
 ``q⁺ · max + q⁻ · min`` (two products, the same sum as Quest's ``|q| · max(sign(q) · k)`` up to float
-rounding). The evaluation code counts layers with a global
-counter that is right only for 32-layer models; ``dense_layers`` counts from the model's first layer.
-Under parallel teacher forcing each query sees the page bounds of the keys up to its own position,
-exactly what a token-by-token decode computes.
+rounding). The evaluation code counts layers with a global counter that is right only for 32-layer
+models; ``dense_layers`` counts from the model's first layer. Under parallel teacher forcing each query
+sees the page bounds of the keys up to its own position, exactly what a token-by-token decode computes.
 """
 
 import math
