@@ -193,11 +193,16 @@ def _check(where: str, data: dict, key: str, ok, expected: str):
     return data[key]
 
 
-def _scores(where: str, scores) -> None:
+def _scores(where: str, scores, nested: bool = False) -> None:
     if not isinstance(scores, dict):
         raise ReportError(f"{where}: expected an object of scores, got {json.dumps(scores)[:80]}")
     for metric, value in scores.items():
-        if metric != "acc1_by_position" and not _number(value):
+        if metric == "heads" and not nested:  # a method's own predictors (Medusa heads), each an object of scores
+            if not isinstance(value, list):
+                raise ReportError(f"{where}.heads: expected a list of per-head scores, got {json.dumps(value)[:80]}")
+            for i, head in enumerate(value):
+                _scores(f"{where}.heads[{i}]", head, nested=True)
+        elif metric != "acc1_by_position" and not _number(value):
             raise ReportError(f"{where}.{metric}: expected a number or null, got {json.dumps(value)[:80]}")
 
 
@@ -245,7 +250,8 @@ def read(path) -> dict:
 
 
 COLUMNS = [("acc1", "acc@1", "{:.4f}"), ("acc5", "acc@5", "{:.4f}"), ("kl_mean", "KL", "{:.4f}"),
-           ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
+           ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("ppl", "PPL", "{:.3f}"),
+           ("ppl_ratio", "PPL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
 
 
 def _fmt(fmt: str, value) -> str:
@@ -263,7 +269,8 @@ def verdict(record: dict) -> str:
 
 
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
-    """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one)."""
+    """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one),
+    then one row per head of a method that scores heads of its own (Medusa)."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
     rows = []
     for r in records:
@@ -278,6 +285,10 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
                     _fmt("{:.2f}", timing.get("decode_s")) if overall else "",
                     verdict(r) if overall else ""]
             rows.append(row)
+            if overall:  # then each of the method's own predictors (Medusa heads): what it measured
+                for head in scores.get("heads") or []:
+                    rows.append([r["id"], f"head {head.get('head')}", *(_fmt(fmt, head.get(k)) for k, _, fmt in COLUMNS),
+                                 "", "", "", ""])
     if markdown:
         lines = [header, ["---"] * len(header), *rows]
         return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
