@@ -147,7 +147,7 @@ def train(model, tokenizer, settings: Settings) -> tuple[Heads, list[float], lis
         schedule.step()
         history.append([v.item() for v in losses])
         if (step + 1) % max(1, settings.steps // 10) == 0:
-            _log(f"step {step + 1}/{settings.steps}: loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)")
+            _log(f"step {step + 1}/{settings.steps}: loss {sum(history[-1]):.3f} ({time.perf_counter() - t0:.0f} s)")
     tenth = max(1, settings.steps // 10)
     first = [sum(h[i] for h in history[:tenth]) / tenth for i in range(settings.heads)]
     last = [sum(h[i] for h in history[-tenth:]) / tenth for i in range(settings.heads)]
