@@ -150,9 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     med.add_argument("model", help="a model directory, a hub id in the local cache, or an embedded name (smollm2-135m)")
     med.add_argument("out", type=Path, help="directory to write medusa_lm_head.safetensors and config.json to")
     defaults = medusa_train.Settings()
-    for name, kind, what in [("heads", int, "heads to train (1-3 in minutes on a CPU)"), ("layers", int, "ResBlocks per head"),
+    for name, kind, what in [("heads", int, "heads to train (1-3 in minutes on a CPU)"),
+                             ("layers", int, "ResBlocks per head"),
                              ("steps", int, "optimizer steps"), ("batch", int, "positions per step"),
-                             ("lr", float, "peak learning rate"), ("seed", int, "seed of the initialisation and the batches"),
+                             ("lr", float, "peak learning rate"),
+                             ("seed", int, "seed of the initialisation and the batches"),
                              ("max-new-tokens", int, "tokens generated per training prompt")]:
         default = getattr(defaults, name.replace("-", "_"))
         med.add_argument(f"--{name}", type=kind, default=default, help=f"{what} (default {default})")

@@ -126,8 +126,9 @@ def train(model, tokenizer, settings: Settings) -> tuple[Heads, list[float], lis
                 torch.nn.init.zeros_(block.linear.weight)  # Medusa's ResBlock: zero weight, default bias
     optimizer = torch.optim.AdamW(heads.parameters(), lr=settings.lr, weight_decay=0.0)
     warmup = max(1, settings.steps // 10)
+    decay = max(1, settings.steps - warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, settings.steps - warmup))))
+                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / decay)))
     generator = torch.Generator().manual_seed(settings.seed)
     order, pos = torch.randperm(len(x), generator=generator), 0
     history = []

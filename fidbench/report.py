@@ -304,8 +304,8 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
             rows.append(row)
             if overall:  # then each of the method's own predictors (Medusa heads): what it measured
                 for head in scores.get("heads") or []:
-                    rows.append([r["id"], f"head {head.get('head')}", *(_fmt(fmt, head.get(k)) for k, _, fmt in COLUMNS),
-                                 "", "", "", ""])
+                    values = [_fmt(fmt, head.get(k)) for k, _, fmt in COLUMNS]
+                    rows.append([r["id"], f"head {head.get('head')}", *values, "", "", "", ""])
     levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
     shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
     note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []

@@ -210,7 +210,8 @@ def load(path: str | Path) -> Suite:
         if not file.exists():
             raise SuiteError(f"{where}: file {file} does not exist")
         if not file.is_file():
-            raise SuiteError(f"{where}: {file} is not a file (a {'text' if kind == 'text' else 'JSONL'} file is expected)")
+            expected = "text" if kind == "text" else "JSONL"
+            raise SuiteError(f"{where}: {file} is not a file (a {expected} file is expected)")
         suite.datasets.append(DatasetSpec(name, file, kinds[kind], flags["score"], flags["default"], **sizes))
 
     default_floors: dict = {}

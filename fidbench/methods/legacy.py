@@ -3,8 +3,8 @@
 The class is built as the original scripts built it, ``cls(model, save_ckp=None, load_ckp=...,
 config=...)`` with ``config`` the path of its JSON config file (an inline mapping is written to a
 temporary file first) or None, and ``load_ckp`` the checkpoint of its ``ft_params`` or None (read by
-``fidbench.legacy.Modifier.load_checkpoint`` with ``torch.load(weights_only=True)``), and each sample is scored by its own
-``compute_accuracy(p_ids, g_ids) -> (acc1, acc5)`` on (1, n) token tensors. That loop is the
+``fidbench.legacy.Modifier.load_checkpoint`` with ``torch.load(weights_only=True)``), and each sample
+is scored by its own ``compute_accuracy(p_ids, g_ids) -> (acc1, acc5)`` on (1, n) token tensors. That loop is the
 original one: it scores reference tokens 1..N-1 (the first, predicted by the prefill, is skipped),
 so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
 measured (reported as None). Modifiers patch forwards and replace modules in place, so by default

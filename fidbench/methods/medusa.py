@@ -97,14 +97,16 @@ def head_file(path: Path) -> Path:
 
 
 def load_heads(path: str | Path, hidden: int, vocab: int) -> Heads:
-    """Medusa heads from ``path`` for a model of ``hidden`` size and ``vocab`` output rows, every key and shape checked."""
+    """Medusa heads from ``path`` for a model of ``hidden`` size and ``vocab`` output rows, every key and shape
+    checked."""
     file = head_file(Path(path))
     state = read_state(file)
     keys = {}
     for key in state:
         m = re.fullmatch(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)", key)
         if m is None:
-            raise ValueError(f"medusa: {file} has key {key!r}, not of Medusa's layout ({{head}}.{{layer}}.linear.weight|bias, "
+            raise ValueError(f"medusa: {file} has key {key!r}, not of Medusa's layout "
+                             f"({{head}}.{{layer}}.linear.weight|bias, "
                              f"{{head}}.{{layers}}.weight)")
         keys.setdefault(int(m[1]), {})[(int(m[2]), m[3])] = state[key]
     n = len(keys)
@@ -117,7 +119,8 @@ def load_heads(path: str | Path, hidden: int, vocab: int) -> Heads:
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"medusa: {file} does not fit {n} head(s) of {layers} layer(s) "
-                         f"({'own lm_head' if own else 'shared lm_head'}): missing {missing[:4]}, unexpected {unexpected[:4]}")
+                         f"({'own lm_head' if own else 'shared lm_head'}): missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
             raise ValueError(f"medusa: {file} {key} has shape {tuple(state[key].shape)}; this model needs "
@@ -169,7 +172,8 @@ class Medusa(Method):
         heads.heads = heads.heads[: self.heads or len(heads.heads)]
         self._heads = heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype).eval()
         self._lm_head = lm_head if heads.version == "2" else None
-        self._info = {"path": str(path), "format": f"v{heads.version}", "heads": len(heads.heads), "layers": heads.layers}
+        self._info = {"path": str(path), "format": f"v{heads.version}", "heads": len(heads.heads),
+                      "layers": heads.layers}
         try:
             yield model
         finally:
