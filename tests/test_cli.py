@@ -254,7 +254,8 @@ def original(tmp_path):
     run_config(runs / "sparsegpt" / "qwen2.5-7b-instruct-sparsegpt.json", "sparsegpt",
                model_name="/ckpt/Qwen2.5-7B-Instruct-SparseGPT/", tokenizer_name="/models/Qwen2.5-7B-Instruct",
                model_dtype="fp16", max_length=32768)
-    run_config(runs / "gptq" / "qwen2.5-7b-instruct-gptq.json", "gptq", model_name="/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4",
+    run_config(runs / "gptq" / "qwen2.5-7b-instruct-gptq.json", "gptq",
+               model_name="/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4",
                max_length=32768)
     return root
 
@@ -264,7 +265,8 @@ def test_import_runs_converts_medusa_and_checkpoint_runs(original):
     assert sorted(suite["models"]) == ["llama-8b", "qwen2.5-7b-instruct"]  # checkpoint runs define no model
     assert suite["methods"] == {
         "awq": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-AWQ", "models": ["qwen2.5-7b-instruct"]},
-        "gptq": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4", "models": ["qwen2.5-7b-instruct"]},
+        "gptq": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4",
+                 "models": ["qwen2.5-7b-instruct"]},
         "medusa": {"method": "medusa", "path": "/ckpt/medusa_3_qwen7b", "models": ["qwen2.5-7b-instruct"]},
         "origin": {"method": "origin"},
         "sparsegpt": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-SparseGPT/",
@@ -278,7 +280,8 @@ def test_import_runs_suite_runs_model_specific_variants_on_their_model_only(orig
     data.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
     assert cli.main(["import-runs", str(original), "-o", str(out), "--datasets", str(data)]) == 0
     cases = [c.id for c in load(out).cases()]
-    assert cases == ["llama-8b-origin", "qwen2.5-7b-instruct-awq", "qwen2.5-7b-instruct-gptq", "qwen2.5-7b-instruct-origin",
+    assert cases == ["llama-8b-origin", "qwen2.5-7b-instruct-awq", "qwen2.5-7b-instruct-gptq",
+                     "qwen2.5-7b-instruct-origin",
                      "qwen2.5-7b-instruct-medusa", "qwen2.5-7b-instruct-sparsegpt"]
 
 

@@ -75,12 +75,14 @@ def test_v1_pt_files_load_with_their_own_lm_heads(tmp_path):
 
 def test_v2_safetensors_share_the_base_lm_head(tmp_path):
     heads = medusa_heads(2)
-    assert sorted(heads.state_dict()) == ["0.0.linear.bias", "0.0.linear.weight", "1.0.linear.bias", "1.0.linear.weight"]
+    assert sorted(heads.state_dict()) == ["0.0.linear.bias", "0.0.linear.weight",
+                                          "1.0.linear.bias", "1.0.linear.weight"]
     lm_head = torch.nn.Linear(H, V, bias=False)
     loaded = load_heads(write_v2(tmp_path / "v2", heads, medusa_num_heads=2), H, V)
     x = torch.randn(5, H)
     with torch.no_grad():
-        assert loaded.version == "2" and torch.equal(loaded(x, lm_head), torch.stack([lm_head(head(x)) for head in heads]))
+        expected = torch.stack([lm_head(head(x)) for head in heads])
+        assert loaded.version == "2" and torch.equal(loaded(x, lm_head), expected)
     file = tmp_path / "v2" / "medusa_lm_head.safetensors"
     assert len(load_heads(file, H, V).heads) == 2  # the file itself, too
 
@@ -104,7 +106,8 @@ def test_head_files_that_do_not_fit_are_refused_naming_file_and_key(tmp_path):
     refused(v1, "says medusa_num_heads = 4, medusa_lm_head.pt holds 3", config={"medusa_num_heads": 4})
     refused(v1, "says version 2 .* an lm_head per head", config={"version": "2"})
     refused({"0.0.linear.weight": torch.zeros(H, H), "meta": [1, 2]}, "does not hold a state dict of tensors")
-    refused({"0.0.linear.weight": torch.zeros(H, H), "note": SimpleNamespace(code=1)}, "holds more than tensors, refused")
+    refused({"0.0.linear.weight": torch.zeros(H, H), "note": SimpleNamespace(code=1)},
+            "holds more than tensors, refused")
     both = write_v2(tmp_path / "both", medusa_heads(1))
     torch.save(medusa_heads(1).state_dict(), both / "medusa_lm_head.pt")
     with pytest.raises(ValueError, match="holds both of medusa_lm_head.safetensors and medusa_lm_head.pt"):
@@ -264,6 +267,7 @@ def test_path_auto_trains_once_per_model_and_caches(tmp_path, tiny_dir, monkeypa
 
 def _quick_settings(init):
     """The trainer's defaults with fewer steps and shorter continuations (a tiny model learns nothing more)."""
-    def quick(self, heads=3, layers=1, steps=20, batch=16, lr=1e-3, seed=0, max_new_tokens=8, data=str(medusa_train.DATA)):
+    def quick(self, heads=3, layers=1, steps=20, batch=16, lr=1e-3, seed=0, max_new_tokens=8,
+              data=str(medusa_train.DATA)):
         init(self, heads, layers, steps, batch, lr, seed, max_new_tokens, data)
     return quick

@@ -73,11 +73,13 @@ def text_bench(tmp_path, monkeypatch):
     start = tok("the cat sat on the mat").input_ids
     g_ids, _ = greedy(model, start, 90, eos_ids=set())
     text_file(tmp_path, tok.convert_ids_to_tokens(start + g_ids))
-    (tmp_path / "words.jsonl").write_text(json.dumps({"conversations": [{"role": "user", "content": "a dog ran"}]}) + "\n")
+    line = json.dumps({"conversations": [{"role": "user", "content": "a dog ran"}]})
+    (tmp_path / "words.jsonl").write_text(line + "\n")
     suite = {
         "generation": {"max_new_tokens": 8},
         "models": {"tiny": {"path": str(model_dir), "max_length": 64}},
-        "datasets": {"words": "words.jsonl", "essay": {"text": "text.txt", "window": 32, "stride": 12, "default": False}},
+        "datasets": {"words": "words.jsonl",
+                     "essay": {"text": "text.txt", "window": 32, "stride": 12, "default": False}},
         "methods": {
             "origin": {},
             "ppl-origin": {"method": "origin", "datasets": ["essay"]},
@@ -121,7 +123,8 @@ def test_text_perplexity_under_origin_and_a_method_that_changes_the_model(text_b
 
     changed = bench.run(cases["ppl-rtn"])["scores"]
     assert changed["ppl_base"] == scores["ppl_base"]
-    assert changed["ppl"] > 1.05 * scores["ppl"] and changed["ppl_ratio"] == pytest.approx(changed["ppl"] / changed["ppl_base"])
+    assert changed["ppl"] > 1.05 * scores["ppl"]
+    assert changed["ppl_ratio"] == pytest.approx(changed["ppl"] / changed["ppl_base"])
     # The tiny model's distributions are near uniform (ppl ~200), so KL stays small: well above origin's, though
     assert changed["kl_mean"] > 1e-4
 
@@ -148,7 +151,8 @@ def test_text_dataset_keys_are_checked(tmp_path, dataset, message):
 
 
 @pytest.mark.parametrize("methods,message", [
-    ({"origin": {"datasets": ["nope"]}}, r"origin.datasets: must be a non-empty list of scored datasets of this suite \(w, t\)"),
+    ({"origin": {"datasets": ["nope"]}},
+     r"origin.datasets: must be a non-empty list of scored datasets of this suite \(w, t\)"),
     ({"origin": {"datasets": ["cal"]}}, "must be a non-empty list of scored datasets"),
     ({"origin": {"datasets": []}}, "must be a non-empty list"),
     ({"origin": {}}, "scores no dataset"),
