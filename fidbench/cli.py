@@ -1,5 +1,5 @@
 """The ``fidbench`` command: list the registered methods; print, compare, merge and plot saved reports;
-propose floors from a measured run; convert the original scripts' run configs.
+propose floors from a measured run; convert the original scripts' run configs; train Medusa heads.
 
 Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"``.
 """
@@ -13,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, floors, merge, plot, provenance, report, stats
+from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
 from .legacy import runs
 from .methods import REGISTRY
+from .suite import DatasetSpec
 
 
 def _type(annotation) -> str:
@@ -38,13 +39,13 @@ def describe_methods() -> str:
     return "\n".join(lines)
 
 
-def _dataset(arg: str) -> tuple[str, Path, str]:
+def _dataset(arg: str) -> DatasetSpec:
     """``[NAME=]PATH`` of a conversations JSONL file (the name defaults to the file's stem)."""
     name, _, path = arg.rpartition("=")
     path = Path(path)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"dataset file {path} does not exist")
-    return name or path.stem, path, "conversations"
+    return DatasetSpec(name or path.stem, path, "conversations")
 
 
 def _print(text: str) -> None:
@@ -143,6 +144,26 @@ def _parser() -> argparse.ArgumentParser:
     plt.add_argument("path", type=Path, help="the report to plot")
     plt.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                      help="directory for the figures and index.html")
+
+    med = sub.add_parser("train-medusa", help="fit Medusa heads on a model's own greedy outputs (Medusa's format)",
+                         description=medusa_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    med.add_argument("model", help="a model directory, a hub id in the local cache, or an embedded name (smollm2-135m)")
+    med.add_argument("out", type=Path, help="directory to write medusa_lm_head.safetensors and config.json to")
+    defaults = medusa_train.Settings()
+    for name, kind, what in [("heads", int, "heads to train (1-3 in minutes on a CPU)"),
+                             ("layers", int, "ResBlocks per head"),
+                             ("steps", int, "optimizer steps"), ("batch", int, "positions per step"),
+                             ("lr", float, "peak learning rate"),
+                             ("seed", int, "seed of the initialisation and the batches"),
+                             ("max-new-tokens", int, "tokens generated per training prompt")]:
+        default = getattr(defaults, name.replace("-", "_"))
+        med.add_argument(f"--{name}", type=kind, default=default, help=f"{what} (default {default})")
+    med.add_argument("--data", type=Path, default=Path(defaults.data), help="training prompts, conversations JSONL "
+                     "(default: data/medusa_train.jsonl, written for training, never scored)")
+    med.add_argument("--tokenizer", help="tokenizer directory, if the model's has none")
+    med.add_argument("--dtype", default="fp32", help="the model's dtype (default fp32)")
+    med.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    med.add_argument("--force", action="store_true", help="overwrite heads already in OUT")
     return parser
 
 
@@ -186,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _print(f"wrote {len(paths)} files to {args.output}: open {args.output / 'index.html'}")
         return 0
+    if args.command == "train-medusa":
+        try:
+            return medusa_train.main(args)
+        except (ValueError, OSError) as e:
+            print(f"fidbench train-medusa: error: {e}", file=sys.stderr)
+            return 2
     if args.output.exists() and not args.force:
         parser.error(f"{args.output} exists; use --force to overwrite it")
     try:

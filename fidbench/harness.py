@@ -94,7 +94,7 @@ class Bench:
         prompts, unscored = [], []
         for ds in self.suite.datasets:
             # --fidbench-limit shortens what is scored; a calibration-only set keeps the size its methods ask for
-            for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab):
+            for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab, max_length):
                 (prompts if ds.scored else unscored).append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size,
                       eos_ids=eos_ids(model, tok), device=models.device_key(model))
@@ -115,7 +115,8 @@ class Bench:
         per_dataset: dict[str, list] = {}
         samples, skipped = [], []
         timing = {"method_s": 0.0} if own_loop else {"prefill_s": 0.0, "decode_s": 0.0}
-        work = [(p, r) for p, r in zip(loaded.prompts, loaded.references)]
+        scored = set(self.suite.scored_by(case.variant))
+        work = [(p, r) for p, r in zip(loaded.prompts, loaded.references) if p.dataset in scored]
         with method.apply(loaded.model, loaded) as model:
             # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
             for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False, file=sys.__stderr__):

@@ -5,7 +5,12 @@ of the vocabulary. Merging tokens into one bucket can only lower a KL divergence
 a lower bound of the full-vocabulary KL, tight when the base's tail mass is small (see README).
 
 A method that scores samples itself (``score_sample``, e.g. a legacy Modifier reporting acc@1/acc@5)
-gives ``PartialScores``: the metrics it did not measure are reported as None, never estimated.
+gives ``PartialScores``: the metrics it did not measure are reported as None, never estimated. It may
+also score several predictors of its own (``heads``: Medusa's draft heads), each aggregated on its own.
+
+Perplexity is exp of the mean NLL of the scored tokens (``ppl``; ``ppl_base`` under the base model,
+``ppl_ratio`` their ratio): on a ``text`` dataset it is the text's perplexity, on generated references
+the perplexity of the base's own continuation.
 """
 
 from __future__ import annotations
@@ -50,11 +55,19 @@ class PartialScores:
 
     n_tokens: int
     values: dict
+    heads: list["PartialScores"] | None = None  # each of the method's own predictors (Medusa heads), scored alike
 
     @classmethod
-    def of(cls, scores: dict, who: str) -> "PartialScores":
-        """Check a method's ``score_sample`` result: ``n_tokens`` and known metrics only."""
+    def of(cls, scores: dict, who: str, nested: bool = False) -> "PartialScores":
+        """Check a method's ``score_sample`` result: ``n_tokens``, known metrics, and optionally ``heads``,
+        a list of such results (without heads of their own), one per predictor."""
         values = dict(scores)
+        heads = values.pop("heads", None)
+        if heads is not None:
+            if nested or not isinstance(heads, list) or not all(isinstance(h, dict) for h in heads):
+                raise ValueError(f"{who}: score_sample's heads must be a list of score mappings, one per head, "
+                                 f"without heads of their own; got {heads!r}")
+            heads = [cls.of(h, f"{who} head {i + 1}", nested=True) for i, h in enumerate(heads)]
         n_tokens = values.pop("n_tokens", None)
         if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
             raise ValueError(f"{who}: score_sample must give n_tokens, a count of scored positions, got {n_tokens!r}")
@@ -64,7 +77,7 @@ class PartialScores:
         for metric, value in sorted(values.items()):
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
                 raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, not a finite number")
-        return cls(n_tokens, values)
+        return cls(n_tokens, values, heads)
 
     def summary(self) -> dict:
         return _summarize([self])
@@ -100,6 +113,7 @@ def _summarize(samples: list) -> dict:
     kl = torch.cat([s.kl for s in samples])
     nll = torch.cat([s.nll for s in samples]).mean().item()
     nll_base = torch.cat([s.nll_base for s in samples]).mean().item()
+    ppl = math.exp(nll) if nll < 700 else math.inf
     first = [s.first_divergence() for s in samples]
     out = {
         "acc1": hit1.mean().item(),
@@ -110,6 +124,9 @@ def _summarize(samples: list) -> dict:
         "nll": nll,
         "nll_base": nll_base,
         "nll_ratio": nll / nll_base if nll_base > 0 else math.inf,
+        "ppl": ppl,
+        "ppl_base": math.exp(nll_base) if nll_base < 700 else math.inf,
+        "ppl_ratio": math.exp(nll - nll_base) if nll - nll_base < 700 else math.inf,
         "first_divergence": sum(first) / len(first),
         "exact_match": sum(f == len(s.hit1) for f, s in zip(first, samples)) / len(samples),
         "n_samples": len(samples),
@@ -123,12 +140,27 @@ def _summarize_partial(samples: list[PartialScores]) -> dict:
     """Token-weighted means of what the samples measured; None for every metric none of them did."""
     if not all(isinstance(s, PartialScores) for s in samples):
         raise ValueError("cannot aggregate a method's own partial scores with teacher-forced scores")
+    out = _weighted(samples)
+    out.update(n_samples=len(samples), n_tokens=sum(s.n_tokens for s in samples), acc1_by_position=None)
+    counts = {len(s.heads) if s.heads is not None else None for s in samples}
+    if len(counts) > 1:
+        raise ValueError(f"cannot aggregate samples scored with different numbers of heads ({sorted(counts, key=str)})")
+    if samples[0].heads is not None:  # per head: what it measured, token-weighted over the samples
+        out["heads"] = [
+            {"head": i + 1, **{k: v for k, v in _weighted([s.heads[i] for s in samples]).items() if v is not None},
+             "n_tokens": sum(s.heads[i].n_tokens for s in samples)}
+            for i in range(len(samples[0].heads))
+        ]
+    return out
+
+
+def _weighted(samples: list[PartialScores]) -> dict:
+    """Each metric's mean weighted by the samples' ``n_tokens``, over the samples that measured it (else None)."""
     out = {}
     for metric in sorted(_SCALARS):
         measured = [(s.values[metric], s.n_tokens) for s in samples if s.values.get(metric) is not None]
         weight = sum(n for _, n in measured)
         out[metric] = sum(v * n for v, n in measured) / weight if weight else None
-    out.update(n_samples=len(samples), n_tokens=sum(s.n_tokens for s in samples), acc1_by_position=None)
     return out
 
 
@@ -165,12 +197,15 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
 
 
 def known_metrics() -> set[str]:
-    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", *KL_PERCENTILES}
+    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", "ppl", "ppl_ratio", *KL_PERCENTILES}
 
 
 def floor_range(metric: str) -> tuple[float, float]:
-    """The values ``metric`` can take: fractions lie in [0, 1], everything else is non-negative."""
-    return (0.0, 1.0) if metric in ("acc1", "acc5", "exact_match") else (0.0, math.inf)
+    """The values ``metric`` can take: fractions lie in [0, 1], a perplexity is at least 1, everything else is
+    non-negative."""
+    if metric in ("acc1", "acc5", "exact_match"):
+        return (0.0, 1.0)
+    return (1.0, math.inf) if metric == "ppl" else (0.0, math.inf)
 
 
-_SCALARS = known_metrics() | {"nll_base"}  # the per-sample scalars of a summary
+_SCALARS = known_metrics() | {"nll_base", "ppl_base"}  # the per-sample scalars of a summary

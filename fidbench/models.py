@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +172,15 @@ def fingerprint(model) -> str:
             h.update(f"{name}{tuple(t.shape)}{t.dtype}{flat.double().sum().item():.10e}".encode())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def load_tensors(path, who: str):
+    """A pickle-based checkpoint (``.pt``, ``.bin``) read with ``torch.load(weights_only=True)``: tensors and plain
+    containers only; a file holding anything else (code to unpickle) is refused with a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise ValueError(f"{who}: {path} holds more than tensors, refused (read with torch.load(weights_only=True), "
+                         f"which runs no code): {reason}") from None

@@ -198,11 +198,16 @@ def _check(where: str, data: dict, key: str, ok, expected: str):
     return data[key]
 
 
-def _scores(where: str, scores) -> None:
+def _scores(where: str, scores, nested: bool = False) -> None:
     if not isinstance(scores, dict):
         raise ReportError(f"{where}: expected an object of scores, got {json.dumps(scores)[:80]}")
     for metric, value in scores.items():
-        if metric != "acc1_by_position" and not _number(value):
+        if metric == "heads" and not nested:  # a method's own predictors (Medusa heads), each an object of scores
+            if not isinstance(value, list):
+                raise ReportError(f"{where}.heads: expected a list of per-head scores, got {json.dumps(value)[:80]}")
+            for i, head in enumerate(value):
+                _scores(f"{where}.heads[{i}]", head, nested=True)
+        elif metric != "acc1_by_position" and not _number(value):
             raise ReportError(f"{where}.{metric}: expected a number or null, got {json.dumps(value)[:80]}")
 
 
@@ -250,7 +255,8 @@ def read(path) -> dict:
 
 
 COLUMNS = [("acc1", "acc@1", "{:.4f}"), ("acc5", "acc@5", "{:.4f}"), ("kl_mean", "KL", "{:.4f}"),
-           ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
+           ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("ppl", "PPL", "{:.3f}"),
+           ("ppl_ratio", "PPL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
 
 
 def _fmt(fmt: str, value) -> str:
@@ -279,7 +285,8 @@ def _pm(fmt: str, ci) -> str:
 
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
     """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one)
-    and ± half its bootstrap interval (``ci``) on acc@1, acc@5 and KL."""
+    and ± half its bootstrap interval (``ci``) on acc@1, acc@5 and KL, then one row per head of a method that
+    scores heads of its own (Medusa)."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
     rows = []
     for r in records:
@@ -295,6 +302,10 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
                     _fmt("{:.2f}", timing.get("decode_s")) if overall else "",
                     verdict(r) if overall else ""]
             rows.append(row)
+            if overall:  # then each of the method's own predictors (Medusa heads): what it measured
+                for head in scores.get("heads") or []:
+                    values = [_fmt(fmt, head.get(k)) for k, _, fmt in COLUMNS]
+                    rows.append([r["id"], f"head {head.get('head')}", *values, "", "", "", ""])
     levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
     shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
     note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []

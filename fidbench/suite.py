@@ -39,8 +39,11 @@ class ModelSpec:
 class DatasetSpec:
     name: str
     path: Path
-    kind: str  # "conversations" or "references" (original {"p_ids", "g_ids"} lines)
+    kind: str  # "conversations", "references" (original {"p_ids", "g_ids"} lines) or "text" (plain text)
     scored: bool = True  # False: calibration data for methods only, never evaluated
+    default: bool = True  # False: scored only by the variants that name it in their ``datasets``
+    window: int | None = None  # text: tokens per window (default: the model's max_length)
+    stride: int | None = None  # text: tokens between window starts (default: half the window)
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Variant:
     method: str
     params: dict
     tags: list[str] = field(default_factory=list)  # extra pytest markers: `pytest -m quick`
+    datasets: list[str] | None = None  # the datasets it scores (default: every scored dataset with default: true)
+    models: list[str] | None = None  # the models it runs on (default: all); e.g. heads or a checkpoint made for one
 
 
 @dataclass
@@ -72,11 +77,18 @@ class Suite:
     variants: list[Variant] = field(default_factory=list)
     floors: dict = field(default_factory=dict)  # model -> variant -> metric -> bound
 
+    def scored_by(self, variant: Variant) -> list[str]:
+        """Names of the datasets ``variant`` scores, in suite order."""
+        return [d.name for d in self.datasets if d.scored and (
+            d.name in variant.datasets if variant.datasets is not None else d.default)]
+
     def cases(self) -> list[Case]:
         """Every model × variant, in file order (stable across xdist workers)."""
         out = []
         for model in self.models:
             for variant in self.variants:
+                if variant.models is not None and model.name not in variant.models:
+                    continue
                 floors = dict(self.floors.get("*", {}).get(variant.name, {}))
                 floors.update(self.floors.get(model.name, {}).get(variant.name, {}))
                 out.append(Case(model, variant, floors))
@@ -170,23 +182,37 @@ def load(path: str | Path) -> Suite:
             raise SuiteError(f"{where}.max_length must be an integer above max_new_tokens ({suite.max_new_tokens})")
         suite.models.append(model)
 
+    kinds = {"path": "conversations", "references": "references", "text": "text"}
     for name, spec in _mapping(f"{f}: datasets", raw["datasets"]).items():
         where = f"{f}: datasets.{_name(f'{f}: datasets', name)}"
-        spec = {"path": spec} if isinstance(spec, str) else dict(_keys(where, spec, {"path", "references", "score"}))
-        scored = spec.pop("score", True)
-        if not isinstance(scored, bool):
-            raise SuiteError(f"{where}.score: must be true or false, got {scored!r}")
+        allowed = {*kinds, "score", "default", "window", "stride"}
+        spec = {"path": spec} if isinstance(spec, str) else dict(_keys(where, spec, allowed))
+        flags = {key: spec.pop(key, True) for key in ("score", "default")}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise SuiteError(f"{where}.{key}: must be true or false, got {value!r}")
+        sizes = {key: spec.pop(key, None) for key in ("window", "stride")}
         if len(spec) != 1:
-            raise SuiteError(f"{where}: give exactly one of 'path' (conversations) or 'references' (p_ids/g_ids)")
+            raise SuiteError(f"{where}: give exactly one of 'path' (conversations), 'references' (p_ids/g_ids) "
+                             f"or 'text' (plain text)")
         kind, rel = next(iter(spec.items()))
+        for key, value in sizes.items():
+            if value is not None and kind != "text":
+                raise SuiteError(f"{where}.{key}: only a 'text' dataset is split into windows")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SuiteError(f"{where}.{key}: must be a positive integer, got {value!r}")
+        if None not in sizes.values() and sizes["stride"] >= sizes["window"]:
+            raise SuiteError(f"{where}.stride: must be below the window ({sizes['window']}), so that every window "
+                             f"after the first has context; got {sizes['stride']}")
         if not isinstance(rel, str):
             raise SuiteError(f"{where}.{kind}: must be a file path, got {rel!r}")
         file = (path.parent / rel).resolve()
         if not file.exists():
             raise SuiteError(f"{where}: file {file} does not exist")
         if not file.is_file():
-            raise SuiteError(f"{where}: {file} is not a file (a JSONL file is expected)")
-        suite.datasets.append(DatasetSpec(name, file, "references" if kind == "references" else "conversations", scored))
+            expected = "text" if kind == "text" else "JSONL"
+            raise SuiteError(f"{where}: {file} is not a file (a {expected} file is expected)")
+        suite.datasets.append(DatasetSpec(name, file, kinds[kind], flags["score"], flags["default"], **sizes))
 
     default_floors: dict = {}
     for name, spec in _mapping(f"{f}: methods", raw["methods"]).items():
@@ -203,11 +229,24 @@ def load(path: str | Path) -> Suite:
         tags = spec.pop("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) and t.isidentifier() for t in tags):
             raise SuiteError(f"{where}.tags: must be a list of marker names (letters, digits, _), got {tags!r}")
+        names = spec.pop("datasets", None)
+        scored = [d.name for d in suite.datasets if d.scored]
+        if names is not None and (not isinstance(names, list) or not names or not all(n in scored for n in names)):
+            raise SuiteError(f"{where}.datasets: must be a non-empty list of scored datasets of this suite "
+                             f"({', '.join(scored)}), got {names!r}")
+        only = spec.pop("models", None)
+        known = [m.name for m in suite.models]
+        if only is not None and (not isinstance(only, list) or not only or not all(m in known for m in only)):
+            raise SuiteError(f"{where}.models: must be a non-empty list of models of this suite ({', '.join(known)}), "
+                             f"got {only!r}")
         try:
             build(method, spec, where)
         except ValueError as e:
             raise SuiteError(str(e)) from None
-        suite.variants.append(Variant(name, method, spec, tags))
+        variant = Variant(name, method, spec, tags, names, only)
+        if not suite.scored_by(variant) and any(d.scored for d in suite.datasets):  # none scored: refused below
+            raise SuiteError(f"{where}: scores no dataset (every scored dataset has default: false); give datasets")
+        suite.variants.append(variant)
     suite.floors["*"] = default_floors
 
     variants = {v.name for v in suite.variants}

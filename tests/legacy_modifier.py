@@ -1,26 +1,11 @@
 """Modifiers written the way the original fidbench scripts wrote them (README "添加新压缩方法"):
-a ``Modifier`` base holding the model, a JSON config read by ``get_conf``, and ``compute_accuracy``
-looping over the reference token by token with the model's ``past_key_values``. fidbench's
-``legacy`` method must run these unchanged."""
-
-import json
+the original ``Modifier`` base (here from fidbench.legacy: the only line a migrated file changes) holding
+the model, a JSON config read by ``get_conf``, and ``compute_accuracy`` looping over the reference token by
+token with the model's ``past_key_values``. fidbench's ``legacy`` method must run these unchanged."""
 
 import torch
 
-
-class Modifier(torch.nn.Module):
-    def __init__(self, model, save_ckp, load_ckp):
-        super().__init__()
-        self.model = model
-        self.save_ckp = save_ckp
-        self.load_ckp = load_ckp
-
-    def get_conf(self, config):
-        if config is not None:
-            with open(config, "r") as f:
-                self.conf = json.load(f)
-        else:
-            self.conf = None
+from fidbench.legacy import Modifier
 
 
 class Origin(Modifier):
@@ -77,3 +62,43 @@ class NoisyNorm(Origin):
         weight = model.model.norm.weight.data
         weight += self.conf['noise'] * torch.randn(weight.shape, generator=generator)
         super().__init__(model, save_ckp, load_ckp)
+
+
+class TrainedNorm(Modifier):
+    """Uses every member of the original base class: ``get_conf`` / ``conf``, ``ft_params`` (the final norm's
+    weight, as if trained) written by ``save_checkpoint`` and read back through ``load_ckp``, ``freeze_model`` /
+    ``unfreeze_model``, ``reset``, ``forward`` (``self(...)``) in its loop, and ``generate``."""
+
+    def __init__(self, model, save_ckp, load_ckp, config):
+        self.get_conf(config)
+        super().__init__(model, save_ckp, load_ckp)  # loads the checkpoint when load_ckp is given
+        self.freeze_model()
+        self.unfreeze_model()  # only ft_params train
+        weight = self.ft_params()[0]
+        generator = torch.Generator().manual_seed(self.conf['seed'])
+        with torch.no_grad():  # on top of the checkpoint
+            weight += self.conf['noise'] * torch.randn(weight.shape, generator=generator)
+        self.calls = 0
+
+    def ft_params(self):
+        return [self.model.model.norm.weight]
+
+    def reset(self):
+        self.calls = 0
+
+    @torch.no_grad()
+    def compute_accuracy(self, p_ids, g_ids):
+        self.reset()
+        output = self(input_ids=p_ids)
+        kv_cache = output.past_key_values
+        acc1, acc5 = 0, 0
+        turns = g_ids.shape[-1] - 1
+        for t in range(turns):
+            output = self(input_ids=g_ids[:, t:t + 1], past_key_values=kv_cache)
+            kv_cache = output.past_key_values
+            self.calls += 1
+            label = g_ids[0, t + 1].item()
+            acc1 += output.logits[0, -1].argmax().item() == label
+            acc5 += label in output.logits[0, -1].topk(5).indices.tolist()
+        assert self.calls == turns
+        return acc1 / turns, acc5 / turns

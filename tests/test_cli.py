@@ -8,6 +8,7 @@ import pytest
 from helpers import ROOT
 
 from fidbench import cli
+from fidbench.legacy import runs
 from fidbench.methods import REGISTRY
 from fidbench.suite import load
 
@@ -74,7 +75,8 @@ def test_import_runs_writes_a_suite_that_loads(scripts, tmp_path, capsys):
         "topk": ("topk", {"keep": 0.25, "min_keep": 16}),
     }
     default = load(ROOT / "fidbench.yaml")
-    assert [(d.name, d.path) for d in suite.datasets] == [(d.name, d.path) for d in default.datasets]
+    # every dataset of the default suite, of the same kind, with its flags and window sizes
+    assert suite.datasets == default.datasets
 
 
 def test_import_runs_merges_identical_configs_and_takes_datasets(scripts, tmp_path):
@@ -96,7 +98,9 @@ def test_import_runs_merges_identical_configs_and_takes_datasets(scripts, tmp_pa
     ("topk", {"mask_out": 0.9, "min_remain": True}, "min_remain must be a positive integer, got true"),
     ("topk", {"draft_kwargs": [0.9]}, r"draft_kwargs must be an object, got \[0.9\]"),
     ("origin", 7, "config must be null, an object or a JSON file path, got 7"),
-    ("medusa", None, r"unknown method 'medusa'.*method: legacy"),
+    ("transmla", None, r"unknown method 'transmla'.*method: legacy"),
+    ("medusa", {"checkpoint": "/heads", "heads": 3}, r"must be exactly \{\"checkpoint\": <heads directory>\}"),
+    ("awq", {"w_bit": 4}, "method 'awq'"),  # with a config it is no pre-made checkpoint: a method to convert
     ("topk", {"draft_kwargs": {"mask_out": 0.9, "min_remain": 8, "fix_layers": [0, 1]}}, "fix_layers"),
     ("topk", {"mask_out": 0.9}, "no min_remain"),
     ("sage-attention", {"smooth": True}, "takes no config"),
@@ -233,3 +237,60 @@ def test_report_shows_every_case_with_its_outcome_and_never_nan_ok(tmp_path, cap
     assert cli.main(["report", str(path), "--overall"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [(r[0], r[-1]) for r in rows] == [("m-nan", "FAIL"), ("m-broken", "ERROR"), ("m-skipped", "SKIP")]
+
+
+@pytest.fixture
+def original(tmp_path):
+    """The original scripts' runs of the new methods, laid out as in wenhaoli-xmu/fidbench (paths shortened)."""
+    root = tmp_path / "orig"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "medusa-qwen2.5-7b.json").write_text(json.dumps({"checkpoint": "/ckpt/medusa_3_qwen7b"}))
+    runs = root / "runs"
+    base = {"model_name": "/models/Qwen2.5-7B-Instruct", "max_length": 32768}
+    run_config(runs / "qwen2.5-7b-instruct.json", "origin", **base)
+    run_config(runs / "llama-8b.json", "origin")
+    run_config(runs / "medusa" / "qwen2.5-7b-instruct-medusa.json", "medusa", "config/medusa-qwen2.5-7b.json", **base)
+    run_config(runs / "awq" / "qwen2.5-7b-instruct-awq.json", "awq", model_name="/ckpt/Qwen2.5-7B-Instruct-AWQ",
+               max_length=32768)
+    run_config(runs / "sparsegpt" / "qwen2.5-7b-instruct-sparsegpt.json", "sparsegpt",
+               model_name="/ckpt/Qwen2.5-7B-Instruct-SparseGPT/", tokenizer_name="/models/Qwen2.5-7B-Instruct",
+               model_dtype="fp16", max_length=32768)
+    run_config(runs / "gptq" / "qwen2.5-7b-instruct-gptq.json", "gptq",
+               model_name="/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4",
+               max_length=32768)
+    return root
+
+
+def test_import_runs_converts_medusa_and_checkpoint_runs(original):
+    suite = runs.convert(original, {"chat": "data/chat.jsonl"})
+    assert sorted(suite["models"]) == ["llama-8b", "qwen2.5-7b-instruct"]  # checkpoint runs define no model
+    assert suite["methods"] == {
+        "awq": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-AWQ", "models": ["qwen2.5-7b-instruct"]},
+        "gptq": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-GPTQ-Int4",
+                 "models": ["qwen2.5-7b-instruct"]},
+        "medusa": {"method": "medusa", "path": "/ckpt/medusa_3_qwen7b", "models": ["qwen2.5-7b-instruct"]},
+        "origin": {"method": "origin"},
+        "sparsegpt": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-SparseGPT/",
+                      "tokenizer": "/models/Qwen2.5-7B-Instruct", "dtype": "fp16", "models": ["qwen2.5-7b-instruct"]},
+    }
+
+
+def test_import_runs_suite_runs_model_specific_variants_on_their_model_only(original, tmp_path):
+    out = tmp_path / "suite.yaml"
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert cli.main(["import-runs", str(original), "-o", str(out), "--datasets", str(data)]) == 0
+    cases = [c.id for c in load(out).cases()]
+    assert cases == ["llama-8b-origin", "qwen2.5-7b-instruct-awq", "qwen2.5-7b-instruct-gptq",
+                     "qwen2.5-7b-instruct-origin",
+                     "qwen2.5-7b-instruct-medusa", "qwen2.5-7b-instruct-sparsegpt"]
+
+
+def test_import_runs_needs_the_base_model_of_a_checkpoint_run(original, capsys, tmp_path):
+    (original / "runs" / "qwen2.5-7b-instruct.json").unlink()
+    for f in (original / "runs" / "medusa").iterdir():
+        f.unlink()
+    assert cli.main(["import-runs", str(original), "-o", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "awq run loads the checkpoint '/ckpt/Qwen2.5-7B-Instruct-AWQ' as its model" in err
+    assert "base model 'qwen2.5-7b-instruct', which no other run defines" in err

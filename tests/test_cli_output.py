@@ -16,7 +16,7 @@ def test_help_says_what_the_command_does_in_whole_sentences(capsys):
         cli.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert ("The fidbench command: list the registered methods; print, compare, merge and plot saved reports; "
-            "propose floors from a measured run; convert the original scripts' run configs.") in out
+            "propose floors from a measured run; convert the original scripts' run configs; train Medusa heads.") in out
     assert 'Fidelity runs themselves are pytest: pytest tests/methods -k "llama and topk".' in out
     for command in COMMANDS:
         assert command in out

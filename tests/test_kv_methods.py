@@ -382,5 +382,6 @@ def test_bad_parameters(name, params, match):
 def test_default_suite_runs_every_kv_method_at_two_budgets():
     suite = load(Path(__file__).parent.parent / "fidbench.yaml")
     for name in KV:
-        ratios = sorted(v.params.get("ratio") for v in suite.variants if v.method == name)
+        # on the default datasets (a variant naming its datasets, e.g. ppl-snapkv-25 on the essays, is extra)
+        ratios = sorted(v.params.get("ratio") for v in suite.variants if v.method == name and v.datasets is None)
         assert ratios == [0.1, 0.25], name

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import FAMILIES, save_words, words_suite
 
-from fidbench import engine, metrics, models, report
+from fidbench import engine, legacy, metrics, models, report
 from fidbench.harness import Bench
 from fidbench.methods import build
 from fidbench.suite import load
@@ -116,3 +116,65 @@ def test_partial_scores_aggregate_token_weighted_and_floors_on_unmeasured_metric
         metrics.PartialScores.of({"accuracy": 1.0, "n_tokens": 1}, "m")
     with pytest.raises(ValueError, match="n_tokens"):
         metrics.PartialScores.of({"acc1": 1.0}, "m")
+
+
+def test_modifier_base_class_members(bench_for, tmp_path):
+    """A Modifier using every member of fidbench.legacy.Modifier runs under legacy: its checkpoint (saved by
+    save_checkpoint, loaded through load_ckp) and its config are what it scores with."""
+    bench, cases = bench_for("llama", {"origin": {}})
+    bench.run(cases["origin"])
+    model, refs = bench.loaded.model, bench.loaded.references
+    trained = copy.deepcopy(model)
+    config = tmp_path / "first.json"
+    config.write_text(json.dumps(NOISE))
+    ckp = tmp_path / "norm.pt"
+    writer = legacy_modifier.TrainedNorm(trained, str(ckp), None, str(config))  # the norm weight "trained"
+    assert writer.conf == NOISE
+    assert [p.requires_grad for p in trained.parameters()].count(True) == 1 and writer.ft_params()[0].requires_grad
+    writer.save_checkpoint()
+    assert torch.equal(torch.load(ckp, weights_only=True)[0], trained.model.norm.weight)
+    ids = torch.tensor([refs[0].p_ids])
+    assert torch.equal(writer.generate(ids, max_new_tokens=3, do_sample=False),
+                       trained.generate(ids, max_new_tokens=3, do_sample=False))
+    assert torch.equal(writer(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+    # Under legacy: the checkpoint is loaded, then the config's noise (another seed) is added on top.
+    again = tmp_path / "second.json"
+    again.write_text(json.dumps({"noise": 1.0, "seed": 1}))
+    bench, cases = bench_for("llama", {"trained": {"method": "legacy", "module": MODULE, "cls": "TrainedNorm",
+                                                    "config": str(again), "load_ckp": str(ckp)}})
+    record = bench.run(cases["trained"])
+    expected_model = copy.deepcopy(trained)
+    with torch.no_grad():
+        expected_model.model.norm.weight += torch.randn(64, generator=torch.Generator().manual_seed(1))
+    expected = seed_style(expected_model, bench.loaded.references)
+    assert [(s["acc1"], s["acc5"]) for s in record["samples"]] == expected
+    without_ckp = seed_style(load_perturbed(model, again), bench.loaded.references)
+    assert expected != without_ckp  # the checkpoint counts
+    assert expected != seed_style(trained, bench.loaded.references)  # and so does the config
+    assert models.fingerprint(bench.loaded.model) == models.fingerprint(model)  # the Modifier changed a copy
+
+
+def test_modifier_checkpoints_refuse_code_and_mismatches(tmp_path):
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.norm = torch.nn.Linear(2, 2)  # norm.weight: (2, 2)
+    config = tmp_path / "noise.json"
+    config.write_text(json.dumps(NOISE))
+    pickled = tmp_path / "code.pt"
+    torch.save([torch.zeros(2, 2), Path("not a tensor")], pickled)  # an object weights_only refuses to unpickle
+    with pytest.raises(ValueError, match="code.pt holds more than tensors, refused"):
+        legacy_modifier.TrainedNorm(model, None, str(pickled), str(config))
+    wrong = tmp_path / "wrong.pt"
+    torch.save([torch.zeros(3)], wrong)
+    with pytest.raises(ValueError, match=r"wrong.pt tensor 0 has shape \(3,\), ft_params\(\)\[0\] has \(2, 2\)"):
+        legacy_modifier.TrainedNorm(model, None, str(wrong), str(config))
+    torch.save([torch.zeros(2, 2)] * 2, wrong)
+    with pytest.raises(ValueError, match="holds 2 tensors, ft_params\\(\\) has 1"):
+        legacy_modifier.TrainedNorm(model, None, str(wrong), str(config))
+    with pytest.raises(ValueError, match="save_ckp is None"):
+        legacy_modifier.Origin(model).save_checkpoint()
+    with pytest.raises(NotImplementedError):
+        legacy.Modifier(model, None, None).ft_params()
+    with pytest.raises(ValueError, match="load_ckp .* is not a file"):
+        build("legacy", {"module": MODULE, "cls": "Origin", "load_ckp": str(tmp_path / "none.pt")})

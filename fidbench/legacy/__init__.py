@@ -4,6 +4,7 @@
   which builds them as the scripts did and lets their own ``compute_accuracy`` loop score each sample
   (``kind = "own_loop"``: the harness reports the acc@1 / acc@5 they give and None for the rest).
   ``load_class`` below imports them: this is the one place fidbench runs user code by design.
+- ``Modifier``, the original base class those files import (``from fidbench.legacy import Modifier``).
 - Run configs ``runs/{model}-{method}.json`` (with ``config/{method}.json``) convert to a suite with
   ``fidbench import-runs`` (``fidbench.legacy.runs``).
 """
@@ -15,7 +16,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__all__ = ["load_class"]
+from .modifier import Modifier
+
+__all__ = ["Modifier", "load_class"]
 
 
 def load_class(module: str, name: str):

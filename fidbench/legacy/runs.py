@@ -4,9 +4,12 @@ A run config names a model (``model_name``, ``model_dtype``, ``device_map``, ``m
 ``tokenizer_name``), a method (``model_method``) and the method's JSON ``config`` file, either at
 the top level or under ``"model"`` as the original scripts wrote them. Each distinct model becomes a
 suite model and each distinct method configuration a variant; the suite then runs every model ×
-variant (a superset of the original runs). Original method names and parameters are mapped to
-registry names (``CONVERSIONS``); a method with no mapping is an error naming it. ``generation_kwargs``
-are not carried over: fidbench's references are always greedy.
+variant (a superset of the original runs), except variants made for one model, which run on it alone
+(``models``): Medusa heads, and the pre-made checkpoints that the original awq, gptq, sparsegpt and
+wanda runs without a config load as their model (``CHECKPOINT_METHODS``: a ``checkpoint`` variant scored against the
+base model of the same name, which another run, e.g. the origin run, defines). Original method names
+and parameters are mapped to registry names (``CONVERSIONS``); a method with no mapping is an error
+naming it. ``generation_kwargs`` are not carried over: fidbench's references are always greedy.
 
 The original scripts read every ``data/*.jsonl`` of their working directory; the suite gets the
 datasets of fidbench's default suite (``fidbench.yaml`` of this checkout), or the files given.
@@ -24,7 +27,7 @@ import yaml
 
 from ..methods import REGISTRY
 from ..models import DTYPES
-from ..suite import SuiteError, load
+from ..suite import DatasetSpec, SuiteError, load
 
 MAX_NEW_TOKENS = 64
 
@@ -66,6 +69,14 @@ def _topk(conf, where):
     return {"keep": round(1 - draft["mask_out"], 10), "min_keep": draft["min_remain"]}
 
 
+def _medusa(conf, where):
+    """The original Medusa config names the heads' directory (``checkpoint``, Medusa's training output)."""
+    if not isinstance(conf, dict) or not isinstance(conf.get("checkpoint"), str) or set(conf) != {"checkpoint"}:
+        raise RunsError(f"{where}: the original medusa config must be exactly {{\"checkpoint\": <heads directory>}}, "
+                        f"got {json.dumps(conf)}")
+    return {"path": conf["checkpoint"]}
+
+
 # original method name -> (registry name, config -> params); names the registry already uses with
 # parameters under their own names convert as they are (see _convert).
 CONVERSIONS = {
@@ -75,7 +86,14 @@ CONVERSIONS = {
     "topk-qwen": ("topk", _topk),
     "flash-attention-fp8": ("fp8-attention", _no_config("flash-attention-fp8")),
     "sage-attention": ("sage-attention", _no_config("sage-attention")),
+    "medusa": ("medusa", _medusa),
 }
+# Original methods whose run, without a config, loads a pre-made checkpoint as its model (``model_name`` is the
+# quantized or pruned directory, as the original awq.py, gptq.py, sparsegpt.py and wanda.py load it); a run of
+# one of them with a config (quantize the base model itself) converts like any other method.
+CHECKPOINT_METHODS = ("awq", "gptq", "sparsegpt", "wanda")
+# Variants made for one model: they run on the model of their run only.
+MODEL_SPECIFIC = ("medusa",)
 
 
 def _convert(method: str, conf, where: str) -> tuple[str, dict]:
@@ -157,6 +175,24 @@ def _model(conf: dict, where: str) -> dict:
     return spec
 
 
+def _checkpoint(conf: dict, method: str, model_name: str, models: dict, where: str) -> dict:
+    """A run that loads a pre-made checkpoint directory as its model: a ``checkpoint`` variant of that directory,
+    on the base model of the same name (what its references come from)."""
+    if model_name not in models:
+        raise RunsError(f"{where}: the original {method} run loads the checkpoint {conf['model_name']!r} as its model; "
+                        f"fidbench scores it against the base model {model_name!r}, which no other run defines "
+                        f"(add its origin run, e.g. runs/{model_name}.json)")
+    variant = {"method": "checkpoint", "path": conf["model_name"]}
+    if conf.get("tokenizer_name"):
+        variant["tokenizer"] = conf["tokenizer_name"]
+    dtype = conf.get("model_dtype") or "fp32"
+    if dtype not in DTYPES:
+        raise RunsError(f"{where}: model_dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    if dtype != models[model_name]["dtype"]:
+        variant["dtype"] = dtype
+    return {**variant, "models": [model_name]}
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+:\[\]/-]", "-", name)
 
@@ -169,9 +205,7 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
     files = sorted(runs_dir.rglob("*.json"))
     if not files:
         raise RunsError(f"no run configs (*.json) under {runs_dir}")
-    models: dict[str, dict] = {}
-    origins: dict[str, Path] = {}
-    variants: dict[str, dict] = {}
+    runs = []
     for file in files:
         where = str(file)
         raw = _json(file)
@@ -186,13 +220,24 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
             raise RunsError(f"{where}: load_ckp (trained weights for the method) has no fidbench equivalent")
         method = conf["model_method"]
         stem = file.stem
-        model_name = _safe(stem[: -len(method) - 1] if stem.endswith(f"-{method}") else stem)
-        spec = _model(conf, where)
+        runs.append((file, conf, method, _safe(stem[: -len(method) - 1] if stem.endswith(f"-{method}") else stem)))
+    models: dict[str, dict] = {}
+    origins: dict[str, Path] = {}
+    for file, conf, method, model_name in runs:  # first the models, from every run that loads the base model
+        if method in CHECKPOINT_METHODS and conf.get("config") is None:
+            continue
+        spec = _model(conf, str(file))
         if model_name in models and models[model_name] != spec:
-            raise RunsError(f"{where}: model {model_name!r} is also defined, differently, by {origins[model_name]}")
+            raise RunsError(f"{file}: model {model_name!r} is also defined, differently, by {origins[model_name]}")
         models[model_name], origins[model_name] = spec, file
-        name, params = _convert(method, _config(conf.get("config"), file, root, where), where)
-        variant = {"method": name, **params}
+    variants: dict[str, dict] = {}
+    for file, conf, method, model_name in runs:
+        where = str(file)
+        if method in CHECKPOINT_METHODS and conf.get("config") is None:
+            variant = _checkpoint(conf, method, model_name, models, where)
+        else:
+            name, params = _convert(method, _config(conf.get("config"), file, root, where), where)
+            variant = {"method": name, **params, **({"models": [model_name]} if name in MODEL_SPECIFIC else {})}
         if variant in variants.values():
             continue
         base, n = _safe(method), 1
@@ -207,22 +252,30 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
     }
 
 
-def default_datasets() -> list[tuple[str, Path, str]]:
-    """(name, file, kind) of the datasets of fidbench's default suite (in a source checkout)."""
+def default_datasets() -> list[DatasetSpec]:
+    """The datasets of fidbench's default suite (in a source checkout)."""
     suite = Path(__file__).resolve().parents[2] / "fidbench.yaml"
     if not suite.is_file():
         raise RunsError(f"fidbench's default suite {suite} is not there (installed from a wheel?): give --datasets")
-    return [(d.name, d.path, d.kind) for d in load(suite).datasets]
+    return load(suite).datasets
 
 
-def write(directory: Path, output: Path, datasets: list[tuple[str, Path, str]] | None = None) -> dict:
+def _entry(spec: DatasetSpec, rel: str):
+    """A dataset's suite entry: its file under its kind's key, with the flags and window sizes it sets."""
+    key = {"conversations": "path", "references": "references", "text": "text"}[spec.kind]
+    extra = {k: v for k, v in (("score", spec.scored), ("default", spec.default)) if v is not True}
+    extra.update({k: v for k, v in (("window", spec.window), ("stride", spec.stride)) if v is not None})
+    return rel if key == "path" and not extra else {key: rel, **extra}
+
+
+def write(directory: Path, output: Path, datasets: list[DatasetSpec] | None = None) -> dict:
     """Convert and write the suite to ``output``, checked by ``fidbench.suite.load`` before it replaces anything."""
     output = Path(output).resolve()
     entries = {}
-    for name, path, kind in datasets if datasets is not None else default_datasets():
-        rel = os.path.relpath(Path(path).resolve(), output.parent)
-        rel = str(Path(path).resolve()) if rel.startswith("..") else rel  # relative only below the suite
-        entries[_safe(name)] = {"references": rel} if kind == "references" else rel
+    for spec in datasets if datasets is not None else default_datasets():
+        rel = os.path.relpath(Path(spec.path).resolve(), output.parent)
+        rel = str(Path(spec.path).resolve()) if rel.startswith("..") else rel  # relative only below the suite
+        entries[_safe(spec.name)] = _entry(spec, rel)
     suite = convert(directory, entries)
     header = (f"# Converted by `fidbench import-runs` from the run configs in {Path(directory).resolve()}.\n"
               "# No floors: run it once, then set floors below the measured values.\n")

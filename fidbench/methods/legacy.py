@@ -1,9 +1,10 @@
 """``legacy``: run a ``Modifier`` subclass written for the original fidbench scripts, unchanged.
 
-The class is built as the original scripts built it, ``cls(model, save_ckp=None, load_ckp=None,
+The class is built as the original scripts built it, ``cls(model, save_ckp=None, load_ckp=...,
 config=...)`` with ``config`` the path of its JSON config file (an inline mapping is written to a
-temporary file first) or None, and each sample is scored by its own
-``compute_accuracy(p_ids, g_ids) -> (acc1, acc5)`` on (1, n) token tensors. That loop is the
+temporary file first) or None, and ``load_ckp`` the checkpoint of its ``ft_params`` or None (read by
+``fidbench.legacy.Modifier.load_checkpoint`` with ``torch.load(weights_only=True)``), and each sample
+is scored by its own ``compute_accuracy(p_ids, g_ids) -> (acc1, acc5)`` on (1, n) token tensors. That loop is the
 original one: it scores reference tokens 1..N-1 (the first, predicted by the prefill, is skipped),
 so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
 measured (reported as None). Modifiers patch forwards and replace modules in place, so by default
@@ -35,6 +36,7 @@ class Legacy(Method):
     module: str = ""
     cls: str = ""
     config: str | dict | None = None
+    load_ckp: str | None = None
     copy: bool = True
 
     def validate(self):
@@ -50,6 +52,8 @@ class Legacy(Method):
                 json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"legacy: config file {self.config!r} is not valid JSON: {e}") from None
+        if self.load_ckp is not None and not Path(self.load_ckp).is_file():
+            raise ValueError(f"legacy: load_ckp {self.load_ckp!r} is not a file")
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
@@ -62,7 +66,8 @@ class Legacy(Method):
             elif config is not None:
                 config = str(Path(config).resolve())
             target = copying.deepcopy(model) if self.copy else model
-            self._modifier = cls(target, save_ckp=None, load_ckp=None, config=config)
+            load_ckp = None if self.load_ckp is None else str(Path(self.load_ckp).resolve())
+            self._modifier = cls(target, save_ckp=None, load_ckp=load_ckp, config=config)
             try:
                 yield target
             finally:
