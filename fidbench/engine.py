@@ -90,3 +90,35 @@ def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str) 
     _sync(device)
     t2 = time.perf_counter()
     return Forced(torch.cat(rows), t1 - t0, t2 - t1)
+
+
+class Stepper:
+    """Decoding as a deployment does it, one token per forward, over a fixed prompt and its reference: for
+    timing. ``prefill()`` starts over (and says how long the prefill took); each ``step()`` feeds the next
+    reference token. Both wait for the device, so a timer around them sees the work done."""
+
+    def __init__(self, model, method, p_ids: list[int], g_ids: list[int]):
+        self.model, self.method, self.p = model, method, len(p_ids)
+        self.device = input_device(model)
+        self.prompt = torch.tensor([p_ids], device=self.device)
+        self.ref = torch.tensor([g_ids], device=self.device)
+        self.cache, self.t = None, 0
+
+    @torch.inference_mode()
+    def prefill(self) -> float:
+        self.method.begin(self.p)
+        self.cache, self.t = None, 0  # free the last round's cache before the next
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with attention.running(self.method, attention.Phase("prefill", self.p, 0)):
+            _, self.cache = forward(self.model, self.prompt, last_only=True)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        t = self.t
+        with attention.running(self.method, attention.Phase("decode", self.p, self.p + t)):
+            _, self.cache = forward(self.model, self.ref[:, t : t + 1], self.cache)
+        _sync(self.device)
+        self.t += 1
