@@ -71,6 +71,12 @@ def test_every_marker_of_the_suite_is_listed_by_pytest_markers(project):
     assert result.stdout.str().count("@pytest.mark.gemma3:") == 1
 
 
+def test_family_markers_drop_text_and_vl_suffixes():
+    assert plugin.families("llama") == ["llama"]
+    assert plugin.families("gemma3_text") == ["gemma3_text", "gemma3"]
+    assert plugin.families("qwen2_5_vl") == ["qwen2_5_vl", "qwen2_5"]
+
+
 def test_only_the_suite_file_is_collected_and_each_case_once(project):
     (project.path / "other.yaml").write_text("key: value\n")  # a YAML that is not a suite: not ours
     (project.path / "test_unit.py").write_text("def test_unit():\n    pass\n")
