@@ -66,16 +66,20 @@ class Bench:
         self.generated = 0  # references the last load generated (0 when all were cached)
         self.failed: dict[str, str] = {}  # model name -> one line: why it could not be set up, where it was reported
 
-    def load(self, spec: ModelSpec, who: str | None = None) -> Loaded:
+    def load(self, spec: ModelSpec, who: str | None = None, model=None, tokenizer=None) -> Loaded:
         """The model of ``spec`` with its prompts and references, loaded once; ``who`` (a case id) is where a
-        failure is reported in full, and named by the ``SetupError`` of every later load of the model."""
+        failure is reported in full, and named by the ``SetupError`` of every later load of the model.
+
+        ``model`` and ``tokenizer``, when given, are used instead of loading ``spec.path`` (a model built
+        in-process, e.g. benchmarks/run.py --shape). The model is warmed up (``engine.warm_up``) before
+        anything is timed."""
         if self.loaded is not None and self.loaded.spec is spec:
             return self.loaded
         if spec.name in self.failed:
             raise SetupError(self.failed[spec.name])
         self.loaded = None  # free the previous model before loading the next
         try:
-            self.loaded = self._load(spec)
+            self.loaded = self._load(spec, model, tokenizer)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             self.failed[spec.name] = (f"model {spec.name!r} could not be set up"
@@ -83,10 +87,14 @@ class Bench:
             raise
         return self.loaded
 
-    def _load(self, spec: ModelSpec) -> Loaded:
+    def _load(self, spec: ModelSpec, model, tok) -> Loaded:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        device = models.worker_device(spec.device, self.worker, self.devices)
-        model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, device)
+        if model is None:
+            device = models.worker_device(spec.device, self.worker, self.devices)
+            model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, device)
+        elif tok is None:
+            raise ValueError(f"model {spec.name!r}: a model given to Bench.load needs its tokenizer")
+        engine.warm_up(model)
         fp = models.fingerprint(model)
         max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
         vocab = model.get_input_embeddings().num_embeddings
@@ -107,11 +115,12 @@ class Bench:
         self.generated = store.generated
         return Loaded(spec, model, tok, fp, prompts, refs, unscored)
 
-    def run(self, case: Case, method=None, timer: Callable | None = None) -> dict:
+    def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
 
         ``timer(model, method, reference)``, called with the method still applied and the first scored
-        sample's reference, times it apart from the evaluation; what it returns is the record's ``timing.timed``."""
+        sample's reference, times it apart from the evaluation; what it returns is the record's ``timing.timed``.
+        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
         mode = engine.resolve_mode(method, self.decode)
@@ -138,6 +147,8 @@ class Bench:
                     timing["prefill_s"] += forced.prefill_s
                     timing["decode_s"] += forced.decode_s
                     bad = non_finite(forced.logits)
+                    if on_sample:
+                        on_sample(forced)
                 per_dataset.setdefault(prompt.dataset, []).append(s)
                 samples.append(report.sample(prompt, ref, s, *bad))
             if self.progress:
