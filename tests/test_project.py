@@ -2,7 +2,10 @@
 conftest). The cases' ids, markers, report, JUnit properties and progress lines."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -59,6 +62,25 @@ def test_a_suite_file_named_as_a_test_path_is_collected_as_its_cases(project):
                            (["-m", "gemma3_text and origin"], ["tiny-gemma-origin"]), (["-m", "quick"], CASES[1::2])]:
         result = project.runpytest("my-suite.yaml", *args, "--fidbench-quiet", "--benchmark-disable", "--strict-markers")
         assert ran(result) == [f"my-suite.yaml::test_fidelity[{c}]" for c in expected], args
+
+
+def collected(cwd, *args) -> list[str]:
+    """The fidelity cases ``pytest --collect-only`` lists in ``cwd``, by case id."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+    out = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [line.split("::test_fidelity[")[1].rstrip("]") for line in out.stdout.splitlines() if "::test_fidelity[" in line]
+
+
+@pytest.mark.slow
+def test_the_default_suite_in_a_project_of_its_own_collects_this_project_s_cases(pytester):
+    """A copy of fidbench.yaml and its data, nothing else: the cases, ids and markers of tests/methods."""
+    shutil.copy(ROOT / "fidbench.yaml", pytester.path / "my-suite.yaml")
+    shutil.copytree(ROOT / "data", pytester.path / "data")
+    for args in [(), ("-m", "llama and topk or wanda")]:
+        ours = collected(ROOT, "tests/methods", *args)
+        assert ours and collected(pytester.path, "my-suite.yaml", *args) == ours, args
 
 
 def test_every_marker_of_the_suite_is_listed_by_pytest_markers(project):

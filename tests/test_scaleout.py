@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ROOT, save_tiny
 
-from fidbench import models
+from fidbench import cli, models
 
 SUITE = """
 generation: {max_new_tokens: 4}
@@ -30,7 +30,7 @@ ORDER = [f"tiny-{m}-{v}" for m in "ab" for v in ("origin", "topk-10", "streaming
 MOCK_GPUS = """
 import json, os
 import torch
-from fidbench import models
+from fidbench import cli, models
 
 torch.cuda.device_count = lambda: 4
 real = models.load
@@ -129,14 +129,10 @@ def test_a_bad_shard_is_a_usage_error(project, value):
     result.stderr.fnmatch_lines([f"*--fidbench-shard: must be I/N, shard I of N with 1 <= I <= N, got '{value}'*"])
 
 
-def merged(docs: list[dict]) -> list[dict]:
-    """The shards' cases as one report's: ``fidbench merge`` where this checkout has it, else their union in suite order."""
-    try:
-        from fidbench.merge import merge
-    except ImportError:
-        cases = {c["id"]: c for doc in docs for c in doc["cases"]}
-        return [cases[i] for i in ORDER if i in cases]
-    return merge({f"shard-{i}.json": doc for i, doc in enumerate(docs)})[0]["cases"]
+def merged(project, *reports: str) -> list[dict]:
+    """The cases of ``fidbench merge <reports> -o merged.json``."""
+    assert cli.main(["merge", *reports, "-o", "merged.json"]) == 0
+    return json.loads((project.path / "merged.json").read_text())["cases"]
 
 
 def untimed(cases: list[dict]) -> list[dict]:
@@ -152,7 +148,7 @@ def test_shards_merged_equal_the_whole_run(project):
     shards = [json.loads((project.path / f"s{i}.json").read_text()) for i in (1, 2)]
     assert [s["settings"]["shard"] for s in shards] == ["1/2", "2/2"] and "shard" not in whole["settings"]
     assert [[c["id"] for c in s["cases"]] for s in shards] == [ORDER[0::2], ORDER[1::2]]
-    assert untimed(merged(shards)) == untimed(whole["cases"])
+    assert untimed(merged(project, "s1.json", "s2.json")) == untimed(whole["cases"])
 
 
 @pytest.mark.slow
@@ -171,5 +167,5 @@ def test_two_shards_at_once_on_one_cache_with_lock_files(project):
     whole = subprocess.run([*cmd, "--fidbench-report", "all.json"], cwd=project.path, env=env, capture_output=True,
                            text=True, timeout=600)
     assert whole.returncode == 0, whole.stdout[-3000:]
-    docs = [json.loads((project.path / name).read_text()) for name in ("s1.json", "s2.json", "all.json")]
-    assert untimed(merged(docs[:2])) == untimed(docs[2]["cases"])
+    whole = json.loads((project.path / "all.json").read_text())
+    assert untimed(merged(project, "s1.json", "s2.json")) == untimed(whole["cases"])
