@@ -52,7 +52,8 @@ def ran(result) -> list[str]:
 
 
 def test_a_suite_file_named_as_a_test_path_is_collected_as_its_cases(project):
-    result = project.runpytest("my-suite.yaml", "--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    result = project.runpytest("my-suite.yaml", "--fidbench-quiet", "--benchmark-disable",
+                               "--fidbench-report", "r.json")
     result.assert_outcomes(passed=4)
     assert ran(result) == [f"my-suite.yaml::test_fidelity[{c}]" for c in CASES]
     assert [c["id"] for c in json.loads((project.path / "r.json").read_text())["cases"]] == CASES
@@ -60,7 +61,8 @@ def test_a_suite_file_named_as_a_test_path_is_collected_as_its_cases(project):
     # -k and -m by family, method and tag; gemma3_text models answer to gemma3 too
     for args, expected in [(["-k", "llama and topk"], ["tiny-llama-topk-10"]), (["-m", "gemma3"], CASES[2:]),
                            (["-m", "gemma3_text and origin"], ["tiny-gemma-origin"]), (["-m", "quick"], CASES[1::2])]:
-        result = project.runpytest("my-suite.yaml", *args, "--fidbench-quiet", "--benchmark-disable", "--strict-markers")
+        result = project.runpytest("my-suite.yaml", *args, "--fidbench-quiet", "--benchmark-disable",
+                                   "--strict-markers")
         assert ran(result) == [f"my-suite.yaml::test_fidelity[{c}]" for c in expected], args
 
 
@@ -70,7 +72,8 @@ def collected(cwd, *args) -> list[str]:
     out = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [line.split("::test_fidelity[")[1].rstrip("]") for line in out.stdout.splitlines() if "::test_fidelity[" in line]
+    lines = [line for line in out.stdout.splitlines() if "::test_fidelity[" in line]
+    return [line.split("::test_fidelity[")[1].rstrip("]") for line in lines]
 
 
 @pytest.mark.slow
@@ -111,12 +114,14 @@ def test_only_the_suite_file_is_collected_and_each_case_once(project):
     result = project.runpytest("test_fidelity.py", "my-suite.yaml", "--collect-only", "-q", "--fidbench-config",
                                "my-suite.yaml")
     result.stdout.fnmatch_lines(["4/8 tests collected (4 deselected)*"])
-    assert [line for line in result.stdout.lines if "::" in line] == [f"test_fidelity.py::test_fidelity[{c}]" for c in CASES]
+    listed = [line for line in result.stdout.lines if "::" in line]
+    assert listed == [f"test_fidelity.py::test_fidelity[{c}]" for c in CASES]
 
 
 @pytest.mark.parametrize("args,message", [
     (["my-suite.yaml", "second.yaml"], "*fidbench runs one suite per session; the command line names 2: *"),
-    (["my-suite.yaml", "--fidbench-config", "second.yaml"], "*--fidbench-config second.yaml and the suite file * differ*"),
+    (["my-suite.yaml", "--fidbench-config", "second.yaml"],
+     "*--fidbench-config second.yaml and the suite file * differ*"),
 ])
 def test_one_suite_per_session(project, args, message):
     shutil.copy(project.path / "my-suite.yaml", project.path / "second.yaml")

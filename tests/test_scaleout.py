@@ -143,7 +143,8 @@ def test_shards_merged_equal_the_whole_run(project):
     args = ("suite.yaml", "--fidbench-quiet", "--benchmark-disable")
     project.runpytest(*args, "--fidbench-report", "all.json").assert_outcomes(passed=6)
     for i in (1, 2):
-        project.runpytest(*args, "--fidbench-shard", f"{i}/2", "--fidbench-report", f"s{i}.json").assert_outcomes(passed=3)
+        shard = project.runpytest(*args, "--fidbench-shard", f"{i}/2", "--fidbench-report", f"s{i}.json")
+        shard.assert_outcomes(passed=3)
     whole = json.loads((project.path / "all.json").read_text())
     shards = [json.loads((project.path / f"s{i}.json").read_text()) for i in (1, 2)]
     assert [s["settings"]["shard"] for s in shards] == ["1/2", "2/2"] and "shard" not in whole["settings"]
@@ -156,9 +157,11 @@ def test_two_shards_at_once_on_one_cache_with_lock_files(project):
     """Two processes, as two machines on a network filesystem would: FIDBENCH_LOCK=file, one reference cache."""
     env = {**os.environ, "FIDBENCH_LOCK": "file", "FIDBENCH_CACHE": str(project.path / "cache")}
     env.pop("PYTEST_XDIST_WORKER", None)
-    cmd = [sys.executable, "-m", "pytest", "suite.yaml", "--fidbench-quiet", "--benchmark-disable", "-p", "no:cacheprovider"]
-    shards = [subprocess.Popen([*cmd, "--fidbench-shard", f"{i}/2", "--fidbench-report", f"s{i}.json"], cwd=project.path,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
+    cmd = [sys.executable, "-m", "pytest", "suite.yaml", "--fidbench-quiet", "--benchmark-disable",
+           "-p", "no:cacheprovider"]
+    shards = [subprocess.Popen([*cmd, "--fidbench-shard", f"{i}/2", "--fidbench-report", f"s{i}.json"],
+                               cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for i in (1, 2)]
     for shard in shards:
         out, _ = shard.communicate(timeout=600)
         assert shard.returncode == 0, out[-3000:]
