@@ -30,10 +30,10 @@ ORDER = [f"tiny-{m}-{v}" for m in "ab" for v in ("origin", "topk-10", "streaming
 MOCK_GPUS = """
 import json, os
 import torch
-from fidbench import cli, models
+from fidbench import models
 
+real_count, real = torch.cuda.device_count, models.load
 torch.cuda.device_count = lambda: 4
-real = models.load
 
 
 def load(path, tokenizer=None, dtype="fp32", device="cpu"):
@@ -44,6 +44,10 @@ def load(path, tokenizer=None, dtype="fp32", device="cpu"):
 
 
 models.load = load
+
+
+def pytest_unconfigure(config):  # an inline run shares this process with the tests after it
+    torch.cuda.device_count, models.load = real_count, real
 """
 
 
@@ -87,11 +91,13 @@ def test_a_worker_loads_cuda_models_on_its_gpu(project, monkeypatch):
     (project.path / "suite.yaml").write_text(SUITE.replace("DEVICE", "cuda"))
     (project.path / "conftest.py").write_text(MOCK_GPUS)
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")  # what xdist sets in worker gw3
+    before = (models.load, torch.cuda.device_count())
     project.runpytest("suite.yaml", "-k", "origin", "--fidbench-quiet", "--benchmark-disable").assert_outcomes(passed=2)
     assert [(r["model"], r["device"]) for r in loads(project)] == [("a", "cuda:3"), ("b", "cuda:3")]
     result = project.runpytest("suite.yaml", "--fidbench-devices", "cuda:0, nowhere")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--fidbench-devices: 'nowhere' is not a torch device (expected e.g. cuda:0,cuda:1)*"])
+    assert (models.load, torch.cuda.device_count()) == before  # the mocks end with the inline run: later tests' own
 
 
 @pytest.mark.slow
