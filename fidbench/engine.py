@@ -5,6 +5,7 @@ N-1 from feeding reference tokens 0..N-2 after the prompt.
 
 The host never waits for a GPU inside a sample: phases are timed with CUDA events read after the
 sample, so the host queues the decode while the GPU still runs the prefill (benchmarks/README.md).
+Stepper, timed from the host by pytest-benchmark, is the exception: it waits for the device after each step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def forward(model, ids: torch.Tensor, cache=None, last_only: bool = False):
     extra = {"logits_to_keep": 1} if last_only else {}  # a long prompt's full-vocab logits would cost n × V floats
     logits, new_cache = call_model(model, cache, input_ids=ids, **extra)
     return logits[0].float(), new_cache
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def input_device(model) -> torch.device:
@@ -141,5 +147,36 @@ def warm_up(model) -> None:
     _, cache = forward(model, ids[:, :WARM_UP_TOKENS], last_only=True)
     _, cache = forward(model, ids[:, WARM_UP_TOKENS : WARM_UP_TOKENS + 4], cache)
     forward(model, ids[:, -1:], cache)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
+
+
+class Stepper:
+    """Decoding as a deployment does it, one token per forward, over a fixed prompt and its reference: for
+    timing. ``prefill()`` starts over (and says how long the prefill took); each ``step()`` feeds the next
+    reference token. Both wait for the device, so a timer around them sees the work done."""
+
+    def __init__(self, model, method, p_ids: list[int], g_ids: list[int]):
+        self.model, self.method, self.p = model, method, len(p_ids)
+        self.device = input_device(model)
+        self.prompt = torch.tensor([p_ids], device=self.device)
+        self.ref = torch.tensor([g_ids], device=self.device)
+        self.cache, self.t = None, 0
+
+    @torch.inference_mode()
+    def prefill(self) -> float:
+        self.method.begin(self.p)
+        self.cache, self.t = None, 0  # free the last round's cache before the next
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with attention.running(self.method, attention.Phase("prefill", self.p, 0)):
+            _, self.cache = forward(self.model, self.prompt, last_only=True)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        t = self.t
+        with attention.running(self.method, attention.Phase("decode", self.p, self.p + t)):
+            _, self.cache = forward(self.model, self.ref[:, t : t + 1], self.cache)
+        _sync(self.device)
+        self.t += 1

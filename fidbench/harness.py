@@ -4,12 +4,11 @@ score a method variant over every prompt and return the case's record for the re
 from __future__ import annotations
 
 import logging
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from . import datasets, engine, metrics, models, report
 from .methods import build
@@ -40,14 +39,20 @@ class SetupError(RuntimeError):
     """A model that failed to load (or to get its prompts and references) on an earlier case."""
 
 
+Progress = Callable[[str, int, int], None]  # progress(what, done, total): "tiny: base references", 3, 14
+
+
 class Bench:
     """Per-process state for a suite: one model resident at a time, with its references.
 
-    A model that fails to set up is tried once: its later cases get a ``SetupError`` at once.
+    A model that fails to set up is tried once: its later cases get a ``SetupError`` at once. ``progress``
+    hears of references and prompts as they are done; ``worker`` and ``devices`` place ``device: cuda``
+    models on an xdist worker's own GPU (``models.worker_device``).
     """
 
     def __init__(self, suite: Suite, limit: int | None = None, max_new_tokens: int | None = None,
-                 decode: str | None = None, progress: bool = True, batch_size: int = 1):
+                 decode: str | None = None, progress: Progress | None = None, batch_size: int = 1,
+                 worker: str | None = None, devices: list[str] | None = None):
         self.suite = suite
         self.limit = limit
         self.max_new_tokens = suite.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -56,6 +61,7 @@ class Bench:
         self.decode = decode or suite.decode
         self.progress = progress
         self.batch_size = batch_size  # prompts per batch when generating references
+        self.worker, self.devices = worker, devices
         self.loaded: Loaded | None = None
         self.generated = 0  # references the last load generated (0 when all were cached)
         self.failed: dict[str, str] = {}  # model name -> one line: why it could not be set up, where it was reported
@@ -84,7 +90,8 @@ class Bench:
     def _load(self, spec: ModelSpec, model, tok) -> Loaded:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         if model is None:
-            model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+            device = models.worker_device(spec.device, self.worker, self.devices)
+            model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, device)
         elif tok is None:
             raise ValueError(f"model {spec.name!r}: a model given to Bench.load needs its tokenizer")
         engine.warm_up(model)
@@ -99,14 +106,20 @@ class Bench:
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size,
                       eos_ids=eos_ids(model, tok), device=models.device_key(model))
         live = [p for p in prompts if p.skipped is None]
-        refs = iter(store.get(model, live, self.progress))
+        tick = None
+        if self.progress:
+            tick = lambda done, total: self.progress(f"{spec.name}: base references", done, total)  # noqa: E731
+            tick(0, len(live))
+        refs = iter(store.get(model, live, tick))
         refs = [None if p.skipped else next(refs) for p in prompts]
         self.generated = store.generated
         return Loaded(spec, model, tok, fp, prompts, refs, unscored)
 
-    def run(self, case: Case, method=None, on_sample=None) -> dict:
+    def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
 
+        ``timer(model, method, reference)``, called with the method still applied and the first scored
+        sample's reference, times it apart from the evaluation; what it returns is the record's ``timing.timed``.
         ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         loaded = self.load(case.model)
         method = method or build(case.variant.method, case.variant.params)
@@ -118,8 +131,9 @@ class Bench:
         scored = set(self.suite.scored_by(case.variant))
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references) if p.dataset in scored]
         with method.apply(loaded.model, loaded) as model:
-            # Progress goes to the real stderr: pytest captures sys.stderr while a test runs.
-            for prompt, ref in tqdm(work, desc=case.id, disable=not self.progress, leave=False, file=sys.__stderr__):
+            for k, (prompt, ref) in enumerate(work):
+                if self.progress:
+                    self.progress(f"{case.id}: prompts", k, len(work))
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
                     continue
@@ -138,6 +152,11 @@ class Bench:
                         on_sample(forced)
                 per_dataset.setdefault(prompt.dataset, []).append(s)
                 samples.append(report.sample(prompt, ref, s, *bad))
+            if self.progress:
+                self.progress(f"{case.id}: prompts", len(work), len(work))
+            first = next((r for r in loaded.references if r is not None), None)
+            if timer is not None and first is not None:
+                timing["timed"] = timer(model, method, first)
         return report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing)
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+
+from . import lock
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -88,7 +89,9 @@ def convert_embedded(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    held = lock.new(out, "model conversion lock")
+    held.wait()
+    try:
         if (out / "config.json").exists():  # another worker converted it while we waited
             return out
         from safetensors.torch import save_model
@@ -108,6 +111,8 @@ def convert_embedded(name: str) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.save_pretrained(tmp)
         os.replace(tmp, out)
+    finally:
+        held.release()
     return out
 
 
@@ -126,6 +131,23 @@ def model_type(path: str) -> str:
         return AutoConfig.from_pretrained(path, local_files_only=True).model_type
     except OSError:
         raise OSError(f"{path!r} is neither a model directory nor a hub id in the local Hugging Face cache") from None
+
+
+def worker_device(device: str, worker: str | None, devices: list[str] | None = None) -> str:
+    """Where a model of suite ``device`` loads in xdist worker ``worker`` (``gw0``, ``gw1``, ...; None outside xdist).
+
+    ``cuda`` means the worker's own GPU: ``devices[N % len(devices)]`` for worker gwN when ``devices``
+    (``--fidbench-devices``) is given, else ``cuda:N % device_count()`` when the worker sees several GPUs,
+    else the one it sees (a launcher that sets each worker's ``CUDA_VISIBLE_DEVICES``). Anything else
+    (``cpu``, ``cuda:K``, ``auto`` for a model larger than one GPU) loads where it says.
+    """
+    if device != "cuda":
+        return device
+    n = int(worker.removeprefix("gw")) if worker and worker.removeprefix("gw").isdigit() else 0
+    if devices:
+        return devices[n % len(devices)]
+    count = torch.cuda.device_count()
+    return f"cuda:{n % count}" if worker is not None and count > 1 else device
 
 
 def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu"):

@@ -1,5 +1,11 @@
 """The pytest plugin: options, one parametrized case per model × method variant, the score report.
 
+The cases come from a suite file: one named as a test path (``pytest my-suite.yaml``, collected here
+as the items of ``fidbench.cases``, so any project runs them with the installed package and its suite
+file alone), else ``--fidbench-config`` or ``fidbench.yaml`` for a test module that re-exports
+``fidbench.cases.test_fidelity`` (this project's tests/methods). ``--fidbench-shard I/N`` keeps a
+deterministic share of them; ``device: cuda`` models go to each xdist worker's own GPU.
+
 pytest-benchmark keeps its numbers only in its own JSON and switches itself off under xdist, so
 fidbench carries each case's record to the controller in ``user_properties`` and writes its own
 report there, rewritten after every case so an interrupted run keeps what it measured. Every
@@ -10,20 +16,32 @@ setup, raised, or whose xdist worker crashed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from . import report
+from . import cases, lock, report
 from .engine import MODES
 from .harness import Bench, SetupError
 from .methods import build
 from .models import model_type
-from .reference import lock_timeout
 from .suite import Case, SuiteError, load
 
 _suite_key = pytest.StashKey()
+_path_key = pytest.StashKey()
 CASE = "fidbench_case"  # user property naming an item's case, attached at collection: every phase's report carries it
+RECORD = "fidbench"  # user property carrying a case's record in its call report only
+PROGRESS = "fidbench_progress"  # user property carrying a worker's progress line in one report
+TRANSIENT = (RECORD, PROGRESS)  # taken off the item once a report carries them: JUnit XML gets metrics, not blobs
+METRICS = (*cases.SCALARS, "prefill_s", "decode_s", "kv_fraction", "prefill_ms_per_1k_tokens", "decode_ms_per_token")
+TICK_S = 10.0  # a phase longer than this (a model's references, a case's prompts) says how far it got
 # What a model's setup raises for a bad model, tokenizer, device or dataset: a one-line error, no traceback.
 SETUP_ERRORS = (OSError, ValueError, RuntimeError, AssertionError, ImportError)
 
@@ -39,6 +57,29 @@ def _positive(value: str) -> int:
     return n
 
 
+def _shard(value: str) -> tuple[int, int]:
+    """``--fidbench-shard I/N``: shard I (1 to N) of N."""
+    i, sep, n = value.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        sep = ""
+    if not sep or not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"must be I/N, shard I of N with 1 <= I <= N, got {value!r}")
+    return i, n
+
+
+def _devices(value: str) -> list[str]:
+    """``--fidbench-devices cuda:0,cuda:1``: torch device names."""
+    devices = [d.strip() for d in value.split(",")]
+    for d in devices:
+        try:
+            torch.device(d)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"{d!r} is not a torch device (expected e.g. cuda:0,cuda:1)") from None
+    return devices
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("fidbench", "fidbench: fidelity of compressed LLMs")
     group.addoption("--fidbench-config", metavar="PATH", help="suite YAML file (default: fidbench.yaml in the rootdir)")
@@ -49,15 +90,25 @@ def pytest_addoption(parser):
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
     group.addoption("--fidbench-batch-size", type=_positive, default=1, metavar="N",
                     help="generate base references N prompts at a time (default 1; >1 keeps its own references)")
-    group.addoption("--fidbench-quiet", action="store_true", help="no progress bars")
+    group.addoption("--fidbench-quiet", action="store_true", help="no progress lines")
+    group.addoption("--fidbench-shard", type=_shard, metavar="I/N",
+                    help="run shard I of N (1 <= I <= N) of the suite's cases, deselecting the others")
+    group.addoption("--fidbench-devices", type=_devices, metavar="DEV,DEV",
+                    help="device of xdist worker gwN's 'device: cuda' models: the N-th of the list (wrapping)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fidbench: a fidelity case (model × method variant)")
     try:
-        lock_timeout()
+        lock.kind(), lock.timeout(), lock.stale_after()
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
+    config.stash[_path_key] = _suite_path(config)
+    config.pluginmanager.register(Progress(config, os.environ.get("PYTEST_XDIST_WORKER")), "fidbench-progress")
+    if config.option.markers:  # `pytest --markers` collects nothing: list the suite's markers from here
+        with contextlib.suppress(SuiteError, OSError, ValueError):
+            for case in _suite_now(config).cases():
+                _marks(config, case, model_type(case.model.path))
     if not hasattr(config, "workerinput"):  # xdist workers send their records to the controller
         path = config.getoption("fidbench_report")
         if path:  # before any case runs, not after the first one
@@ -68,22 +119,93 @@ def pytest_configure(config):
         config.pluginmanager.register(Reporter(config), "fidbench-reporter")
 
 
-def _suite(config):
+def _looks_like_suite(path: Path) -> bool:
+    """A YAML file whose top level names models, methods or datasets (or that does not parse: its error is
+    then reported as the suite's)."""
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return True
+    return isinstance(data, dict) and bool({"models", "methods", "datasets"} & set(data))
+
+
+def _named_suites(config) -> list[Path]:
+    """Suite files named as test paths on the command line (``pytest my-suite.yaml``)."""
+    found = []
+    for arg in config.args:
+        path = Path(arg.split("::")[0])
+        path = (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
+        if path not in found and _looks_like_suite(path):
+            found.append(path)
+    return found
+
+
+def _suite_path(config) -> Path:
+    """The session's one suite: a suite file named as a test path, else --fidbench-config, else fidbench.yaml."""
+    named, option = _named_suites(config), config.getoption("fidbench_config")
+    if len(named) > 1:
+        raise pytest.UsageError(f"fidbench runs one suite per session; the command line names {len(named)}: "
+                                + ", ".join(map(str, named)))
+    if named and option and Path(option).resolve() != named[0]:
+        raise pytest.UsageError(f"--fidbench-config {option} and the suite file {named[0]} named as a test path "
+                                "differ; give one of them")
+    return named[0] if named else Path(option) if option else Path(config.rootpath) / "fidbench.yaml"
+
+
+def _suite_now(config):
+    """The suite, read once (``SuiteError`` when it is not valid)."""
     if _suite_key not in config.stash:
-        path = config.getoption("fidbench_config") or Path(config.rootpath) / "fidbench.yaml"
-        try:
-            suite, error = load(path), None
-        except SuiteError as e:
-            error = str(e)
-        if error:  # a collection error with the message alone, no traceback
-            pytest.fail(f"fidbench: {error}", pytrace=False)
-        config.stash[_suite_key] = suite
+        config.stash[_suite_key] = load(config.stash[_path_key])
     return config.stash[_suite_key]
 
 
-def _mark(config, name: str):
-    config.addinivalue_line("markers", f"{name}: fidbench model family, method or variant tag")
-    return getattr(pytest.mark, name)
+def _suite(config):
+    """The suite, or a collection error that says what is wrong with it (no traceback)."""
+    try:
+        return _suite_now(config)
+    except SuiteError as e:
+        error = str(e)
+    pytest.fail(f"fidbench: {error}", pytrace=False)
+
+
+class SuiteFile(pytest.Module):
+    """A suite file named as a test path, collected as ``fidbench.cases``: its items are the suite's cases."""
+
+    def _getobj(self):
+        return cases
+
+    def istestfunction(self, obj, name: str) -> bool:
+        return name == "test_fidelity"  # whatever the project's python_functions
+
+    def istestclass(self, obj, name: str) -> bool:
+        return False
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if parent.session.isinitpath(file_path) and file_path.resolve() == parent.config.stash[_path_key].resolve():
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+def families(model_type: str) -> list[str]:
+    """Marker names of a model type: itself, and the family a user would guess (``gemma3_text`` -> ``gemma3``)."""
+    family = re.sub(r"_(text|vl)$", "", model_type)
+    return [model_type] if family == model_type else [model_type, family]
+
+
+def _marks(config, case: Case, model_type: str) -> list:
+    """A case's markers (each registered, so ``pytest --markers`` lists it): fidbench, the model's families,
+    the method and the variant's tags."""
+    names = [(f, "fidbench model family") for f in families(model_type)]
+    names += [(case.variant.method, "fidbench method"), *((t, "fidbench variant tag") for t in case.variant.tags)]
+    known = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    for name, what in names:
+        if name not in known:
+            config.addinivalue_line("markers", f"{name}: {what}")
+            known.add(name)
+    return [pytest.mark.fidbench, *(getattr(pytest.mark, name) for name, _ in names)]
 
 
 def pytest_generate_tests(metafunc):
@@ -101,9 +223,7 @@ def pytest_generate_tests(metafunc):
                 error = f"fidbench: {suite.path}: models.{case.model.name}: {e}"
             if error:
                 pytest.fail(error, pytrace=False)
-        marks = [pytest.mark.fidbench, _mark(config, types[case.model.name]), _mark(config, case.variant.method),
-                 *(_mark(config, tag) for tag in case.variant.tags)]
-        params.append(pytest.param(case, id=case.id, marks=marks))
+        params.append(pytest.param(case, id=case.id, marks=_marks(config, case, types[case.model.name])))
     metafunc.parametrize("fidbench_case", params)
 
 
@@ -114,29 +234,139 @@ def _item_case(item) -> Case | None:
     return case if isinstance(case, Case) else None
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: each model's cases go to one worker, which loads the model once; other tests are
+    grouped by their ``xdist_group`` marker as xdist does. (xdist groups by a suffix its workers add to node
+    ids, which pytest 9.2 no longer lets them set, and which would change the cases' ids.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    try:
+        model_of = {case.id: case.model.name for case in _suite_now(config).cases()}
+    except SuiteError:
+        model_of = {}  # the workers report the suite's error
+
+    class ByModel(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            model = model_of.get(_param_id(nodeid)) if "::test_fidelity[" in nodeid else None
+            return f"fidbench model {model}" if model else super()._split_scope(nodeid)
+
+    return ByModel(config, log)
+
+
+def in_shard(rank: int, shard: tuple[int, int] | None) -> bool:
+    """Whether the case at ``rank`` in the suite's order is in ``shard`` (I, N): round-robin, rank mod N = I - 1.
+
+    Round-robin keeps shards even in cost as well as count: a suite lists a method's variants (often
+    equally slow, e.g. every stepwise one) next to each other, and these go to different shards. Each shard
+    loads each of its models once (cases run in suite order) and the reference cache is shared, so a
+    reference is generated once, by whichever shard gets to it first."""
+    return shard is None or rank % shard[1] == shard[0] - 1
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own, and after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("fidbench_shard")
+    kept, dropped, seen, rank = [], [], set(), None
     for item in items:
         case = _item_case(item)
-        if case is not None:
-            item.user_properties.append((CASE, case.id))
-            # A fidelity case is a benchmark even when it asks for pytest-benchmark's fixture only while timing
-            # is on (fidbench_benchmark): --benchmark-only must not skip it as a non-benchmark.
-            item.own_markers = [m for m in item.own_markers
-                                if not (m.name == "skip" and "--benchmark-only" in str(m.kwargs.get("reason")))]
+        if case is None:
+            kept.append(item)
+            continue
+        rank = rank or {c.id: k for k, c in enumerate(_suite(config).cases())}
+        if case.id in seen or not in_shard(rank[case.id], shard):  # seen: a suite file and a module both collected it
+            dropped.append(item)
+            continue
+        seen.add(case.id)
+        item.user_properties.append((CASE, case.id))
+        # A fidelity case is a benchmark even when it asks for pytest-benchmark's fixture only while timing
+        # is on (fidbench_timer): --benchmark-only must not skip it as a non-benchmark.
+        item.own_markers = [m for m in item.own_markers
+                            if not (m.name == "skip" and "--benchmark-only" in str(m.kwargs.get("reason")))]
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A record or a progress line goes in the one report it was made for: off the item afterwards."""
+    rep = yield
+    item.user_properties[:] = [(name, value) for name, value in item.user_properties if name not in TRANSIENT]
+    return rep
+
+
+class Progress:
+    """Progress lines of long phases (a model's references, a case's prompts): how far one got every
+    ``TICK_S`` while it lasts, and a line when it ends; nothing for shorter phases.
+
+    Outside xdist they go through pytest's terminal reporter (capture suspended), so they show under the
+    default capture. An xdist worker's terminal goes nowhere (its stdout is /dev/null) and its reports reach
+    the controller only when a phase ends, so a worker writes its ``[gwN]`` lines to its stderr (the
+    controller's terminal) and relays each phase's last line in that phase's report, which the controller
+    prints through its terminal reporter."""
+
+    def __init__(self, config, worker: str | None):
+        self.config, self.worker = config, worker
+        self.item = None  # the item running now: a worker's last lines ride on its reports
+        self.phases: dict[str, tuple[float, float]] = {}  # what -> (start, last line)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.item = item
+        try:
+            return (yield)
+        finally:
+            self.item = None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == 0 or what not in self.phases:
+            self.phases[what] = (now, now)
+            return
+        start, last = self.phases[what]
+        if done == total:
+            del self.phases[what]
+            if now - start >= TICK_S:
+                self._end(f"fidbench: {what} {done}/{total} in {now - start:.0f} s")
+        elif now - last >= TICK_S:
+            self.phases[what] = (start, now)
+            self._write(f"fidbench: {what} {done}/{total} ({now - start:.0f} s)")
+
+    def _end(self, line: str) -> None:
+        if self.worker is not None and self.item is not None:
+            self.item.user_properties.append((PROGRESS, f"[{self.worker}] {line}"))
+        else:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        terminal = self.config.pluginmanager.getplugin("terminalreporter")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            if self.worker is None and terminal is not None:
+                terminal.write_line(line)
+            else:  # one write: several workers share the terminal
+                sys.stderr.write(f"[{self.worker}] {line}\n" if self.worker else f"{line}\n")
+                sys.stderr.flush()
 
 
 @pytest.fixture(scope="session")
 def fidbench_bench(request):
     """Per-process harness state: the suite, and the model currently loaded with its references."""
     config = request.config
+    progress = config.pluginmanager.get_plugin("fidbench-progress")
     return Bench(
         _suite(config),
         limit=config.getoption("fidbench_limit"),
         max_new_tokens=config.getoption("fidbench_max_new_tokens"),
         decode=config.getoption("fidbench_decode"),
-        progress=not config.getoption("fidbench_quiet"),
+        progress=None if config.getoption("fidbench_quiet") else progress,
         batch_size=config.getoption("fidbench_batch_size"),
+        worker=progress.worker,  # gw0, gw1, ... in an xdist worker
+        devices=config.getoption("fidbench_devices"),
     )
 
 
@@ -161,23 +391,40 @@ def fidbench_method(fidbench_case):
     return build(fidbench_case.variant.method, fidbench_case.variant.params)
 
 
+def _properties(record: dict) -> list[tuple[str, object]]:
+    """A record's figures as (name, value) properties, one per metric (JUnit XML writes each as a property)."""
+    timing = record.get("timing") or {}
+    values = {**(record.get("scores") or {}), **timing, **(timing.get("timed") or {}),
+              "kv_fraction": (record.get("kept") or {}).get("kv_fraction")}
+    return [(name, values[name]) for name in METRICS if values.get(name) is not None]
+
+
 @pytest.fixture
 def fidbench_record(request):
-    """Call with a case record to send it to the report (on the controller, also under xdist)."""
-    return lambda record: request.node.user_properties.append(("fidbench", record))
+    """Call with a case record to send it to the report (on the controller, also under xdist) and its figures
+    to the item's properties."""
+    def send(record):
+        request.node.user_properties.append((RECORD, record))
+        request.node.user_properties.extend(_properties(report.finite(record)))
+    return send
 
 
 @pytest.fixture
-def fidbench_benchmark(request):
-    """pytest-benchmark's fixture while it times this session, else None: under ``--benchmark-skip`` (or
-    without pytest-benchmark) fidelity cases still run and gate, untimed. Requested by name only when timing
-    is on, because pytest-benchmark skips every test that lists ``benchmark`` among its fixtures."""
+def fidbench_timer(request):
+    """A ``cases.DecodeTimer`` on pytest-benchmark's fixture while it times this session, else None: under
+    ``--benchmark-skip`` or ``--benchmark-disable``, under xdist (where pytest-benchmark is off), or without
+    pytest-benchmark, fidelity cases still run and gate, untimed. pytest-benchmark's fixture is requested by
+    name only when timing is on, because it skips every test that lists ``benchmark`` among its fixtures."""
     config = request.config
     if not config.pluginmanager.has_plugin("benchmark"):
         return None
     if config.getoption("benchmark_skip") and not config.getoption("benchmark_only"):
         return None
-    return request.getfixturevalue("benchmark")
+    benchmark = request.getfixturevalue("benchmark")
+    if not benchmark.enabled:
+        benchmark.pedantic(lambda: None)  # disabled, it runs this once: the fixture counts as used, nothing is timed
+        return None
+    return cases.DecodeTimer(benchmark, config.getoption("benchmark_min_rounds"))
 
 
 def _message(rep) -> str | None:
@@ -203,8 +450,9 @@ def _outcome(rep, recorded: bool) -> tuple[str, str | None] | None:
 
 
 def _param_id(nodeid: str) -> str:
-    """The parametrize id of a node id: ``case-id`` of ``tests/x.py::test_fidelity[case-id]`` (ids may hold [ ])."""
-    return nodeid.rpartition("::")[2].partition("[")[2][:-1]
+    """The parametrize id of a node id: ``case-id`` of ``tests/x.py::test_fidelity[case-id]``, also with the
+    ``@group`` that ``--dist loadgroup`` appends (ids may hold [ ])."""
+    return nodeid.rpartition("::")[2].partition("[")[2].rpartition("]")[0]
 
 
 def _workers(config) -> int:
@@ -237,6 +485,8 @@ class Reporter:
                 "decode": opt("fidbench_decode") or suite.decode,
                 "batch_size": opt("fidbench_batch_size"),
             }
+            if opt("fidbench_shard"):
+                settings["shard"] = "{}/{}".format(*opt("fidbench_shard"))
             self._cases = {c.id: c for c in suite.cases()}
             self._report = report.Report(opt("fidbench_report"), settings, list(self._cases), self.environment)
         return self._report
@@ -274,11 +524,18 @@ class Reporter:
         if ids and self._active():  # ids: the workers read the suite, so it loads here too
             self.selected.update((i, _param_id(i)) for i in ids if _param_id(i) in self.cases)
 
+    @pytest.hookimpl(tryfirst=True)  # an xdist worker's progress shows before the report's outcome
     def pytest_runtest_logreport(self, report):
+        terminal = self.config.pluginmanager.getplugin("terminalreporter")
+        for name, value in report.user_properties:  # progress lines a worker relayed: printed here
+            if name == PROGRESS and terminal is not None:
+                if getattr(getattr(terminal, "_tw", None), "width_of_current_line", 0):
+                    terminal.write("\n")  # after xdist's progress dots
+                terminal.write_line(value)
         case = self._case(report)
         if case is None:
             return
-        records = [value for name, value in report.user_properties if name == "fidbench"]
+        records = [value for name, value in report.user_properties if name == RECORD]
         for record in records:
             self.report.add(record)
         outcome = _outcome(report, bool(records))
@@ -295,6 +552,10 @@ class Reporter:
 
     def pytest_terminal_summary(self, terminalreporter):
         records = self.report.ordered() if self._report is not None else []
+        option = self.config.getoption("fidbench_config")
+        if not records and not self.selected and option and not _named_suites(self.config):
+            terminalreporter.write_line(f"fidbench: no fidelity case ran; to run the cases of {option}, name it as a "
+                                        f"test path: pytest {option}")
         if records:
             terminalreporter.write_sep("=", "fidbench results")
             terminalreporter.write_line(report.table(records))

@@ -6,8 +6,9 @@ logits: the model's fingerprint (weights and dtype), the prompt's tokens, the ge
 (length, end-of-sequence ids, batch size), the device and the library versions, so a second run
 generates nothing. Each file carries its settings and a checksum of its content; every read checks
 both and the prompt, and a bad file is moved aside (``<name>.bad-<time>``), named in a warning and
-regenerated, never used. Files are written atomically under a per-sample lock that names its holder:
-xdist workers share the store, an interrupted run loses at most the sample in progress, and a run
+regenerated, never used. Files are written atomically under a per-sample lock that names its holder
+(``fidbench.lock``: ``FIDBENCH_LOCK`` selects flock or lock files for network filesystems): xdist
+workers and shards share the store, an interrupted run loses at most the sample in progress, and a run
 waiting on a lock says who holds it (``FIDBENCH_LOCK_TIMEOUT`` seconds bound the wait).
 """
 
@@ -16,21 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from . import engine
+from . import engine, lock
 from .datasets import Prompt
 from .methods import build
 from .metrics import rest_logp
@@ -38,11 +36,10 @@ from .metrics import rest_logp
 FORMAT = 3  # 3: end-of-sequence ids and device in the key, a checksum in every file
 TOP_K = 32  # base log-probabilities kept per position for KL (the rest of the vocabulary is one bucket)
 TENSORS = ("p_ids", "g_ids", "top_idx", "top_logp", "gold_logp", "rest_logp")
-NOTICE_S = 5.0  # a run waiting on a lock says who holds it after this long, then every minute
 
 
 class ReferenceWarning(UserWarning):
-    """A cached reference was bad (moved aside and regenerated), or a run is waiting on a lock."""
+    """A cached reference was bad: moved aside and regenerated."""
 
 
 class BadReference(ValueError):
@@ -138,68 +135,6 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
 def base_logits(model, p_ids: list[int], g_ids: list[int]) -> torch.Tensor:
     """The base model's stepwise logits over a given reference (for imported references)."""
     return engine.teacher_force(model, build("origin", {}), p_ids, g_ids, "stepwise").logits
-
-
-def lock_timeout() -> float | None:
-    """``FIDBENCH_LOCK_TIMEOUT``: seconds a run waits on another's reference lock before it gives up (unset: no limit)."""
-    value = os.environ.get("FIDBENCH_LOCK_TIMEOUT", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:  # also NaN
-        raise ValueError(f"FIDBENCH_LOCK_TIMEOUT must be a number of seconds >= 0, got {value!r}")
-    return seconds
-
-
-class Lock:
-    """A sample's file lock that writes its holder (pid, host, since when) next to it, so that a run waiting
-    on it can say who holds it. The lock frees itself when its holder exits; a stopped one holds it."""
-
-    def __init__(self, path: Path):
-        self.path = Path(f"{path}.lock")
-        self.holder = Path(f"{path}.lock.holder")
-        self._lock = FileLock(str(self.path))
-
-    def acquire(self, timeout: float) -> None:
-        self._lock.acquire(timeout=timeout)
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
-
-    def release(self) -> None:
-        self.holder.unlink(missing_ok=True)  # before the lock: the next holder writes its own
-        self._lock.release()
-
-    def who(self) -> str:
-        try:
-            h = json.loads(self.holder.read_text())
-            return f"pid {h['pid']} on {h['host']} (since {h['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that left no holder file"
-
-    def wait(self) -> None:
-        """Acquire, however long it takes (or ``lock_timeout()``), saying after ``NOTICE_S`` and then every
-        minute which lock is held by whom."""
-        limit, start, notice = lock_timeout(), time.monotonic(), NOTICE_S
-        while True:
-            waited = time.monotonic() - start
-            try:
-                self.acquire(NOTICE_S if limit is None else max(0.0, min(NOTICE_S, limit - waited)))
-                return
-            except Timeout:
-                waited = time.monotonic() - start
-            if limit is not None and waited >= limit:
-                raise TimeoutError(
-                    f"reference lock {self.path} is still held by {self.who()} after {waited:.0f} s "
-                    f"(FIDBENCH_LOCK_TIMEOUT={limit:g}); if that process is stopped, resume or end it") from None
-            if waited >= notice:
-                message = f"fidbench: waiting {waited:.0f} s for reference lock {self.path}, held by {self.who()}"
-                print(message, file=sys.__stderr__, flush=True)
-                if notice == NOTICE_S:
-                    warnings.warn(message, ReferenceWarning, stacklevel=2)
-                notice = waited + 60
 
 
 def _checksum(settings: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -306,8 +241,9 @@ class Store:
         self.generated += len(prompts)
         return [Reference.from_logits(p.p_ids, g_ids, logits) for p, (g_ids, logits) in zip(prompts, out)]
 
-    def get(self, model, prompts: list[Prompt], progress: bool = True) -> list[Reference]:
-        """References for ``prompts``, generating the missing (and bad) ones, ``batch_size`` at a time.
+    def get(self, model, prompts: list[Prompt], progress: Callable[[int, int], None] | None = None) -> list[Reference]:
+        """References for ``prompts``, generating the missing (and bad) ones, ``batch_size`` at a time;
+        ``progress(done, total)`` is called as they come.
 
         A sample another worker is generating is skipped and revisited, so workers split the work
         instead of queueing on the same lock. Batches hold prompts of similar lengths (least padding).
@@ -316,7 +252,12 @@ class Store:
         pending = list(range(len(prompts)))
         if self.batch_size > 1:
             pending.sort(key=lambda i: len(prompts[i].p_ids))
-        bar = tqdm(total=len(prompts), desc="base references", disable=not progress, leave=False, file=sys.__stderr__)
+
+        def done(i: int, ref: Reference) -> None:
+            refs[i] = ref
+            if progress:  # False or None: no progress
+                progress(len(refs), len(prompts))
+
         first = True  # the first pass skips busy samples; later passes wait for them
         while pending:
             waiting, batch = [], []  # batch: (index, path, held lock) of samples to generate
@@ -325,42 +266,39 @@ class Store:
                     path = self.path(prompts[i])
                     ref = self._cached(path, prompts[i])
                     if ref is None:
-                        lock = Lock(path)
+                        held = lock.new(path, "reference lock")
                         try:
                             if first:
-                                lock.acquire(0)
+                                held.acquire(0)
                             else:
-                                lock.wait()
-                        except Timeout:
+                                held.wait()
+                        except lock.Timeout:
                             waiting.append(i)
                             continue
                         ref = self._cached(path, prompts[i], set_aside=True)  # another worker may have written it
                         if ref is None:
-                            batch.append((i, path, lock))
+                            batch.append((i, path, held))
                             if len(batch) == self.batch_size:
-                                self._flush(model, prompts, batch, refs, bar)
+                                self._flush(model, prompts, batch, done)
                             continue
-                        lock.release()
-                    refs[i] = ref
-                    bar.update(1)
-                self._flush(model, prompts, batch, refs, bar)
+                        held.release()
+                    done(i, ref)
+                self._flush(model, prompts, batch, done)
             finally:
-                for _, _, lock in batch:  # an interrupted batch: release what we hold, write nothing partial
-                    lock.release()
+                for _, _, held in batch:  # an interrupted batch: release what we hold, write nothing partial
+                    held.release()
             pending, first = waiting, False
-        bar.close()
         return [refs[i] for i in range(len(prompts))]
 
-    def _flush(self, model, prompts, batch, refs, bar) -> None:
+    def _flush(self, model, prompts, batch, done) -> None:
         """Generate, write and release the samples held in ``batch`` (emptied in place)."""
         if not batch:
             return
         made = self._make_batch(model, [prompts[i] for i, _, _ in batch])
         while batch:
-            (i, path, lock), ref = batch.pop(0), made.pop(0)
+            (i, path, held), ref = batch.pop(0), made.pop(0)
             try:
                 self._write(path, ref)
             finally:
-                lock.release()
-            refs[i] = self.read(path, prompts[i])  # what later runs will read, verified
-            bar.update(1)
+                held.release()
+            done(i, self.read(path, prompts[i]))  # what later runs will read, verified

@@ -101,6 +101,7 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
         "model": case.model.name,
         "model_type": loaded.model.config.model_type,
         "fingerprint": loaded.fingerprint,
+        "device": "+".join(sorted({str(p.device) for p in loaded.model.parameters()})),  # where it ran: cuda:3, cpu
         "method": case.variant.method,
         "kind": method.kind,
         "variant": case.variant.name,

@@ -227,6 +227,8 @@ def test_cases_a_stopped_session_never_ran_are_in_the_report(small):
     (["--fidbench-report", "no/such/dir/r.json"], {}, "*--fidbench-report no/such/dir/r.json: cannot write the report there*"),
     (["--fidbench-report", "a"], {}, "*--fidbench-report a: cannot write the report there (a is a directory)*"),
     ([], {"FIDBENCH_LOCK_TIMEOUT": "soon"}, "*FIDBENCH_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'*"),
+    ([], {"FIDBENCH_LOCK": "nfs"}, "*FIDBENCH_LOCK must be one of flock, file, got 'nfs'*"),
+    ([], {"FIDBENCH_LOCK_STALE": "-1"}, "*FIDBENCH_LOCK_STALE must be a number of seconds >= 0, got '-1'*"),
 ])
 def test_bad_options_are_usage_errors_before_any_case_runs(small, monkeypatch, args, env, message):
     (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n")

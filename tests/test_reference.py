@@ -6,13 +6,12 @@ import threading
 
 import pytest
 import torch
-from filelock import FileLock
 from helpers import tiny_model
 from safetensors.torch import load_file, save_file
 
-from fidbench import reference
+from fidbench import lock, reference
 from fidbench.datasets import Prompt
-from fidbench.reference import Lock, ReferenceWarning, Store
+from fidbench.reference import ReferenceWarning, Store
 
 
 @pytest.fixture
@@ -136,15 +135,19 @@ def test_interrupted_generation_keeps_finished_samples(cache, model, monkeypatch
     assert resumed.generated == 1
 
 
-def test_a_sample_locked_by_another_worker_is_revisited_not_waited_on(cache, model, monkeypatch):
+@pytest.mark.parametrize("kind", lock.KINDS)
+def test_a_sample_locked_by_another_worker_is_revisited_not_waited_on(cache, model, monkeypatch, kind):
+    monkeypatch.setenv("FIDBENCH_LOCK", kind)
     store = Store(cache, "tiny", "f" * 64, 8)
     order, held, release = [], threading.Event(), threading.Event()
     busy = store.path(prompts()[0])
 
     def other_worker():
-        with FileLock(str(busy) + ".lock"):
-            held.set()
-            release.wait(10)
+        other = lock.new(busy)
+        other.acquire(0)
+        held.set()
+        release.wait(10)
+        other.release()
 
     thread = threading.Thread(target=other_worker)
     thread.start()
@@ -173,13 +176,13 @@ def test_imported_reference_keeps_its_tokens_and_gets_base_logits(cache, model):
 
 def test_a_run_waiting_on_a_lock_says_who_holds_it_and_can_time_out(cache, model, monkeypatch, capfd):
     store = Store(cache, "tiny", "f" * 64, 8)
-    held = Lock(store.path(prompts()[0]))
+    held = lock.Flock(store.path(prompts()[0]), "reference lock")
     held.acquire(0)  # another run's lock (flock: a second open file of the same lock conflicts, in-process too)
     holder = json.loads(held.holder.read_text())
-    monkeypatch.setattr(reference, "NOTICE_S", 0.2)
+    monkeypatch.setattr(lock, "NOTICE_S", 0.2)
     monkeypatch.setenv("FIDBENCH_LOCK_TIMEOUT", "0.5")
     try:
-        with pytest.warns(ReferenceWarning, match="waiting .* s for reference lock .*lock, held by pid"):
+        with pytest.warns(lock.LockWarning, match="waiting .* s for reference lock .*lock, held by pid"):
             with pytest.raises(TimeoutError) as e:
                 store.get(model, prompts(1), progress=False)
     finally:
@@ -190,4 +193,4 @@ def test_a_run_waiting_on_a_lock_says_who_holds_it_and_can_time_out(cache, model
     assert not held.holder.exists()  # released: the holder file goes with the lock
     monkeypatch.setenv("FIDBENCH_LOCK_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="FIDBENCH_LOCK_TIMEOUT must be a number of seconds"):
-        reference.lock_timeout()
+        lock.timeout()
