@@ -49,6 +49,9 @@ def pytest_addoption(parser):
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
     group.addoption("--fidbench-batch-size", type=_positive, default=1, metavar="N",
                     help="generate base references N prompts at a time (default 1; >1 keeps its own references)")
+    group.addoption("--fidbench-free-run", action="store_true",
+                    help="every case also lets the method generate on its own and scores that (ROUGE-L, edit "
+                         "distance), as variants with free_run: true do; one forward per generated token")
     group.addoption("--fidbench-quiet", action="store_true", help="no progress bars")
 
 
@@ -137,6 +140,7 @@ def fidbench_bench(request):
         decode=config.getoption("fidbench_decode"),
         progress=not config.getoption("fidbench_quiet"),
         batch_size=config.getoption("fidbench_batch_size"),
+        free_run=config.getoption("fidbench_free_run"),
     )
 
 
@@ -228,6 +232,7 @@ class Reporter:
                 "max_new_tokens": opt("fidbench_max_new_tokens") or suite.max_new_tokens,
                 "decode": opt("fidbench_decode") or suite.decode,
                 "batch_size": opt("fidbench_batch_size"),
+                "free_run": opt("fidbench_free_run"),  # every case; variants may ask on their own
             }
             self._cases = {c.id: c for c in suite.cases()}
             self._report = report.Report(opt("fidbench_report"), settings, list(self._cases), self.environment)

@@ -49,6 +49,7 @@ class Variant:
     method: str
     params: dict
     tags: list[str] = field(default_factory=list)  # extra pytest markers: `pytest -m quick`
+    free_run: bool = False  # also let the method generate on its own and score that (fidbench.engine.free_run)
 
 
 @dataclass
@@ -203,17 +204,28 @@ def load(path: str | Path) -> Suite:
         tags = spec.pop("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) and t.isidentifier() for t in tags):
             raise SuiteError(f"{where}.tags: must be a list of marker names (letters, digits, _), got {tags!r}")
+        free_run = spec.pop("free_run", False)
+        if not isinstance(free_run, bool):
+            raise SuiteError(f"{where}.free_run: must be true or false, got {free_run!r}")
+        if free_run and REGISTRY[method].kind == "own_loop":
+            raise SuiteError(f"{where}.free_run: method {method!r} scores samples in its own loop (kind 'own_loop'), "
+                             f"so fidbench cannot let it generate on its own")
         try:
             build(method, spec, where)
         except ValueError as e:
             raise SuiteError(str(e)) from None
-        suite.variants.append(Variant(name, method, spec, tags))
+        suite.variants.append(Variant(name, method, spec, tags, free_run))
     suite.floors["*"] = default_floors
 
     variants = {v.name for v in suite.variants}
     for model, per_variant in _keys(f"{f}: floors", raw.get("floors") or {}, {m.name for m in suite.models}).items():
         for variant, bounds in _keys(f"{f}: floors.{model}", per_variant or {}, variants).items():
             suite.floors.setdefault(model, {})[variant] = _floors(f"{f}: floors.{model}.{variant}", bounds)
+    for case in suite.cases():
+        free = sorted(set(case.floors) & set(metrics.FREE_RUN))
+        if free and not case.variant.free_run:
+            raise SuiteError(f"{f}: {case.id}: floors on {', '.join(free)}, free-running scores, need "
+                             f"'free_run: true' in methods.{case.variant.name}")
     if not suite.models or not any(d.scored for d in suite.datasets) or not suite.variants:
         raise SuiteError(f"{f}: models, datasets (at least one scored) and methods must each name at least one entry")
     seen: dict[str, Case] = {}

@@ -5,9 +5,10 @@ Select with -k by model family and method: ``pytest tests/methods -k "llama and 
 
 import pytest
 
+from fidbench.metrics import FREE_RUN
 from fidbench.report import finite
 
-SCALARS = ("acc1", "acc5", "kl_mean", "kl_p99", "nll", "nll_ratio", "first_divergence", "exact_match")
+SCALARS = ("acc1", "acc5", "kl_mean", "kl_p99", "nll", "nll_ratio", "first_divergence", "exact_match", *FREE_RUN)
 
 
 def test_fidelity(fidbench_case, fidbench_model, fidbench_method, fidbench_bench, fidbench_record, fidbench_benchmark):
