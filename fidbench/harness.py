@@ -61,16 +61,20 @@ class Bench:
         self.generated = 0  # references the last load generated (0 when all were cached)
         self.failed: dict[str, str] = {}  # model name -> one line: why it could not be set up, where it was reported
 
-    def load(self, spec: ModelSpec, who: str | None = None) -> Loaded:
+    def load(self, spec: ModelSpec, who: str | None = None, model=None, tokenizer=None) -> Loaded:
         """The model of ``spec`` with its prompts and references, loaded once; ``who`` (a case id) is where a
-        failure is reported in full, and named by the ``SetupError`` of every later load of the model."""
+        failure is reported in full, and named by the ``SetupError`` of every later load of the model.
+
+        ``model`` and ``tokenizer``, when given, are used instead of loading ``spec.path`` (a model built
+        in-process, e.g. benchmarks/run.py --shape). The model is warmed up (``engine.warm_up``) before
+        anything is timed."""
         if self.loaded is not None and self.loaded.spec is spec:
             return self.loaded
         if spec.name in self.failed:
             raise SetupError(self.failed[spec.name])
         self.loaded = None  # free the previous model before loading the next
         try:
-            self.loaded = self._load(spec)
+            self.loaded = self._load(spec, model, tokenizer)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             self.failed[spec.name] = (f"model {spec.name!r} could not be set up"
@@ -78,9 +82,13 @@ class Bench:
             raise
         return self.loaded
 
-    def _load(self, spec: ModelSpec) -> Loaded:
+    def _load(self, spec: ModelSpec, model, tok) -> Loaded:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+        if model is None:
+            model, tok = models.load(spec.path, spec.tokenizer, spec.dtype, spec.device)
+        elif tok is None:
+            raise ValueError(f"model {spec.name!r}: a model given to Bench.load needs its tokenizer")
+        engine.warm_up(model)
         fp = models.fingerprint(model)
         max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) or 8192
         vocab = model.get_input_embeddings().num_embeddings
@@ -97,8 +105,10 @@ class Bench:
         self.generated = store.generated
         return Loaded(spec, model, tok, fp, prompts, refs, unscored)
 
-    def run(self, case: Case, method=None) -> dict:
-        """Evaluate one model × variant over every prompt; the returned dict is the report's case record."""
+    def run(self, case: Case, method=None, on_sample=None) -> dict:
+        """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
+
+        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         method = method or build(case.variant.method, case.variant.params)
         own_loop = method.kind == "own_loop"  # a legacy Modifier's own loop replaces engine + metrics
         free = self.free_run or case.variant.free_run
@@ -131,6 +141,8 @@ class Bench:
                     timing["prefill_s"] += forced.prefill_s
                     timing["decode_s"] += forced.decode_s
                     bad = non_finite(forced.logits)
+                    if on_sample:
+                        on_sample(forced)
                 free_row = None  # the sample's free-running fields of the report
                 if free:  # after teacher forcing: method.begin resets per-sample state for the second pass
                     gen = engine.free_run(model, method, ref.p_ids, len(ref.g_ids), eos)

@@ -211,6 +211,13 @@ def _param_id(nodeid: str) -> str:
     return nodeid.rpartition("::")[2].partition("[")[2][:-1]
 
 
+def _workers(config) -> int:
+    """Processes that run cases at once: pytest-xdist's workers (each sees PYTEST_XDIST_WORKER_COUNT), else 1."""
+    if config.getoption("dist", "no") != "no" and config.getoption("tx", None):
+        return len(config.getoption("tx"))
+    return 1
+
+
 class Reporter:
     """Collects case records and outcomes on the controller into the report; prints the table at the end."""
 
@@ -218,7 +225,8 @@ class Reporter:
         self.config = config
         self._report = None
         self._cases: dict[str, Case] = {}
-        self.environment = report.environment()  # at session start: the code that ran, not the tree at the end
+        # at session start: the code that ran, not the tree at the end
+        self.environment = report.environment(workers=_workers(config))
         self.nodes: dict[str, str] = {}  # node id -> case id, from the reports' user properties
         self.selected: dict[str, str] = {}  # node id -> case id of every selected fidelity case
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import metrics, stats
 
 # 1: records without "format"; 2: + format, kind; 3: + outcome, error, non_finite; stub records;
 # 4: + free_run, free-running scores (metrics.FREE_RUN), timing.free_run_s, free-running fields of samples
@@ -43,8 +43,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment() -> dict:
-    """Taken when the session starts, so it describes the code that ran, not the tree at the last write."""
+def environment(workers: int = 1) -> dict:
+    """Taken when the session starts, so it describes the code that ran, not the tree at the last write.
+
+    ``workers``: the processes that ran cases at once (pytest-xdist's workers), sharing the machine."""
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "machine": {
@@ -53,6 +55,7 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "workers": workers,
         },
         "commit": _git("rev-parse", "HEAD") or None,
         # uncommitted changes to tracked files: the commit alone does not say what ran
@@ -119,6 +122,8 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
         "free_run": free_run,
         "scores": scores,
         "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
+        "ci": stats.intervals(samples),  # bootstrap over samples: metric -> [lo, hi], None below two samples
+        "ci_level": stats.LEVEL,
         "timing": timing,
         "kept": method.kept(),
         "floors": case.floors,
@@ -289,8 +294,19 @@ def _answers(scores: dict) -> str:
     return "-" if method is None else f"{method:.2f}/{base:.2f}"
 
 
+def _pm(fmt: str, ci) -> str:
+    """Half the interval's width, 2 significant digits (enough to tell a difference from noise), no finer than
+    the column's own ``fmt``."""
+    if not ci or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):  # none, or non-finite
+        return ""
+    half = (ci[1] - ci[0]) / 2
+    text = f"{half:.2g}"
+    return f" ±{fmt.format(half) if 'e' in text else text}"
+
+
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
-    """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one).
+    """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one)
+    and ± half its bootstrap interval (``ci``) on acc@1, acc@5, KL and the free-running scores.
 
     Free-running columns (ROUGE-L, edit distance, answer recall method/base, time) appear when a case has them."""
     free = any(r.get("free_run") for r in records)
@@ -303,19 +319,24 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
         timing = r.get("timing") or {}
         parts = [(n, s) for n, s in r.get("datasets", {}).items() if s.get("n_tokens")] if datasets else []
         for name, scores in [*parts, ("all", r.get("scores") or {})]:
-            row = [r["id"], name, *(_fmt(fmt, scores.get(k)) for k, _, fmt in COLUMNS)]
-            if free:
-                row += [*(_fmt(fmt, scores.get(k)) for k, _, fmt in FREE_COLUMNS), _answers(scores)]
             overall = name == "all"
+            ci = (r.get("ci") or {}) if overall else {}
+            row = [r["id"], name, *(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in COLUMNS)]
+            if free:
+                row += [*(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in FREE_COLUMNS),
+                        _answers(scores)]
             row += [f"{kept:.3f}" if overall and kept is not None else "",
                     _fmt("{:.2f}", timing.get("prefill_s")) if overall else "",
                     _fmt("{:.2f}", timing.get("decode_s")) if overall else ""]
             row += [_fmt("{:.2f}", timing.get("free_run_s")) if overall else ""] if free else []
             row.append(verdict(r) if overall else "")
             rows.append(row)
+    levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
+    shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
+    note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []
     if markdown:
-        lines = [header, ["---"] * len(header), *rows]
-        return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
+        lines = ["| " + " | ".join(str(x) for x in row) + " |" for row in [header, ["---"] * len(header), *rows]]
+        return "\n".join(lines + (["", *note] if note else []))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join(lines + note)

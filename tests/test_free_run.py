@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import reports
 import torch
 from helpers import ROOT, calibration, reference, save_words, tiny_model, word_tokenizer, words_suite
 
@@ -29,6 +30,14 @@ N = 12
 
 def prompts(n: int = 2) -> list[list[int]]:
     return [torch.randint(0, 283, (40,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(1, n + 1)]
+
+
+def columns(text: str) -> list[dict]:
+    """The rows of a plain ``report.table`` as header -> cell (columns start where the header's names do)."""
+    header, *rows = [line for line in text.splitlines() if not line.startswith("±")]
+    starts = [m.start() for m in re.finditer(r"(?<!\S)\S+(?: \S+)*", header)]
+    bounds = list(zip(starts, [*starts[1:], None]))
+    return [{header[a:b].strip(): row[a:b].strip() for a, b in bounds} for row in rows]
 
 
 def free_run(model, method, ref, eos=frozenset(), monkeypatch=None):
@@ -162,8 +171,9 @@ def test_origin_and_degenerate_methods_reproduce_the_base_text_and_a_real_method
     assert not teacher["free_run"] and "free_run_s" not in teacher["timing"]
     assert all(teacher["scores"][m] is None for m in metrics.FREE_RUN) and "free_text" not in teacher["samples"][0]
     assert teacher["scores"]["acc1"] == few["scores"]["acc1"]
-    table = report.table([few, teacher], datasets=False).splitlines()
-    assert "ROUGE-L" in table[0] and table[2].split()[8:11] == ["-", "-", "-"]
+    few_row, teacher_row = columns(report.table([few, teacher], datasets=False))
+    assert float(few_row["ROUGE-L"].split()[0]) == pytest.approx(few["scores"]["rouge_l"], abs=5e-4)
+    assert [teacher_row[c] for c in ("ROUGE-L", "edit", "answers", "free s")] == ["-", "-", "-", "-"]
     assert "ROUGE-L" not in report.table([teacher]).splitlines()[0]
 
 
@@ -254,6 +264,51 @@ def test_the_plugin_option_free_runs_every_case_into_report_and_tables(pytester,
     assert "ROUGE-L" in result.stdout.str().split("fidbench results")[1]
     capsys.readouterr()  # the inner session's output
     assert cli.main(["report", str(pytester.path / "r.json"), "--overall"]) == 0
-    header, row = capsys.readouterr().out.splitlines()
-    assert header.split()[10:14] == ["ROUGE-L", "edit", "answers", "kept"]
-    assert row.split()[8:11] == ["1.000", "0.000", "-"]
+    out = capsys.readouterr().out
+    assert list(columns(out)[0])[8:12] == ["ROUGE-L", "edit", "answers", "kept"]
+    assert [columns(out)[0][c] for c in ("ROUGE-L", "edit", "answers")] == ["1.000 ±0", "0.000 ±0", "-"]
+
+
+def free_cases(rouge_drop: float = 0.0) -> list[dict]:
+    """A free-running case over 8 prompts (ROUGE-L lowered by ``rouge_drop``; prompt 0 has no ROUGE-L word,
+    prompts 0-1 have answers; the lengths differ, so token weighting would give other means) and a
+    teacher-forced case."""
+    samples = []
+    for i in range(8):
+        s = reports.sample("code", i, 0.8, 0.2, n_tokens=4 + 8 * i)
+        rouge = None if i == 0 else round(0.9 - 0.1 * (i % 3) - rouge_drop, 4)
+        s.update(rouge_l=rouge, rouge_l_ids=0.8, edit_distance=0.1 + rouge_drop, common_prefix=3,
+                 answer_recall=1.0 if i < 2 else None, answer_recall_base=1.0 if i < 2 else None)
+        samples.append(s)
+    free = {**reports.record("m", "topk-10", samples), "free_run": True}
+    teacher = reports.record("m", "snapkv-10", [reports.sample("code", i, 0.5, 0.3) for i in range(8)])
+    return [free, teacher]
+
+
+def test_compare_and_intervals_carry_free_run_scores(tmp_path, capsys):
+    base_cases = free_cases()
+    values = [s["rouge_l"] for s in base_cases[0]["samples"] if s["rouge_l"] is not None]
+    lo, hi = base_cases[0]["ci"]["rouge_l"]  # per-sample mean: the samples that measured it, each weighing 1
+    assert lo < sum(values) / len(values) < hi and "rouge_l" not in base_cases[1]["ci"]
+    base = reports.write(tmp_path / "base.json", base_cases)
+    worse = reports.write(tmp_path / "worse.json", free_cases(rouge_drop=0.2))
+    gate = ["--max-drop", "rouge_l=0.05", "--max-rise", "edit_distance=0.05", "--max-drop", "answer_recall=0"]
+    assert cli.main(["compare", str(base), str(worse), *gate, "--json", str(tmp_path / "c.json")]) == 1
+    out = capsys.readouterr().out
+    cells = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[3:] if len(line.split()) > 4}
+    assert cells["m-topk-10", "rouge_l"][2:8] == ["8", f"{sum(values) / len(values):.4f}",
+                                                  f"{sum(values) / len(values) - 0.2:.4f}", "-0.2000", "[-0.2000,",
+                                                  "-0.2000]"]
+    assert cells["m-topk-10", "rouge_l"][-1] == cells["m-topk-10", "edit_distance"][-1] == "FAIL"
+    assert cells["m-topk-10", "answer_recall"][-1] == "ok" and cells["m-topk-10", "common_prefix"][5] == "+0.0000"
+    assert not any(m in metrics.FREE_RUN for case, m in cells if case == "m-snapkv-10")  # teacher-forced only
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["failed"] == ["m-topk-10 rouge_l", "m-topk-10 edit_distance"]
+    teacher = reports.write(tmp_path / "teacher.json", [free_cases()[1]])  # gated, measured nowhere: refused
+    assert cli.main(["compare", str(teacher), str(teacher), "--max-drop", "rouge_l=0.05"]) == 2
+    assert "rouge_l cannot be gated: no case of either report has it" in capsys.readouterr().err
+    free = free_cases()[0]
+    teacher_samples = [{k: v for k, v in s.items() if k not in metrics.FREE_RUN} for s in free["samples"]]
+    half = reports.write(tmp_path / "half.json", [free | {"samples": teacher_samples}])
+    assert cli.main(["compare", str(base), str(half), "--max-drop", "rouge_l=0.05"]) == 1  # measured on one side
+    assert capsys.readouterr().out.splitlines()[-1].endswith("FAILED: m-topk-10 rouge_l")

@@ -174,3 +174,30 @@ def test_the_end_of_sequence_ids_are_part_of_the_reference_key(tmp_path, cache):
     changed = Bench(s, progress=False)
     changed.load(s.models[0])
     assert changed.generated == 3  # only the end-of-sequence id changed: the references are made anew
+
+
+def test_a_model_built_in_process_is_used_as_given_and_warmed_up_once(tmp_path, checkpoint, cache, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fidbench import engine
+
+    s = suite(tmp_path, checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    warmed = []
+    monkeypatch.setattr(engine, "warm_up", warmed.append)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("Bench.load loaded a model it was given"))
+    bench = Bench(s, progress=False)
+    loaded = bench.load(s.models[0], model=model, tokenizer=tokenizer)
+    assert loaded.model is model and loaded.tokenizer is tokenizer and warmed == [model]
+    assert bench.load(s.models[0]) is loaded and warmed == [model]  # the same model: no second warm-up
+    assert bench.run(s.cases()[0])["scores"]["acc1"] >= 0.95
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        Bench(s, progress=False).load(s.models[0], model=model)
+
+
+def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache):
+    s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
+    seen = []
+    record = Bench(s, progress=False).run(s.cases()[0], on_sample=seen.append)
+    assert [f.logits.shape[0] for f in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2

@@ -105,6 +105,7 @@ def test_report_is_the_same_with_and_without_xdist(project):
     serial = json.loads((project.path / "serial.json").read_text())
     xdist = json.loads((project.path / "xdist.json").read_text())
     assert {"versions", "machine", "commit", "dirty"} <= set(serial["environment"])
+    assert serial["environment"]["machine"]["workers"] == 1 and xdist["environment"]["machine"]["workers"] == 2
     assert [c["id"] for c in serial["cases"]] == [c["id"] for c in xdist["cases"]] == [
         "tiny-a-origin", "tiny-a-topk-10", "tiny-b-origin", "tiny-b-topk-10"]
     for a, b in zip(serial["cases"], xdist["cases"]):
@@ -188,7 +189,8 @@ def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail
         assert record["outcome"] == "failed" and record["failures"][0].startswith("no prompt was scored: 1 skipped (prompt of ")
     result.stdout.fnmatch_lines(["*tiny-a-nan: method 'checkpoint' (variant 'nan') gave non-finite logits*",
                                  "*fidbench results*"])
-    table = result.stdout.str().split("fidbench results")[1]
+    # The short test summary after the table repeats failure messages at the terminal's width: not the table.
+    table = result.stdout.str().split("fidbench results")[1].split("short test summary info")[0]
     assert "nan" not in table.replace("tiny-a-nan", "").replace("tiny-short-nan", "")
     assert {line.split()[0]: line.split()[-1] for line in table.splitlines()[1:] if line.startswith("tiny-")} == {
         "tiny-short-origin": "FAIL", "tiny-short-nan": "FAIL", "tiny-short-broken": "ERROR", "tiny-short-skipme": "SKIP",
@@ -249,7 +251,7 @@ def test_a_model_that_cannot_be_set_up_fails_its_first_case_clearly_and_the_othe
     monkeypatch.setattr(models, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", "-k", "not tiny")
     result.assert_outcomes(errors=4)
-    out = result.stdout.str()
+    out = result.stdout.str().split("short test summary info")[0]  # the summary repeats errors at the terminal's width
     suite = small.path / "fidbench.yaml"
     assert out.count(f"fidbench: {suite}: models.gone could not be set up: OSError: ") == 1
     assert out.count(f"fidbench: {suite}: models.notok could not be set up: OSError: ") == 1
