@@ -7,8 +7,8 @@ from fidbench.methods import build
 
 
 def test_sliced_masked_prefill_equals_one_sdpa_call(tiny, prompt, monkeypatch):
-    # streamingllm hands SDPA a full (sinks + window) mask in the prefill: the sliced path.
-    method = build("streamingllm", {"budget": 12, "sink": 2})
+    # streamingllm with a windowed prefill hands SDPA a full (sinks + window) mask in the prefill: the sliced path.
+    method = build("streamingllm", {"budget": 12, "sink": 2, "prefill": "windowed"})
     g_ids = list(range(5, 13))
 
     def logits():

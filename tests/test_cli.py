@@ -48,7 +48,8 @@ def test_methods_lists_every_method_with_its_parameters_and_defaults(capsys):
     for name, cls in REGISTRY.items():
         assert f"{name}  (" in out and cls.description in out
         for field in dataclasses.fields(cls):
-            assert f"    {field.name}: " in out and f"= {field.default!r}" in out
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert f"    {field.name}: " in out and f"= {default!r}" in out
     assert "keep: float = 0.1" in out
 
 

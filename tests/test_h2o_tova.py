@@ -1,11 +1,11 @@
-"""H2O and TOVA: decode-time KV eviction as masks over absolute positions, per KV head."""
+"""H2O and TOVA: decode-time KV eviction as masks over absolute positions (one decode-time eviction step,
+a victim rule each). Masking equals a physical cache over 20 decode steps: tests/test_physical.py."""
 
 import math
 
 import pytest
 import torch
 from helpers import FULL, tiny_model
-from transformers import DynamicCache
 
 from fidbench import attention, engine
 from fidbench.attention import AttentionCall, Phase
@@ -13,11 +13,14 @@ from fidbench.methods import build, h2o
 
 # Variants whose budget is below a 40-token prompt, so both prefill and decode evict.
 EVICTING = {
-    "h2o": {"heavy_budget": 6, "recent_budget": 4},
-    "h2o-ratio": {"heavy": 0.15, "recent": 0.1},  # 6 + 4 of a 40-token prompt
+    "h2o": {"budget": 10, "recent": 0.4},  # 6 heavy + 4 recent
+    "h2o-ratio": {"ratio": 0.25},  # 5 + 5 of a 40-token prompt
+    "h2o-query": {"budget": 10, "granularity": "query_head"},
     "tova": {"budget": 10},
     "tova-ratio": {"ratio": 0.25},  # 10 of a 40-token prompt
 }
+# Choices per layer on the tiny models (4 query heads, 2 KV heads).
+HEADS = {"h2o": 2, "h2o-ratio": 2, "h2o-query": 4, "tova": 1, "tova-ratio": 1}
 
 
 def variant(name):
@@ -31,8 +34,9 @@ def reference(n=8, seed=2):
 
 @pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("method,params", [
-    ("h2o", {"heavy_budget": 30, "recent_budget": 18}),  # 48 = prompt 40 + reference 8
-    ("h2o", {"heavy": 0.5, "recent": 0.5, "min_budget": 48}),
+    ("h2o", {"budget": 48}),  # 48 = prompt 40 + reference 8
+    ("h2o", {"ratio": 1.0, "min_budget": 48}),
+    ("h2o", {"budget": 48, "granularity": "query_head"}),
     ("tova", {"budget": 48}),
     ("tova", {"ratio": 1.0, "min_budget": 48}),
 ])
@@ -62,18 +66,19 @@ def test_kept_count_per_head_is_the_budget(family, name, prompt):
     m.attend = checked
     with m.apply(model) as applied:
         forced = engine.teacher_force(applied, m, prompt, reference(), "stepwise").logits
-    assert counts and all(bool((c == 10).all()) for c in counts)
+    assert counts and all(c.shape == (1, HEADS[name]) and bool((c == 10).all()) for c in counts)
     assert torch.isfinite(forced).all()
     # Every decode query saw the 10 kept positions plus itself, out of all it could see.
     layers = model.config.num_hidden_layers
     visible = sum(len(prompt) + 1 + t for t in range(len(reference()) - 1))
     assert m.kept()["kv_fraction"] == pytest.approx(11 * (len(reference()) - 1) / visible)
     assert len(m.kept()["kv_fraction_per_layer"]) == layers
+    assert m.kept()["budget"] == m.kept()["budget_per_head"] == 10
 
 
 @pytest.mark.parametrize("family", FULL)
 @pytest.mark.parametrize("method,params,budget", [
-    ("h2o", {"heavy": 0.1, "recent": 0.1}, 8),  # 20 % of 12 tokens is 2: raised to min_budget 8
+    ("h2o", {"ratio": 0.2}, 8),  # 20 % of 12 tokens is 2: raised to min_budget 8
     ("tova", {"ratio": 0.1}, 8),
     ("tova", {"ratio": 0.1, "min_budget": 3}, 3),
 ])
@@ -84,65 +89,38 @@ def test_short_prompt_gets_min_budget(family, method, params, budget):
     assert all(bool((k.sum(-1) == budget).all()) for k in m.keep.values())
 
 
-def test_h2o_ratio_budgets_split_in_proportion():
-    m = build("h2o", {"heavy": 0.15, "recent": 0.05})
+def test_h2o_recent_share_of_the_budget():
+    m = build("h2o", {"ratio": 0.2, "recent": 0.25})
     m.begin(100)
-    assert m.budgets == (15, 5)
-    m.begin(10)  # 2 tokens by ratio, raised to min_budget 8, split 3:1
-    assert m.budgets == (6, 2)
+    assert (m.tokens(100), m.recent_tokens) == (20, 5)  # 15 heavy hitters
+    m.begin(10)  # 2 tokens by ratio, raised to min_budget 8, a quarter recent
+    assert (m.tokens(10), m.recent_tokens) == (8, 2)
+    m.begin(30)  # 6 tokens: 1.5 recent rounds half up
+    assert (m.tokens(30), m.recent_tokens) == (8, 2)
 
 
 @pytest.mark.parametrize("family", FULL)
-def test_h2o_prefill_scores_are_column_sums_in_chunks(family, prompt, monkeypatch):
-    # H2O's prefill score of a key is the sum over prompt queries of its attention probability, averaged
-    # over the query heads of its KV head: compare with the eager attention's own probabilities, with
-    # chunks of 7 queries so that chunk boundaries fall inside the 40-token prompt.
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_h2o_prefill_scores_are_column_sums_in_chunks(family, granularity, prompt, monkeypatch):
+    # H2O's prefill score of a key is the sum over prompt queries of its attention probability, per query
+    # head or averaged over the query heads of its KV head: compare with the eager attention's own
+    # probabilities, with chunks of 7 queries so that chunk boundaries fall inside the 40-token prompt.
     model = tiny_model(family)
     ids = torch.tensor([prompt])
     model.set_attn_implementation("eager")
     probs = model(input_ids=ids, output_attentions=True).attentions
     model.set_attn_implementation("sdpa")
     monkeypatch.setattr(h2o, "CHUNK", 7)
-    m = build("h2o", {})
+    m = build("h2o", {"granularity": granularity})
     with m.apply(model) as applied:
         m.begin(len(prompt))
-        with attention.running(m, Phase("prefill", len(prompt))):
+        with attention.running(m, Phase("prefill", len(prompt), 0)):
             engine.forward(applied, ids)
     for layer, p in enumerate(probs):
         b, h, n, _ = p.shape
         expected = p.sum(2).view(b, -1, h // m.score[layer].shape[1], n).mean(2)
+        assert m.score[layer].shape[1] == (h if granularity == "query_head" else h // 2)
         torch.testing.assert_close(m.score[layer], expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", FULL)
-@pytest.mark.parametrize("name", sorted(EVICTING))
-def test_masking_equals_physical_removal(family, name, prompt):
-    # Prefill through the method, then decode one token with evicted positions masked; the same token
-    # decoded after a cache holding only the kept keys/values (gathered per KV head, RoPE positions
-    # given explicitly) must give the same logits. Tolerance: SDPA sums over a different number of
-    # (masked) entries, so float32 rounding differs slightly.
-    model, m = tiny_model(family), variant(name)
-    ids = torch.tensor([prompt])
-    token = torch.tensor([[reference()[0]]])
-    with m.apply(model) as applied:
-        m.begin(len(prompt))
-        with attention.running(m, Phase("prefill", len(prompt))):
-            _, cache = engine.forward(applied, ids)
-        kept = {layer: k.clone() for layer, k in m.keep.items()}
-        with attention.running(m, Phase("decode", len(prompt))):
-            masked, _ = engine.forward(applied, token, cache)
-    _, full = engine.forward(model, ids)
-    pruned = DynamicCache()
-    for layer, keep in kept.items():
-        b, kvh, n = keep.shape
-        assert keep.sum() < keep.numel()  # something was evicted
-        index = keep.nonzero()[:, -1].view(b, kvh, -1, 1)  # kept positions per head, in order
-        keys, values = full.layers[layer].keys, full.layers[layer].values
-        pruned.update(keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
-                      values.gather(2, index.expand(-1, -1, -1, values.shape[-1])), layer)
-    out = model(input_ids=token, position_ids=torch.tensor([[len(prompt)]]), use_cache=True,
-                **{engine._cache_kwarg(model): pruned})  # `cache` in recent 5.x, `past_key_values` in 5.0
-    torch.testing.assert_close(masked, out.logits[0].float(), rtol=1e-5, atol=1e-5)
 
 
 class Layer(torch.nn.Module):
@@ -160,7 +138,7 @@ def call(query, key, phase):
 
 
 def test_h2o_hand_computed_eviction():
-    m = build("h2o", {"heavy_budget": 2, "recent_budget": 1})
+    m = build("h2o", {"budget": 3, "recent": 0.3})  # 1 recent, 2 heavy
     m.begin(4)
     # Prefill: zero queries attend uniformly, so the causal column sums are
     # pos 0: 1 + 1/2 + 1/3 + 1/4 = 2.083, pos 1: 1.083, pos 2: 0.583, pos 3: 0.25.
@@ -200,6 +178,18 @@ def test_tova_hand_computed_eviction():
     assert m.keep[0].tolist() == [[[False, True, True, False, True, False]]]
 
 
+def test_tova_chooses_once_per_layer():
+    m = build("tova", {"budget": 2})
+    m.begin(3)
+    # Two KV heads with one query head each. Head 0 (q=1) weighs keys 0, ln 3, ln 2 as 1:3:2 and would
+    # keep pos 1 and 2; head 1 (q=-1) as 1:1/3:1/2 and would keep pos 0 and 2. The layer's mean, pos 0:
+    # 0.356, pos 1: 0.341, pos 2: 0.303, drops pos 2 from both heads (TOVA's code: one choice per layer).
+    k = [0, math.log(3), math.log(2)]
+    m.attend(call([[0, 0, 1], [0, 0, -1]], [k, k], "prefill"))
+    assert m.keep[0].tolist() == [[[True, True, False]]]
+    assert m.kept()["budget_per_head"] == 2
+
+
 def test_tova_grouped_heads_choose_by_their_mean():
     m = build("tova", {"budget": 2})
     m.begin(3)
@@ -211,13 +201,12 @@ def test_tova_grouped_heads_choose_by_their_mean():
 
 
 @pytest.mark.parametrize("method,params,match", [
-    ("h2o", {"heavy": -0.1}, "heavy"),
+    ("h2o", {"recent": -0.1}, "recent"),
     ("h2o", {"recent": 1.5}, "recent"),
-    ("h2o", {"heavy": 0.6, "recent": 0.6}, "heavy \\+ recent"),
-    ("h2o", {"heavy": 0.0, "recent": 0.0}, "heavy \\+ recent"),
-    ("h2o", {"heavy_budget": 8}, "set together"),
-    ("h2o", {"heavy_budget": -1, "recent_budget": 4}, "heavy_budget"),
-    ("h2o", {"heavy_budget": 0, "recent_budget": 0}, "heavy_budget \\+ recent_budget"),
+    ("h2o", {"heavy": 0.1}, "unknown parameter"),
+    ("h2o", {"ratio": 1.5}, "ratio"),
+    ("h2o", {"budget": 0}, "budget"),
+    ("h2o", {"granularity": "layer"}, "granularity"),
     ("h2o", {"min_budget": 0}, "min_budget"),
     ("tova", {"ratio": 1.5}, "ratio"),
     ("tova", {"ratio": 0.0}, "ratio"),
@@ -225,7 +214,8 @@ def test_tova_grouped_heads_choose_by_their_mean():
     ("tova", {"budget": 0}, "budget"),
     ("tova", {"min_budget": 0}, "min_budget"),
     ("tova", {"window": 4}, "unknown parameter"),
-    ("h2o", {"heavy_budget": 2.5, "recent_budget": 4}, "heavy_budget"),
+    ("h2o", {"budget": 2.5}, "budget"),
+    ("tova", {"granularity": "kv_head"}, "unknown parameter"),
 ])
 def test_bad_parameter_is_a_clear_error(method, params, match):
     with pytest.raises(ValueError, match=match):

@@ -7,6 +7,7 @@ from helpers import tiny_model
 
 from fidbench import attention, engine
 from fidbench.methods import build
+from fidbench.methods import fp8_attention as fp8
 from fidbench.methods import sage_attention as sage
 from fidbench.methods.fp8_attention import E4M3_MAX, fp8_e4m3, fp8_round
 
@@ -52,11 +53,81 @@ def test_fp8_attention_feeds_dense_attention_values_on_the_e4m3_grid(tiny, promp
     monkeypatch.setattr(attention.AttentionCall, "dense", spy)
     logits(tiny, build("fp8-attention", {}), prompt, reference(4))
     assert len(seen) == 2 * 4  # two layers, one prefill and three decode steps
-    for tensors in seen:
-        for t in tensors:
-            scale = t.abs().amax(dim=(-2, -1), keepdim=True) / E4M3_MAX
-            scaled = t / scale
+    for query, key, value in seen:
+        groups = query.shape[1] // key.shape[1]
+        for t, g in ((query, groups), (key, 1), (value, 1)):
+            # One scale per (batch, KV head), as FA3's descales: Q's is shared by the query heads of a group.
+            scale = t.abs().unflatten(1, (-1, g)).amax(dim=(-3, -2, -1), keepdim=True) / E4M3_MAX
+            scaled = t.unflatten(1, (-1, g)) / scale
             assert torch.allclose(scaled.to(torch.float8_e4m3fn).float(), scaled, rtol=1e-6, atol=0)
+            assert torch.allclose(scaled.abs().amax(dim=(-3, -2, -1)), torch.tensor(E4M3_MAX))
+
+
+def test_fp8_query_scale_is_shared_by_a_kv_heads_group():
+    x = torch.randn(1, 4, 10, 8, generator=torch.Generator().manual_seed(0))
+    x = x * torch.tensor([1.0, 3.0, 0.5, 0.2])[None, :, None, None]
+    codes, scale = fp8_e4m3(x, groups=2)
+    assert scale.shape == (1, 4, 1, 1)
+    assert scale[0, 0] == scale[0, 1] == x[0, :2].abs().max() / E4M3_MAX
+    assert scale[0, 2] == scale[0, 3] == x[0, 2:].abs().max() / E4M3_MAX
+    assert codes[0, 0].float().abs().max() < E4M3_MAX  # head 0 does not use the whole range: head 1 sets it
+
+
+def _fa3_reference(q, k, v, scaling, tile):
+    """FA3's fp8 softmax, one query row and one head at a time, written as its loop over key tiles
+    (last tile first, running max, rescaled accumulator and row sum; P x 2^8 rounded to e4m3)."""
+    out = torch.zeros_like(q)
+    log2e = torch.log2(torch.tensor(torch.e)).item()
+    for h in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            s = (k[h] @ q[h, i]) * scaling * log2e  # (kv,)
+            m, total, acc = -float("inf"), 0.0, torch.zeros(q.shape[-1])
+            for start in reversed(range(0, len(s), tile)):
+                block = s[start : start + tile]
+                new = max(m, block.max().item())
+                total, acc = total * 2 ** (m - new), acc * 2 ** (m - new)
+                p = torch.exp2(block - (new - 8))
+                total += p.sum().item()
+                acc += p.to(torch.float8_e4m3fn).float() @ v[h, start : start + tile]
+                m = new
+            out[h, i] = acc / total
+    return out
+
+
+def test_p_fp8_follows_fa3s_tiled_loop():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 3, 8, generator=g) * 3
+    k, v = torch.randn(1, 2, 50, 8, generator=g), torch.randn(1, 2, 50, 8, generator=g)
+    visible = torch.ones(1, 1, 3, 50, dtype=torch.bool)
+    out = fp8.attention_p_fp8(q, k, v, visible, 0.35, tile=16)  # 4 tiles, the last one partial
+    torch.testing.assert_close(out[0], _fa3_reference(q[0], k[0], v[0], 0.35, 16), rtol=1e-5, atol=1e-6)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.35)
+    assert not torch.allclose(out, dense, atol=1e-4)  # e4m3 P moves the output
+    torch.testing.assert_close(out, dense, rtol=0, atol=0.1)
+
+
+def test_p_fp8_without_rounding_is_dense_attention():
+    """With P's e4m3 conversion taken out, the tiled running-max softmax is plain attention, masks included."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 7, 8, generator=g)
+    k, v = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
+    visible = (torch.arange(40)[None, :] <= torch.arange(33, 40)[:, None])[None, None]
+    visible = visible & (torch.rand(1, 4, 7, 40, generator=g) < 0.8)
+    visible[..., 0] = True
+    out = fp8.attention_p_fp8(q, k, v, visible, 0.3, tile=16, p_dtype=torch.float32)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=visible, scale=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_p_fp8_changes_logits_more_than_qkv_rounding_alone(tiny, prompt):
+    g_ids = reference()
+    base = logits(tiny, build("origin", {}), prompt, g_ids)
+    qkv = logits(tiny, build("fp8-attention", {}), prompt, g_ids)
+    p = logits(tiny, build("fp8-attention", {"p_fp8": True}), prompt, g_ids)
+    assert (p - base).norm() > (qkv - base).norm() > 0
+    assert ((p - base).norm() / base.norm()).item() < 0.1
+    assert build("fp8-attention", {"p_fp8": True}).kept()["p_format"].startswith("float8_e4m3fn")
 
 
 @pytest.mark.parametrize("name", ["fp8-attention", "sage-attention"])
@@ -103,7 +174,7 @@ def test_sage_math_honours_a_per_head_mask():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
     out = sage.sage_attention(q, k, v, lambda a, b: mask[..., a:b, :], 8 ** -0.5, block_q=4, bits=None,
-                              pv_dtype=torch.float32)
+                              pv_dtype=torch.float32, causal=False)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -119,10 +190,12 @@ def test_sage_skipping_keys_no_row_sees_is_bitwise_the_full_computation(q_len, k
     for rows in (_causal_rows(q_len, kv_len), lambda a, b: per_head[..., a:b, :]):
         skipped = sage.sage_attention(q, k, v, rows, 0.125, block_q=block_q)
         with monkeypatch.context() as m:
-            m.setattr(sage, "needed_keys", lambda mask: mask.shape[-1])  # every key, as before the skip
+            m.setattr(sage, "needed_keys", lambda q_len, kv_len, stop: kv_len)  # every key, as before the skip
             full = sage.sage_attention(q, k, v, rows, 0.125, block_q=block_q)
         assert torch.equal(skipped, full)
-    assert sage.needed_keys(_causal_rows(q_len, kv_len)(0, min(block_q, q_len))) == kv_len - q_len + min(block_q, q_len)
+    # The shape rule is the last key the chunk's rows see under the causal mask.
+    first = _causal_rows(q_len, kv_len)(0, min(block_q, q_len))
+    assert sage.needed_keys(q_len, kv_len, min(block_q, q_len)) == int(first.flatten(0, -2).any(0).nonzero().max()) + 1
 
 
 def test_sage_int8_blocks():
@@ -155,7 +228,7 @@ def test_sage_without_quantization_equals_origin_through_the_model(family, promp
     torch.testing.assert_close(plain, base, rtol=0, atol=5e-3)
     assert (quantized - base).abs().max() > 5 * (plain - base).abs().max()
     monkeypatch.undo()
-    monkeypatch.setattr(sage, "needed_keys", lambda mask: mask.shape[-1])  # score every key: bitwise the same
+    monkeypatch.setattr(sage, "needed_keys", lambda q_len, kv_len, stop: kv_len)  # score every key: bitwise the same
     assert torch.equal(logits(model, build("sage-attention", {"block_q": 16, "block_k": 16}), prompt, g_ids), quantized)
 
 

@@ -1,118 +1,78 @@
 """``h2o``: Heavy-Hitter Oracle KV eviction (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for
 Efficient Generative Inference of Large Language Models").
 
-Each KV head keeps its most recent positions plus "heavy hitters", the positions with the largest
-attention accumulated over every query so far. The prefill runs dense; at its end each head keeps
-the ``recent`` last prompt positions and the ``heavy`` earlier ones whose columns of the prompt's
-causal attention probabilities sum highest. Each decode query then attends to the kept positions
-plus itself, adds its attention probabilities to the accumulated scores, and while the cache is
-over budget the lowest-scoring position outside the recent window is evicted for good: one
-eviction per generated token, as in the paper's cache policy.
+Each head keeps its most recent positions plus "heavy hitters", the positions with the largest
+attention accumulated over every query so far. The prefill runs dense; at its end each head keeps the
+``recent`` last prompt positions and the earlier ones whose columns of the prompt's causal attention
+probabilities sum highest. Each decode query then attends to the kept positions plus itself, adds its
+attention probabilities to the accumulated scores, and once the cache is over budget the lowest-scoring
+position outside the recent window is evicted for good: one eviction per generated token.
 
-Budgets: ``heavy`` and ``recent`` are fractions of the prompt length (the original config: 0.1
-and 0.1); their total is at least ``min_budget`` tokens (short prompts), split in the same
-proportion. ``heavy_budget`` and ``recent_budget``, set together, are absolute token counts that
-replace the fractions (``min_budget`` does not apply to them).
+Follows H2O's real-drop cache (FMInference/H2O ``h2o_hf/utils_real_drop/modify_llama.py``,
+``H2OKVCache_LayerWise``): scores are attention probabilities summed over queries and accumulated over
+steps; the cache keeps ``topk(heavy)`` outside the last ``recent`` entries. Budget: fidbench's one rule
+(``_kv``: ``ratio``/``budget``, ``min_budget``), of which the fraction ``recent`` (rounded half up) is
+the recent window and the rest heavy hitters; the paper's setting (heavy 0.1 + recent 0.1 of the
+prompt) is ``ratio: 0.2, recent: 0.5``.
 
-Differs from the paper: with grouped-query attention a KV head's score is the mean of the
-probabilities of the query heads sharing it (the paper's models have one query head per KV head),
-since only a per-KV-head choice is a cache that could really shrink. Eviction is simulated by
-masking, exact for what the model computes because keys are cached after RoPE.
+``granularity``: ``kv_head`` (default; a KV head's score is the mean of the probabilities of the query
+heads sharing it, as kvpress's ObservedAttentionPress averages over the group) or ``query_head`` (every
+query head keeps its own cache, as H2O's per-head scores do; H2O's code runs only multi-head models,
+where both coincide). Differences: eviction is masking (exact, see ``_kv``); original positions are
+kept (H2O's streaming variant re-numbers them).
 """
 
-import math
+from typing import Literal
 
 import torch
 
 from ..attention import AttentionCall
-from ._kv import kv_head_probs, leave_sliding
-from .base import Method, register
+from ._kv import DecodeEvicting, head_probs, round_half_up
+from .base import register
 
 # Prompt queries scored at once: a (chunk x prompt) block of probabilities, never prompt x prompt.
 CHUNK = 256
 
 
 @register
-class H2O(Method):
+class H2O(DecodeEvicting):
     name = "h2o"
     description = "recent tokens plus heavy hitters by accumulated attention, evicted while decoding (H2O)"
-    test_params = {"degenerate": {"heavy_budget": 1024, "recent_budget": 1024}, "real": {"heavy_budget": 6, "recent_budget": 6}}
-    parallel_exact = False  # which positions are kept depends on every earlier decode query
-    full_attention_only = True  # sliding-window layers keep the model's own window (fidbench.methods._kv)
-    heavy: float = 0.1
-    recent: float = 0.1
-    heavy_budget: int | None = None
-    recent_budget: int | None = None
-    min_budget: int = 8
+    test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
+    recent: float = 0.5
+    granularity: Literal["kv_head", "query_head"] = "kv_head"
 
     def validate(self):
-        for name in ("heavy", "recent"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise ValueError(f"h2o: {name} is a fraction of the prompt and must be in [0, 1], got {value}")
-        if not 0 < self.heavy + self.recent <= 1:
-            raise ValueError(f"h2o: heavy + recent must be in (0, 1], got {self.heavy} + {self.recent}")
-        if (self.heavy_budget is None) != (self.recent_budget is None):
-            raise ValueError(
-                "h2o: heavy_budget and recent_budget (absolute token counts) must be set together, "
-                f"got heavy_budget={self.heavy_budget}, recent_budget={self.recent_budget}"
-            )
-        if self.heavy_budget is not None:
-            for name in ("heavy_budget", "recent_budget"):
-                if getattr(self, name) < 0:
-                    raise ValueError(f"h2o: {name} must be >= 0, got {getattr(self, name)}")
-            if self.heavy_budget + self.recent_budget < 1:
-                raise ValueError("h2o: heavy_budget + recent_budget must be >= 1")
-        if self.min_budget < 1:
-            raise ValueError(f"h2o: min_budget must be >= 1, got {self.min_budget}")
+        super().validate()
+        if not 0 <= self.recent <= 1:
+            raise ValueError(f"h2o: recent is the budget's share for recent tokens, in [0, 1], got {self.recent}")
 
     def begin(self, prompt_len: int) -> None:
-        if self.heavy_budget is not None:
-            self.budgets = (self.heavy_budget, self.recent_budget)
-        else:
-            share = self.heavy + self.recent
-            total = max(math.floor(share * prompt_len + 0.5), self.min_budget)
-            recent = math.floor(total * self.recent / share + 0.5)
-            self.budgets = (total - recent, recent)
-        self.keep: dict[int, torch.Tensor] = {}  # layer -> (B, KVH, positions) bool: not evicted
-        self.score: dict[int, torch.Tensor] = {}  # layer -> (B, KVH, positions) float32: accumulated attention
+        super().begin(prompt_len)
+        self.recent_tokens = round_half_up(self.tokens(prompt_len) * self.recent)
+        self.score: dict[int, torch.Tensor] = {}  # layer -> (B, heads, positions) float32: accumulated attention
 
-    def attend(self, call: AttentionCall):
-        if leave_sliding(self, call):
-            return None
-        layer, n = call.layer_idx, call.key.shape[2]
-        heavy, recent = self.budgets
+    def prefill_keep(self, call: AttentionCall, size: int) -> torch.Tensor:
+        n, recent = call.key.shape[2], self.recent_tokens
+        score = None
         visible = call.visible()
-        if call.phase.name == "prefill":
-            if call.query.shape[2] != n:
-                raise ValueError("h2o: the prompt must be prefilled in one forward")
-            score = torch.zeros(call.key.shape[:3], device=call.key.device)
-            for start in range(0, n, CHUNK):
-                rows = visible[:, :, start : start + CHUNK]
-                # Keys after the last one these queries see (the causal future) would only add zeros.
-                end = int(rows.reshape(-1, n).any(0).nonzero().max()) + 1
-                probs = kv_head_probs(call, call.query[:, :, start : start + CHUNK], rows[..., :end])
-                score[..., :end] += probs.sum(2)
-            keep = torch.ones_like(score, dtype=torch.bool)
-            if n > heavy + recent:
-                keep[..., : n - recent] = False
-                keep.scatter_(-1, score[..., : n - recent].topk(heavy, dim=-1).indices, True)
-            self.keep[layer], self.score[layer] = keep, score
-            return None  # the prompt itself is attended densely, as in the paper
-        if call.query.shape[2] != 1:
-            raise ValueError("h2o evicts after every generated token: decode one token per forward (stepwise)")
-        keep = torch.cat([self.keep[layer], self.keep[layer].new_ones(*call.key.shape[:2], 1)], -1)
-        mask = keep[:, :, None] & visible  # (B, KVH, 1, n)
-        probs = kv_head_probs(call, call.query, mask)[:, :, 0]
-        score = torch.cat([self.score[layer], probs.new_zeros(*call.key.shape[:2], 1)], -1) + probs
-        heads = mask.repeat_interleave(call.groups, dim=1)
-        self.record(layer, heads.sum(), visible.expand_as(heads).sum())
-        # Nothing evicted yet: the model's own attention, bit for bit.
-        out = None if bool(keep.all()) else call.dense(mask=heads)
-        over = keep.sum(-1, keepdim=True) > heavy + recent  # at most one position over: one token came in
-        old = keep.clone()
-        old[..., max(n - recent, 0) :] = False
-        victim = score.masked_fill(~old, math.inf).argmin(-1, keepdim=True)
-        keep.scatter_(-1, victim, keep.gather(-1, victim) & ~over)
-        self.keep[layer], self.score[layer] = keep, score
-        return out
+        for start in range(0, n, CHUNK):
+            # Causal: these queries see no key after the chunk's last one (the rest would only add zeros).
+            end = min(start + CHUNK, n)
+            probs = head_probs(call, call.query[:, :, start:end], visible[:, :, start:end, :end], self.granularity)
+            if score is None:
+                score = probs.new_zeros(*probs.shape[:2], n)
+            score[..., :end] += probs.sum(2)
+        self.score[call.layer_idx] = score  # scored even when nothing is evicted yet: decode steps add to it
+        keep = torch.ones_like(score, dtype=torch.bool)
+        if n > size:
+            keep[..., : n - recent] = False
+            keep.scatter_(-1, score[..., : n - recent].topk(size - recent, dim=-1).indices, True)
+        return keep
+
+    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        layer, n = call.layer_idx, call.key.shape[2]
+        score = torch.cat([self.score[layer], probs.new_zeros(*probs.shape[:2], 1)], -1) + probs
+        self.score[layer] = score
+        recent = torch.arange(n, device=score.device) >= n - self.recent_tokens
+        return score.masked_fill(recent, float("inf"))  # the recent window is never evicted

@@ -10,9 +10,14 @@ the full-precision cache the model holds, exactly what a query of a stepwise KIV
   tokens, after the query that filled it (as KIVI's kernels do). A query at position t reads positions
   from ``residual * (t // residual)`` on in full precision (1 to ``residual`` tokens, its own included),
   older ones quantized in token groups aligned to position 0;
-- values are quantized token by token, so their window slides: a query at t reads positions
-  ``t - residual + 1 .. t`` in full precision;
+- values enter a full-precision window and the oldest one is quantized once it holds more than
+  ``residual``, after the query (KIVI appends, attends, then quantizes): a query at t reads positions
+  ``t - residual .. t`` in full precision (``residual + 1`` values, its own included);
 - prompt queries (prefill) read full-precision K/V: KIVI quantizes what the cache keeps for later tokens.
+
+Follows KIVI's code (jy-yuan/KIVI ``models/llama_kivi.py``, ``LlamaAttention_KIVI.forward``, and
+``quant/new_pack.py``); defaults group 32, residual 32 as in its ``example.py``. Differences: the quantizer
+is fidbench's (``_weights.fake_quant``: min/max asymmetric like KIVI's, in float32, not fp16).
 
 What a query reads depends only on its position and the K/V of tokens before it, which are the same
 whether the reference is fed in one forward or token by token, so parallel teacher forcing is exact
@@ -51,25 +56,25 @@ class KIVI(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        self._counts = [0, 0, 0]  # quantized keys, quantized values, visible entries (decode queries)
+        self._counts = [0, 0, 0]  # quantized keys, quantized values, visible entries (decode queries); tensors
 
     def attend(self, call: AttentionCall):
         if self.bits == 16 or call.phase.name != "decode":
             return None
         if call.sliding_window is not None:
-            self._counts[2] += int(call.visible().sum())
+            self._counts[2] = self._counts[2] + call.visible().sum()
             return None
         require_every_position(self, call)  # key index = position below
         n_q, n_k = call.query.shape[2], call.key.shape[2]
         pos_k = torch.arange(n_k, device=call.query.device)
         pos_q = pos_k[n_k - n_q :, None]
         key_full = pos_k >= (pos_q // self.residual) * self.residual  # (q, k)
-        value_full = pos_k > pos_q - self.residual
+        value_full = pos_k >= pos_q - self.residual
         visible = call.visible()
         for i, full in enumerate((key_full, value_full)):
-            self._counts[i] += int((visible & ~full).sum())
-        self._counts[2] += int(visible.sum())
-        if not (visible & ~key_full).any():  # nothing quantized is visible yet (keys go first)
+            self._counts[i] = self._counts[i] + (visible & ~full).sum()
+        self._counts[2] = self._counts[2] + visible.sum()
+        if n_k - 1 < self.residual:  # no query has reached a full residual: no key is quantized yet (keys go first)
             return None
         key_q = fake_quant(call.key.transpose(-1, -2), self.bits, self.group, False).transpose(-1, -2)
         value_q = fake_quant(call.value, self.bits, self.group, False)
@@ -81,7 +86,7 @@ class KIVI(Method):
         return call.dense(mask=mask, key=keys, value=values)
 
     def kept(self) -> dict:
-        keys, values, visible = self._counts
+        keys, values, visible = (float(c) for c in self._counts)
         return {
             "bits": self.bits,
             "effective_bits": self.bits + 2 * SCALE_BITS / self.group if self.bits < 16 else 16,

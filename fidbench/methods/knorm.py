@@ -2,13 +2,14 @@
 KV Cache Compression").
 
 After the prefill, each KV head keeps the prompt positions whose cached (post-RoPE) keys have the
-smallest L2 norm: low-norm keys tend to draw high attention. Key norms are a per-KV-head property,
-so grouped-query attention needs no averaging. Every prompt position competes, without a recency
-window, in every layer.
+smallest L2 norm: low-norm keys tend to draw high attention. The score is kvpress's KnormPress
+(``-‖k‖``, per KV head and position); every prompt position competes, without a recency window, in
+every layer. Key norms are a property of the KV head, so there is no granularity to choose.
+Differences from kvpress: fidbench's budget rule (``_kv``; kvpress floors ``k_len × (1 - ratio)``).
 """
 
 from ..attention import AttentionCall
-from ._kv import Evicting, top_mask
+from ._kv import Evicting
 from .base import register
 
 
@@ -18,5 +19,5 @@ class KNorm(Evicting):
     description = "after prefill, keep per KV head the prompt keys with the smallest L2 norm"
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12}}
 
-    def select(self, call: AttentionCall, n: int):
-        return top_mask(-call.key.float().norm(dim=-1), n)
+    def score(self, call: AttentionCall):
+        return -call.key.float().norm(dim=-1)

@@ -1,58 +1,60 @@
 """``pyramidkv``: PyramidKV (Cai et al. 2024, "PyramidKV: Dynamic KV Cache Compression based on
 Pyramidal Information Funneling").
 
-SnapKV's scoring and window, with per-layer budgets that shrink linearly from the lowest layer to
-the highest, keeping the total of SnapKV's uniform budget. As in the paper's code, only the part of
-the budget beyond the window is redistributed: the top layer gets (budget - window) / ``beta`` of
-it, the bottom layer twice the average minus that (capped at what the prompt holds, the top then
-taking the difference), the layers between a linear interpolation. Per-layer budgets are rounded
-so that their sum is exact (the paper's integer steps lose a few tokens). Averaging over the query
-heads sharing a KV head and the short-prompt rule are SnapKV's (see ``snapkv``). On models with
-sliding-window layers (Gemma 3) only the full-attention layers are compressed (``_kv``), each with its
-depth's budget in the pyramid over all layers, so their mean budget is not the nominal one.
-"""
+SnapKV's score (``snapkv``: window, kernel, pooling, granularity) with a per-layer allocation that
+shrinks linearly from the lowest layer to the highest. Follows KVCache-Factory's PyramidKVCluster
+(Zefan-Cai/KVCache-Factory, ``pyramidkv_utils.py``) in integer arithmetic, with B the budget, w the
+window, L the prompt length, beta 20 and layer i of ``num_hidden_layers``:
 
-import math
-from fractions import Fraction
+- ``L < B``: no compression;
+- ``B <= L < 2 (B - w)``: uniform SnapKV, B per layer (the pyramid would need more than the prompt);
+- otherwise ``min = (B - w) // beta``, ``max = 2 (B - w) - min``; if ``max >= L - w`` then ``max = L - w``
+  and ``min = 2 (B - w) - max``; ``steps = (max - min) // (layers - 1)``; layer i keeps
+  ``max - i * steps`` positions plus the window. Because ``steps`` is floored, the upper layers keep a
+  little more than the linear schedule: the layers together keep up to ``(layers - 1) / 2`` positions
+  per head and layer more than SnapKV's ``layers × B`` (as in the reference; ``kept()`` shows it). At
+  small budgets, where ``max - min < layers - 1``, ``steps`` is 0 and every layer keeps ``2 B - w - min``:
+  up to 1.5 B at fidbench's smallest budgets (B = 8, w = 4), so pyramidkv then runs above the nominal
+  budget (``kept()["budget_per_head"]`` against ``kept()["budget"]``).
+
+Differences: the window rule and budget rounding are snapkv's (see there). On models with
+sliding-window layers (Gemma 3) only the full-attention layers are compressed (``_kv``), each with
+its depth's budget in the pyramid over all layers, so their mean budget is not the nominal one.
+"""
 
 from ..attention import AttentionCall
 from .base import register
 from .snapkv import SnapKV
 
 
-def pyramid(n: int, prompt_len: int, window: int, layers: int, beta: float) -> list[int]:
-    """Per-layer budgets (lowest layer first) averaging ``n`` of ``prompt_len`` tokens, each with ``window`` recent ones."""
-    if layers == 1:
-        return [n]
-    recent = min(window, n)
-    average, room = n - recent, prompt_len - recent  # beyond the window: the mean, and the most a layer can take
-    top = Fraction(average) / Fraction(beta)
-    bottom = 2 * average - top
-    if bottom > room:
-        bottom, top = Fraction(room), 2 * average - Fraction(room)
-    shares = [bottom + (top - bottom) * i / (layers - 1) for i in range(layers)]
-    floors = [math.floor(s) for s in shares]
-    # Largest fractional parts first (stable: lower layers win ties), so budgets stay non-increasing.
-    order = sorted(range(layers), key=lambda i: floors[i] - shares[i])
-    for i in order[: layers * average - sum(floors)]:
-        floors[i] += 1
-    return [recent + f for f in floors]
+def pyramid_budget(budget: int, prompt_len: int, window: int, layers: int, beta: int, layer: int) -> int:
+    """Prompt positions (window included) that ``layer`` of ``layers`` keeps per head: KVCache-Factory's rule."""
+    if prompt_len < budget:
+        return prompt_len
+    if prompt_len < 2 * (budget - window) or layers == 1:
+        return budget
+    low = (budget - window) // beta
+    high = 2 * (budget - window) - low
+    if high >= prompt_len - window:
+        high = prompt_len - window
+        low = 2 * (budget - window) - high
+    steps = (high - low) // (layers - 1)
+    return high - layer * steps + window
 
 
 @register
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-    description = "SnapKV scoring with per-layer budgets shrinking linearly with depth, same total"
+    description = "SnapKV scoring with per-layer budgets shrinking linearly with depth (KVCache-Factory's rule)"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12, "window": 4, "kernel": 3}}
-    beta: float = 20.0
+    beta: int = 20
 
     def validate(self):
         super().validate()
         if self.beta < 1:
-            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer's share is 1/beta of the average), got {self.beta}")
+            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer keeps 1/beta of the budget), got {self.beta}")
 
     def layer_budget(self, call: AttentionCall) -> int:
-        p, n = call.phase.prompt_len, self.tokens(call.phase.prompt_len)
-        if n >= p:
-            return n
-        return pyramid(n, p, self.window, call.module.config.num_hidden_layers, self.beta)[call.layer_idx]
+        p = call.phase.prompt_len
+        return pyramid_budget(self.tokens(p), p, self.window_for(p), call.module.config.num_hidden_layers,
+                              self.beta, call.layer_idx)

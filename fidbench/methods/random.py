@@ -1,13 +1,15 @@
 """``random``: keep a uniformly random subset of prompt positions per KV head and layer.
 
-The floor any real eviction method must beat at the same budget. Seeded: each sample draws from a
-generator reset to ``seed`` in ``begin``, so a sample's choice does not depend on the samples before it.
+The floor any real eviction method must beat at the same budget (kvpress's RandomPress: a uniform
+random score per KV head and position). Seeded: each sample draws from a generator reset to ``seed``
+in ``begin``, so a sample's choice does not depend on the samples before it. The draws come from a
+CPU generator (the same on every device) and are copied to the keys' device.
 """
 
 import torch
 
 from ..attention import AttentionCall
-from ._kv import Evicting, top_mask
+from ._kv import Evicting
 from .base import register
 
 
@@ -22,6 +24,5 @@ class Random(Evicting):
         super().begin(prompt_len)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def select(self, call: AttentionCall, n: int):
-        draws = torch.rand(call.key.shape[:3], generator=self._generator)
-        return top_mask(draws, n).to(call.key.device)
+    def score(self, call: AttentionCall):
+        return torch.rand(call.key.shape[:3], generator=self._generator).to(call.key.device)

@@ -38,11 +38,12 @@ def quantize_blocks(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tenso
 
 def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.Tensor], scaling: float,
                    block_q: int = 128, block_k: int = 64, bits: int | None = 8, smooth_k: bool = True,
-                   pv_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                   pv_dtype: torch.dtype = torch.float16, causal: bool = True) -> torch.Tensor:
     """Attention output (batch, heads, q, dim) of query (b, h, q, d) over key/value (b, kvh, kv, d).
 
     ``visible_rows(start, stop)`` gives the bool mask (b|1, 1|h, stop - start, kv) of those query rows.
     ``bits=None`` skips quantization (then only the chunking, smoothing and ``pv_dtype`` remain).
+    ``causal``: the queries are the last q of the kv positions and see no later key (every model mask).
     """
     h, q_len = query.shape[1:3]
     kvh = key.shape[1]
@@ -60,7 +61,7 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
     for start in range(0, q_len, block_q):
         stop = min(start + block_q, q_len)
         mask = visible_rows(start, stop)
-        n = needed_keys(mask)
+        n = needed_keys(q_len, k.shape[-2], stop) if causal else k.shape[-2]
         q = query[:, :, start:stop].float().unflatten(1, (kvh, h // kvh))  # (b, kvh, groups, c, d)
         if bits is None:
             scores = q @ k[..., :n, :].transpose(-1, -2)
@@ -77,13 +78,13 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
     return torch.cat(out, dim=2).to(query.dtype)
 
 
-def needed_keys(mask: torch.Tensor) -> int:
-    """How many leading keys a chunk of query rows needs: up to the last key any row may see.
+def needed_keys(q_len: int, kv_len: int, stop: int) -> int:
+    """How many leading keys query rows up to ``stop`` need under a causal mask: up to the last row's own.
 
     Scores of later keys would be masked to -inf (probability exactly 0): in a causal prefill the
-    upper triangle, about half of the Q·Kᵀ and softmax work, skipped."""
-    seen = mask.flatten(0, -2).any(0).nonzero()
-    return int(seen[-1]) + 1 if len(seen) else mask.shape[-1]
+    upper triangle, about half of the Q·Kᵀ and softmax work, skipped. Derived from shapes, so the
+    host never waits for the device to say which keys are seen."""
+    return min(kv_len, kv_len - q_len + stop)
 
 
 def _visible_rows(call: AttentionCall) -> Callable[[int, int], torch.Tensor]:

@@ -1,28 +1,42 @@
-"""``streamingllm``: attention sinks plus a rolling window (Xiao et al. 2023, "Efficient Streaming
-Language Models with Attention Sinks").
+"""``streamingllm``: attention sinks plus recent tokens (Xiao et al. 2023, "Efficient Streaming Language
+Models with Attention Sinks").
 
-Every query, in the prefill and in each decode step, attends to the first ``sink`` positions and to
-the most recent ``budget - sink`` positions, itself included: a cache of ``budget`` entries that
-rolls as tokens arrive. The window applies to generated positions too, so only a budget covering
-the whole prompt and continuation equals the base model. Keys keep their original positions (the
-paper re-numbers positions inside its cache; fidbench evicts by masking, so keys stay as cached).
-A ratio budget too small to hold the sinks and one recent token keeps ``budget - 1`` sinks (none
-for a budget of 1); an explicit budget must exceed ``sink``.
+The cache holds the first ``sink`` positions and the most recent ``budget - sink`` ones (the budget
+includes the sinks; a budget too small for them keeps ``budget - 1`` sinks and the most recent token).
+Eviction is by position, the same for every head. Two conventions exist in the references, chosen by
+``prefill``:
+
+- ``dense`` (default): the prompt is prefilled densely, then cut once to sinks + recent; generated
+  tokens are appended without eviction. This is kvpress's StreamingLLMPress (the one kvpress users
+  compare against), KVCache-Factory's StreamingLLMKVCluster (``window = budget - 4``), and what
+  StreamingLLM's chat demo does within a turn (dense prefill, no eviction while generating).
+- ``windowed``: every query, in the prefill and in each decode step, attends to the sinks and the
+  most recent ``budget - sink`` positions, itself included: a cache that rolls as tokens arrive, as in
+  StreamingLLM's perplexity evaluation (``eval_long_ppl.py``, tokens fed one at a time). The window
+  rolls over generated positions too, so only a budget covering prompt and continuation equals the
+  base model.
+
+Differences: keys keep their original positions (StreamingLLM re-numbers positions inside its cache,
+pos-shift; kvpress and KVCache-Factory keep them, as fidbench does). fidbench's budget rule (``_kv``).
 """
+
+from typing import Literal
 
 import torch
 
 from ..attention import AttentionCall
-from ._kv import KVMethod, leave_sliding, require_every_position
+from ._kv import Evicting, leave_sliding, require_every_position
 from .base import register
 
 
 @register
-class StreamingLLM(KVMethod):
+class StreamingLLM(Evicting):
     name = "streamingllm"
-    description = "every query sees the first `sink` positions and a rolling window of recent ones"
+    description = "the first `sink` positions and the most recent ones: dense prefill then cut, or a rolling window"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
+    granularity = "layer"  # eviction by position: one choice for every head
     sink: int = 4
+    prefill: Literal["dense", "windowed"] = "dense"
 
     def validate(self):
         super().validate()
@@ -31,20 +45,34 @@ class StreamingLLM(KVMethod):
         if self.budget is not None and self.budget <= self.sink:
             raise ValueError(f"{self.name}: budget ({self.budget}) must exceed sink ({self.sink}) to leave a recent window")
 
+    def sinks(self, n: int) -> int:
+        """Sink positions kept at budget ``n``: at least the most recent position stays."""
+        return min(self.sink, n - 1)
+
+    def score(self, call: AttentionCall) -> torch.Tensor:
+        """(batch, 1, prompt_len): sinks inf, then later positions higher (the most recent are kept)."""
+        p = call.phase.prompt_len
+        position = torch.arange(p, device=call.key.device, dtype=torch.float32)
+        score = position.masked_fill(position < self.sinks(self.layer_budget(call)), float("inf"))
+        return score.expand(call.key.shape[0], 1, p)
+
     def attend(self, call: AttentionCall):
+        if self.prefill == "dense":
+            return super().attend(call)
         if leave_sliding(self, call):
             return None
         require_every_position(self, call)
         n = self.tokens(call.phase.prompt_len)
         q, kv = call.query.shape[2], call.key.shape[2]
-        visible = call.visible()
+        if call.phase.name == "prefill":
+            self.note_heads(min(n, kv))
         if kv <= n:  # every query's window still reaches back to position 0
             mask = None
         else:
-            sink = min(self.sink, n - 1)
+            sink = self.sinks(n)
             rows = torch.arange(kv - q, kv, device=call.key.device)[:, None]  # absolute query positions
             cols = torch.arange(kv, device=call.key.device)[None, :]
-            mask = visible & ((cols < sink) | (cols > rows - (n - sink)))
+            mask = call.visible() & ((cols < sink) | (cols > rows - (n - sink)))
         if call.phase.name == "decode":
             self.record_mask(call, mask)
         return None if mask is None else call.dense(mask=mask)

@@ -38,14 +38,16 @@ class TopK(Method):
         budget = torch.minimum(budget, n_visible).expand(*scores.shape[:-1], 1)
         # Keep exactly `budget` keys per query head: those above the budget-th largest score, then the
         # keys equal to it, lowest positions first (a stable descending sort's order). torch.topk up to
-        # the largest budget instead of sorting every key: the sort was most of the decode's time.
-        # A query that sees no key at all (a padding row of a left-padded batch) has budget 0: its
-        # index is clamped, and `& visible` keeps its row as empty as the model's mask made it.
-        threshold = scores.topk(max(int(budget.max()), 1), dim=-1).values.gather(-1, budget.long().clamp(min=1) - 1)
-        keep = (scores >= threshold) & visible
-        if bool((keep.sum(-1, keepdim=True) > budget).any()):  # more ties at the threshold than room
-            above = scores > threshold
-            ties = (scores == threshold) & visible
-            keep = above | (ties & (ties.cumsum(-1) <= budget - above.sum(-1, keepdim=True)))
+        # the largest possible budget (from shapes: a query sees at most every key) instead of sorting
+        # every key: the sort was most of the decode's time. A query that sees no key at all (a padding
+        # row of a left-padded batch) has budget 0: its index is clamped, and `& visible` keeps its row
+        # as empty as the model's mask made it. Ties are resolved on the device, without asking the host
+        # whether there are any: with no surplus of ties this keeps every key at or above the threshold.
+        kv = scores.shape[-1]
+        most = min(kv, max(math.ceil(kv * self.keep) + 1, self.min_keep))  # + 1: float32 ceil may round up
+        threshold = scores.topk(most, dim=-1).values.gather(-1, budget.long().clamp(min=1) - 1)
+        above = scores > threshold
+        ties = (scores == threshold) & visible
+        keep = above | (ties & (ties.cumsum(-1) <= budget - above.sum(-1, keepdim=True)))
         self.record(call.layer_idx, budget.sum(), n_visible.expand_as(budget).sum())
         return call.dense(mask=keep)
