@@ -12,9 +12,10 @@ import statistics
 import pytest
 
 from .engine import Stepper
+from .metrics import FREE_RUN
 from .report import finite
 
-SCALARS = ("acc1", "acc5", "kl_mean", "kl_p99", "nll", "nll_ratio", "first_divergence", "exact_match")
+SCALARS = ("acc1", "acc5", "kl_mean", "kl_p99", "nll", "nll_ratio", "first_divergence", "exact_match", *FREE_RUN)
 TIMED_TOKENS = 16  # decode steps per timing round
 
 

@@ -113,9 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("base", type=Path, help="the baseline report")
     cmp.add_argument("new", type=Path, help="the report to judge against it")
     cmp.add_argument("--max-drop", action="append", default=[], type=_allowance("drop"), metavar="METRIC=X",
-                     help="allowed drop of acc1 or acc5, absolute (acc1=0.01) or relative to the base (acc1=2%%)")
+                     help="allowed drop of acc1, acc5 or a free-running score (rouge_l, rouge_l_ids, common_prefix, "
+                          "answer_recall), absolute (acc1=0.01) or relative to the base (acc1=2%%)")
     cmp.add_argument("--max-rise", action="append", default=[], type=_allowance("rise"), metavar="METRIC=X",
-                     help="allowed rise of kl_mean, absolute (kl_mean=0.05) or relative to the base (kl_mean=10%%)")
+                     help="allowed rise of kl_mean or edit_distance, absolute (kl_mean=0.05) or relative to the base "
+                          "(kl_mean=10%%)")
     cmp.add_argument("--gate", choices=compare.RULES, default="interval",
                      help="fail when the whole interval is beyond the allowance (interval, default) "
                           "or when the measured change is (point)")

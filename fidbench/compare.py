@@ -1,5 +1,7 @@
 """``fidbench compare base.json new.json``: per case, the change of acc@1, acc@5 and KL mean over the samples
 both reports scored (matched by dataset and prompt index), with a paired bootstrap interval, and a gate.
+Free-running scores (ROUGE-L, edit distance, common prefix, answer recall) are compared too where both
+reports have them for a case, over the samples both measured (``stats.paired``), and can be gated alike.
 
 The gate (``--max-drop acc1=0.01 --max-rise kl_mean=10%``) allows each metric a change in its worse
 direction, absolute or relative to the base's value. Rule ``interval`` (default) fails a case when its whole
@@ -48,8 +50,9 @@ def allowance(text: str, direction: str) -> Allowance:
     metric, sep, value = text.partition("=")
     if not sep or not value:
         raise ValueError(f"{text!r}: expected METRIC=AMOUNT, e.g. acc1=0.01 or kl_mean=10%")
-    if metric not in stats.METRICS:
-        raise ValueError(f"{text!r}: {metric!r} cannot be gated (choose from {', '.join(stats.METRICS)})")
+    gateable = (*stats.METRICS, *stats.FREE)
+    if metric not in gateable:
+        raise ValueError(f"{text!r}: {metric!r} cannot be gated (choose from {', '.join(gateable)})")
     higher = metric in metrics.HIGHER_IS_BETTER
     if higher != (direction == "drop"):
         other = "--max-drop" if higher else "--max-rise"
@@ -102,6 +105,12 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
     common = [case_id for case_id in base_cases if case_id in new_cases]
     if not common:
         raise CompareError(f"no case is in both {names[0]} and {names[1]}")
+    measured = {m for r in (*base_cases.values(), *new_cases.values()) for s in r.get("samples") or [] for m in stats.FREE
+                if s.get(m) is not None}
+    unmeasured = [m for m in gates if m in stats.FREE and m not in measured]
+    if unmeasured:
+        raise CompareError(f"{', '.join(unmeasured)} cannot be gated: no case of either report has it (free-running "
+                           f"scores come from --fidbench-free-run or a variant's free_run: true)")
     docs = dict(zip(names, (base, new)))
     problems = provenance.differences(docs, versions=False)
     notes = [f"not a mismatch, for information: {d}" for d in provenance.differences(docs) if d not in problems]
@@ -118,7 +127,9 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
             notes.append(f"case {case_id}: {len(keys)} sample(s) in both, {len(b) - len(keys)} only in {names[0]}, "
                          f"{len(n) - len(keys)} only in {names[1]}: compared on the common ones")
         entry = {"id": case_id, "n_samples": len(keys), "metrics": {}}
-        for metric in stats.METRICS:
+        # free-running scores where either report measured them for this case (a gated one missing on a side fails)
+        free = [m for m in stats.FREE if any(s.get(m) is not None for s in (*b.values(), *n.values()))]
+        for metric in (*stats.METRICS, *free):
             change = stats.paired([b[k] for k in keys], [n[k] for k in keys], metric, level) if keys else None
             if metric in gates:
                 change = {**(change or {"base": None, "new": None, "diff": None, "ci": None}),

@@ -3,6 +3,8 @@ text split into perplexity windows.
 
 A conversation line is ``{"conversations": [{"role": ..., "content": ...}, ...]}`` (the original
 format). It must end with a user turn, or with an assistant turn that the model then continues.
+An optional ``"answers"`` list holds strings a correct reply contains (the long-context sets carry
+them); free-running mode checks the method's text against them.
 Tokenizers without a chat template use ``FALLBACK_TEMPLATE``, and each prompt records which
 template rendered it.
 """
@@ -37,6 +39,7 @@ class Prompt:
     template: str = "chat"  # "chat", "fallback", "ids" (imported) or "text" (a window of plain text)
     truncated_from: int | None = None
     skipped: str | None = None  # why this prompt is not scored
+    answers: list[str] | None = None  # strings a correct reply contains, where the task has them
 
 
 def _lines(path: Path):
@@ -72,6 +75,17 @@ def _conversation(path: Path, lineno: int, row) -> list[dict]:
     if conv[-1]["role"] == "system":
         raise DatasetError(f"{where}: the last turn is a system message; end with a user (or assistant) turn")
     return conv
+
+
+def _answers(path: Path, lineno: int, row: dict) -> list[str] | None:
+    """The line's ``answers`` (None without the key or with an empty list: nothing to check)."""
+    answers = row.get("answers")
+    if answers is None:
+        return None
+    if not isinstance(answers, list) or not all(isinstance(a, str) and a for a in answers):
+        raise DatasetError(f"{path}:{lineno}: 'answers' must be a list of non-empty strings, "
+                           f"got {json.dumps(answers)[:80]}")
+    return answers or None
 
 
 def render(tokenizer, conv: list[dict], where: str) -> tuple[list[int], str]:
@@ -183,7 +197,8 @@ def load(spec: DatasetSpec, tokenizer, limit: int | None = None, vocab_size: int
                         f"{where}: '{key}' must hold token ids below the model's "
                         f"vocabulary size {vocab} (was it made with another tokenizer?)"
                     )
-            prompts.append(Prompt(spec.name, len(prompts), list(row["p_ids"]), list(row["g_ids"]), "ids"))
+            prompts.append(Prompt(spec.name, len(prompts), list(row["p_ids"]), list(row["g_ids"]), "ids",
+                                  answers=_answers(spec.path, lineno, row)))
         else:
             ids, template = render(tokenizer, _conversation(spec.path, lineno, row), where)
             if not ids:
@@ -191,7 +206,8 @@ def load(spec: DatasetSpec, tokenizer, limit: int | None = None, vocab_size: int
             if max(ids) >= vocab:
                 raise DatasetError(f"{where}: the tokenizer produced id {max(ids)}, outside the model's "
                                    f"vocabulary of {vocab}: tokenizer and model do not match")
-            prompts.append(Prompt(spec.name, len(prompts), ids, template=template))
+            answers = _answers(spec.path, lineno, row)
+            prompts.append(Prompt(spec.name, len(prompts), ids, template=template, answers=answers))
     if not prompts:
         raise DatasetError(f"{spec.path}: no prompts")
     return prompts

@@ -11,17 +11,26 @@ also score several predictors of its own (``heads``: Medusa's draft heads), each
 Perplexity is exp of the mean NLL of the scored tokens (``ppl``; ``ppl_base`` under the base model,
 ``ppl_ratio`` their ratio): on a ``text`` dataset it is the text's perplexity, on generated references
 the perplexity of the base's own continuation.
+
+Free-running scores (``free_run``) compare the method's own greedy continuation with the base's; they are
+measured only in free-running mode and are None otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+from rapidfuzz.distance import LCSseq, Levenshtein, Prefix
 
+# Free-running scores of a sample; averaged over the samples that have them (like first_divergence, not
+# weighted by tokens). answer_recall_base describes the base, so it takes no floor (like nll_base).
+FREE_RUN = ("rouge_l", "rouge_l_ids", "edit_distance", "common_prefix", "answer_recall", "answer_recall_base")
 # Direction of each floor: a floor on these is a minimum, on every other metric a maximum.
-HIGHER_IS_BETTER = {"acc1", "acc5", "first_divergence", "exact_match"}
+HIGHER_IS_BETTER = {"acc1", "acc5", "first_divergence", "exact_match", "rouge_l", "rouge_l_ids", "common_prefix",
+                    "answer_recall"}
 KL_PERCENTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p95": 0.95, "kl_p99": 0.99, "kl_p999": 0.999}
 POSITION_BUCKET = 16  # tokens per bin of the agreement-by-position curve
 
@@ -35,6 +44,7 @@ class SampleScores:
     kl: torch.Tensor  # (N,) float64
     nll: torch.Tensor  # (N,) float64, -log q(reference token)
     nll_base: torch.Tensor  # (N,) float64, -log p(reference token)
+    free: dict | None = None  # free-running scores (``free_run``), when the sample was also free-run
 
     def first_divergence(self) -> int:
         misses = (~self.hit1).nonzero()
@@ -103,6 +113,51 @@ def score(logits: torch.Tensor, ref) -> SampleScores:
     return SampleScores(hit1.cpu(), hit5.cpu(), kl.cpu(), nll.cpu(), -ref.gold_logp.double().cpu())
 
 
+@functools.cache
+def _rouge():
+    """rouge-score's ROUGE-L with its default tokenizer and Porter stemmer, as the original scripts scored
+    free-running text (wenhaoli-xmu/fidbench ``test_sim.py``). Imported on first use: it loads nltk (about 1.5 s)."""
+    from rouge_score import rouge_scorer, tokenizers
+
+    tokenizer = tokenizers.DefaultTokenizer(use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizer), tokenizer
+
+
+def contains(text: str, answers: list[str]) -> float:
+    """Fraction of ``answers`` that ``text`` contains, ignoring case (RULER's ``string_match_all``)."""
+    return sum(a.lower() in text.lower() for a in answers) / len(answers)
+
+
+def free_run(g_ids: list[int], ids: list[int], base_text: str, text: str, answers: list[str] | None = None) -> dict:
+    """How close the method's continuation ``ids`` (decoded: ``text``) is to the base's ``g_ids`` (``base_text``).
+
+    ``rouge_l``: ROUGE-L F1 on the words of the text (None when neither text has a word rouge-score's tokenizer
+    keeps: it drops everything but ASCII letters and digits); ``rouge_l_ids``: the same on token ids;
+    ``edit_distance``: token Levenshtein distance over the longer length; ``common_prefix``: tokens equal from
+    the start; ``answer_recall`` (``_base``): the share of a task's answers the method's (base's) text holds.
+    """
+    scorer, words = _rouge()
+    measured = bool(words.tokenize(base_text) or words.tokenize(text))
+    recall = (lambda t: contains(t, answers)) if answers else (lambda t: None)
+    return {
+        "rouge_l": scorer.score(base_text, text)["rougeL"].fmeasure if measured else None,
+        "rouge_l_ids": 2 * LCSseq.similarity(g_ids, ids) / (len(g_ids) + len(ids)),
+        "edit_distance": Levenshtein.normalized_distance(g_ids, ids),
+        "common_prefix": Prefix.similarity(g_ids, ids),
+        "answer_recall": recall(text),
+        "answer_recall_base": recall(base_text),
+    }
+
+
+def _free_means(samples: list) -> dict:
+    """Each free-running score averaged over the samples that measured it (None where none did)."""
+    out = {}
+    for metric in FREE_RUN:
+        values = [s.free[metric] for s in samples if s.free is not None and s.free[metric] is not None]
+        out[metric] = sum(values) / len(values) if values else None
+    return out
+
+
 def _summarize(samples: list) -> dict:
     if not samples:  # every metric present, none measured
         return {**dict.fromkeys(sorted(_SCALARS)), "acc1_by_position": None, "n_samples": 0, "n_tokens": 0}
@@ -129,6 +184,7 @@ def _summarize(samples: list) -> dict:
         "ppl_ratio": math.exp(nll - nll_base) if nll - nll_base < 700 else math.inf,
         "first_divergence": sum(first) / len(first),
         "exact_match": sum(f == len(s.hit1) for f, s in zip(first, samples)) / len(samples),
+        **_free_means(samples),
         "n_samples": len(samples),
         "n_tokens": len(hit1),
     }
@@ -197,15 +253,19 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
 
 
 def known_metrics() -> set[str]:
-    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", "ppl", "ppl_ratio", *KL_PERCENTILES}
+    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", "ppl", "ppl_ratio", "edit_distance",
+                               *KL_PERCENTILES}
+
+
+FRACTIONS = {"acc1", "acc5", "exact_match", "rouge_l", "rouge_l_ids", "edit_distance", "answer_recall"}
 
 
 def floor_range(metric: str) -> tuple[float, float]:
     """The values ``metric`` can take: fractions lie in [0, 1], a perplexity is at least 1, everything else is
     non-negative."""
-    if metric in ("acc1", "acc5", "exact_match"):
+    if metric in FRACTIONS:
         return (0.0, 1.0)
     return (1.0, math.inf) if metric == "ppl" else (0.0, math.inf)
 
 
-_SCALARS = known_metrics() | {"nll_base", "ppl_base"}  # the per-sample scalars of a summary
+_SCALARS = known_metrics() | {"nll_base", "ppl_base", "answer_recall_base"}  # the per-sample scalars of a summary

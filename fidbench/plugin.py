@@ -90,6 +90,9 @@ def pytest_addoption(parser):
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
     group.addoption("--fidbench-batch-size", type=_positive, default=1, metavar="N",
                     help="generate base references N prompts at a time (default 1; >1 keeps its own references)")
+    group.addoption("--fidbench-free-run", action="store_true",
+                    help="every case also lets the method generate on its own and scores that (ROUGE-L, edit "
+                         "distance), as variants with free_run: true do; one forward per generated token")
     group.addoption("--fidbench-quiet", action="store_true", help="no progress lines")
     group.addoption("--fidbench-shard", type=_shard, metavar="I/N",
                     help="run shard I of N (1 <= I <= N) of the suite's cases, deselecting the others")
@@ -367,6 +370,7 @@ def fidbench_bench(request):
         batch_size=config.getoption("fidbench_batch_size"),
         worker=progress.worker,  # gw0, gw1, ... in an xdist worker
         devices=config.getoption("fidbench_devices"),
+        free_run=config.getoption("fidbench_free_run"),
     )
 
 
@@ -484,6 +488,7 @@ class Reporter:
                 "max_new_tokens": opt("fidbench_max_new_tokens") or suite.max_new_tokens,
                 "decode": opt("fidbench_decode") or suite.decode,
                 "batch_size": opt("fidbench_batch_size"),
+                "free_run": opt("fidbench_free_run"),  # every case; variants may ask on their own
             }
             if opt("fidbench_shard"):
                 settings["shard"] = "{}/{}".format(*opt("fidbench_shard"))

@@ -20,7 +20,9 @@ import torch
 
 from . import metrics, stats
 
-FORMAT = 3  # 1: records without "format"; 2: + format, kind; 3: + outcome, error, non_finite; stub records
+# 1: records without "format"; 2: + format, kind; 3: + outcome, error, non_finite; stub records;
+# 4: + free_run, free-running scores (metrics.FREE_RUN), timing.free_run_s, free-running fields of samples
+FORMAT = 4
 OUTCOMES = ("passed", "failed", "error", "skipped")
 
 PACKAGES = ("fidbench", "torch", "transformers", "accelerate", "pytest", "pytest-benchmark", "pytest-xdist")
@@ -61,13 +63,15 @@ def environment(workers: int = 1) -> dict:
     }
 
 
-def sample(prompt, ref, scores, non_finite: int = 0, first_non_finite: int | None = None) -> dict:
+def sample(prompt, ref, scores, non_finite: int = 0, first_non_finite: int | None = None,
+           free: dict | None = None) -> dict:
     """One sample's row of a case record: where it came from, its scores, and how many of its positions had
-    non-finite logits (the first of them in ``first_non_finite``)."""
+    non-finite logits (the first of them in ``first_non_finite``); ``free``: the free-running run's fields
+    (both texts, the method's length, its non-finite steps, the task's answers)."""
     summary = {k: v for k, v in scores.summary().items() if k not in ("n_samples", "acc1_by_position")}
     return {"dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
             "template": prompt.template, "truncated_from": prompt.truncated_from, **summary,
-            "non_finite": non_finite, "first_non_finite": first_non_finite}
+            "non_finite": non_finite, "first_non_finite": first_non_finite, **(free or {})}
 
 
 def _failures(case, method, scores: dict, samples: list, skipped: list) -> list[str]:
@@ -85,12 +89,21 @@ def _failures(case, method, scores: dict, samples: list, skipped: list) -> list[
             f"method {method.name!r} (variant {case.variant.name!r}) gave non-finite logits (NaN or inf) at "
             f"{sum(s['non_finite'] for s in bad)} position(s) of {len(bad)} sample(s); first: sample "
             f"{first['dataset']}[{first['index']}], position {first['first_non_finite']}")
+    free_bad = [s for s in samples if s.get("free_non_finite")]
+    if free_bad:
+        first = free_bad[0]
+        failures.append(
+            f"method {method.name!r} (variant {case.variant.name!r}) gave non-finite logits (NaN or inf) while "
+            f"free-running, at {sum(s['free_non_finite'] for s in free_bad)} step(s) of {len(free_bad)} sample(s); "
+            f"first: sample {first['dataset']}[{first['index']}]")
     return failures + metrics.check_floors(scores, case.floors)
 
 
-def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skipped: list, timing: dict) -> dict:
+def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skipped: list, timing: dict,
+         free_run: bool = False) -> dict:
     """A case's record: what ran, its scores overall and per dataset, timing, what the method kept, floors,
-    and why it fails. ``outcome`` is the harness's verdict; under pytest the test's outcome replaces it."""
+    and why it fails. ``outcome`` is the harness's verdict; under pytest the test's outcome replaces it.
+    ``free_run``: the method also generated on its own (its scores are then in ``scores`` too)."""
     every = [s for group in per_dataset.values() for s in group]
     scores = metrics.aggregate(every)
     # A method's own loop is timed as a whole: it has no separate prefill and decode.
@@ -107,6 +120,7 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
         "variant": case.variant.name,
         "params": method.params(),
         "decode": mode,
+        "free_run": free_run,
         "scores": scores,
         "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
         "ci": stats.intervals(samples),  # bootstrap over samples: metric -> [lo, hi], None below two samples
@@ -226,6 +240,10 @@ def _check_case(where: str, case) -> None:
     timing = _check(where, case, "timing", lambda v: isinstance(v, dict), "an object")
     for key in ("prefill_s", "decode_s"):
         _check(f"{where}.timing", timing, key, _number, "a number or null")
+    if "free_run_s" in timing:
+        _check(f"{where}.timing", timing, "free_run_s", _number, "a number or null")
+    if "free_run" in case:
+        _check(where, case, "free_run", lambda v: isinstance(v, bool), "true or false")
     kept = _check(where, case, "kept", lambda v: isinstance(v, dict), "an object")
     if "kv_fraction" in kept:
         _check(f"{where}.kept", kept, "kv_fraction", _number, "a number or null")
@@ -274,6 +292,15 @@ def verdict(record: dict) -> str:
     return "FAIL" if outcome == "failed" or record.get("failures") or broken else "ok"
 
 
+FREE_COLUMNS = [("rouge_l", "ROUGE-L", "{:.3f}"), ("edit_distance", "edit", "{:.3f}")]
+
+
+def _answers(scores: dict) -> str:
+    """The method's and the base's answer recall, ``method/base``, or ``-`` where the task has no answers."""
+    method, base = scores.get("answer_recall"), scores.get("answer_recall_base")
+    return "-" if method is None else f"{method:.2f}/{base:.2f}"
+
+
 def _pm(fmt: str, ci) -> str:
     """Half the interval's width, 2 significant digits (enough to tell a difference from noise), no finer than
     the column's own ``fmt``."""
@@ -286,9 +313,14 @@ def _pm(fmt: str, ci) -> str:
 
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
     """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one)
-    and ± half its bootstrap interval (``ci``) on acc@1, acc@5 and KL, then one row per head of a method that
-    scores heads of its own (Medusa)."""
-    header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
+    and ± half its bootstrap interval (``ci``) on acc@1, acc@5, KL and the free-running scores, then one row
+    per head of a method that scores heads of its own (Medusa).
+
+    Free-running columns (ROUGE-L, edit distance, answer recall method/base, time) appear when a case has them."""
+    free = any(r.get("free_run") for r in records)
+    header = ["case", "dataset", *(c[1] for c in COLUMNS)]
+    header += [*(c[1] for c in FREE_COLUMNS), "answers"] if free else []
+    header += ["kept", "prefill s", "decode s", *(["free s"] if free else []), "floors"]
     rows = []
     for r in records:
         kept = (r.get("kept") or {}).get("kv_fraction")
@@ -298,15 +330,19 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
             overall = name == "all"
             ci = (r.get("ci") or {}) if overall else {}
             row = [r["id"], name, *(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in COLUMNS)]
+            if free:
+                row += [*(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in FREE_COLUMNS),
+                        _answers(scores)]
             row += [f"{kept:.3f}" if overall and kept is not None else "",
                     _fmt("{:.2f}", timing.get("prefill_s")) if overall else "",
-                    _fmt("{:.2f}", timing.get("decode_s")) if overall else "",
-                    verdict(r) if overall else ""]
+                    _fmt("{:.2f}", timing.get("decode_s")) if overall else ""]
+            row += [_fmt("{:.2f}", timing.get("free_run_s")) if overall else ""] if free else []
+            row.append(verdict(r) if overall else "")
             rows.append(row)
             if overall:  # then each of the method's own predictors (Medusa heads): what it measured
                 for head in scores.get("heads") or []:
                     values = [_fmt(fmt, head.get(k)) for k, _, fmt in COLUMNS]
-                    rows.append([r["id"], f"head {head.get('head')}", *values, "", "", "", ""])
+                    rows.append([r["id"], f"head {head.get('head')}", *values, *[""] * (len(header) - 2 - len(values))])
     levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
     shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
     note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []

@@ -6,13 +6,19 @@ as Σ(value × tokens) / Σ tokens over the resampled samples; each sample's sum
 Samples are resampled regardless of their dataset: a design stratified by dataset would have no spread at
 ``--fidbench-limit 1`` (one prompt per dataset), and pooling can only widen the interval. Percentile
 intervals, a fixed seed: the same record gives the same interval on every machine.
+
+Free-running scores (``FREE``) are plain means over the samples that measured them (a sample's ROUGE-L counts
+once, whatever its length), so each such sample weighs 1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import metrics
+
 METRICS = ("acc1", "acc5", "kl_mean")  # the token-weighted means with intervals
+FREE = tuple(m for m in metrics.FREE_RUN if m != "answer_recall_base")  # per-sample means (see above)
 LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 0
@@ -20,7 +26,11 @@ SEED = 0
 
 def sums(samples: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-sample (Σ metric over positions, positions) of the samples that scored any position; None when a
-    sample lacks the metric (a method that does not measure it)."""
+    sample lacks the metric (a method that does not measure it). A free-running metric: (value, 1) of each
+    sample that measured it, None when none did."""
+    if metric in FREE:
+        values = [s[metric] for s in samples if s.get(metric) is not None]
+        return (np.array(values, dtype=np.float64), np.ones(len(values))) if values else None
     scored = [s for s in samples if s.get("n_tokens")]
     if not scored or any(s.get(metric) is None for s in scored):
         return None
@@ -51,15 +61,20 @@ def interval(samples: list[dict], metric: str, level: float = LEVEL, resamples: 
 
 
 def intervals(samples: list[dict], level: float = LEVEL) -> dict:
-    """The case record's ``ci``: metric -> [lo, hi] or None."""
-    return {metric: interval(samples, metric, level) for metric in METRICS}
+    """The case record's ``ci``: metric -> [lo, hi] or None (free-running metrics only where measured)."""
+    out = {metric: interval(samples, metric, level) for metric in METRICS}
+    return out | {metric: interval(samples, metric, level) for metric in FREE if sums(samples, metric) is not None}
 
 
 def paired(base: list[dict], new: list[dict], metric: str, level: float = LEVEL, resamples: int = RESAMPLES,
            seed: int = SEED) -> dict | None:
     """The change new − base of a token-weighted metric over matched samples (``base[i]`` and ``new[i]`` are
     the same prompt), with a paired percentile bootstrap interval: both sides are resampled with the same
-    indices, so what the prompts share cancels. None when either side lacks the metric."""
+    indices, so what the prompts share cancels. None when either side lacks the metric. A free-running metric
+    is compared over the pairs where both sides measured it."""
+    if metric in FREE:
+        pairs = [(b, n) for b, n in zip(base, new) if b.get(metric) is not None and n.get(metric) is not None]
+        base, new = [b for b, _ in pairs], [n for _, n in pairs]
     b, n = sums(base, metric), sums(new, metric)
     if b is None or n is None or len(b[0]) != len(n[0]):
         return None

@@ -54,6 +54,7 @@ class Variant:
     tags: list[str] = field(default_factory=list)  # extra pytest markers: `pytest -m quick`
     datasets: list[str] | None = None  # the datasets it scores (default: every scored dataset with default: true)
     models: list[str] | None = None  # the models it runs on (default: all); e.g. heads or a checkpoint made for one
+    free_run: bool = False  # also let the method generate on its own and score that (fidbench.engine.free_run)
 
 
 @dataclass
@@ -239,11 +240,17 @@ def load(path: str | Path) -> Suite:
         if only is not None and (not isinstance(only, list) or not only or not all(m in known for m in only)):
             raise SuiteError(f"{where}.models: must be a non-empty list of models of this suite ({', '.join(known)}), "
                              f"got {only!r}")
+        free_run = spec.pop("free_run", False)
+        if not isinstance(free_run, bool):
+            raise SuiteError(f"{where}.free_run: must be true or false, got {free_run!r}")
+        if free_run and REGISTRY[method].kind == "own_loop":
+            raise SuiteError(f"{where}.free_run: method {method!r} scores samples in its own loop (kind 'own_loop'), "
+                             f"so fidbench cannot let it generate on its own")
         try:
             build(method, spec, where)
         except ValueError as e:
             raise SuiteError(str(e)) from None
-        variant = Variant(name, method, spec, tags, names, only)
+        variant = Variant(name, method, spec, tags, names, only, free_run)
         if not suite.scored_by(variant) and any(d.scored for d in suite.datasets):  # none scored: refused below
             raise SuiteError(f"{where}: scores no dataset (every scored dataset has default: false); give datasets")
         suite.variants.append(variant)
@@ -253,6 +260,11 @@ def load(path: str | Path) -> Suite:
     for model, per_variant in _keys(f"{f}: floors", raw.get("floors") or {}, {m.name for m in suite.models}).items():
         for variant, bounds in _keys(f"{f}: floors.{model}", per_variant or {}, variants).items():
             suite.floors.setdefault(model, {})[variant] = _floors(f"{f}: floors.{model}.{variant}", bounds)
+    for case in suite.cases():
+        free = sorted(set(case.floors) & set(metrics.FREE_RUN))
+        if free and not case.variant.free_run:
+            raise SuiteError(f"{f}: {case.id}: floors on {', '.join(free)}, free-running scores, need "
+                             f"'free_run: true' in methods.{case.variant.name}")
     if not suite.models or not any(d.scored for d in suite.datasets) or not suite.variants:
         raise SuiteError(f"{f}: models, datasets (at least one scored) and methods must each name at least one entry")
     seen: dict[str, Case] = {}

@@ -139,7 +139,8 @@ def test_cases_in_one_report_only_are_listed(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--max-drop", "kl_mean=0.1"], "kl_mean gets worse by rising: use --max-rise kl_mean=0.1"),
     (["--max-rise", "acc1=1%"], "acc1 gets worse by dropping: use --max-drop acc1=1%"),
-    (["--max-drop", "nll=0.1"], "'nll' cannot be gated (choose from acc1, acc5, kl_mean)"),
+    (["--max-drop", "nll=0.1"], "'nll' cannot be gated (choose from acc1, acc5, kl_mean, rouge_l, rouge_l_ids, "
+                                "edit_distance, common_prefix, answer_recall)"),
     (["--max-drop", "acc1=lots"], "'lots' is not a number or a percentage"),
     (["--max-drop", "acc1"], "expected METRIC=AMOUNT"),
 ])
