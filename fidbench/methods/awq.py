@@ -29,8 +29,9 @@ Differences from the reference:
 - calibration: the suite's ``dataset`` prompts, one forward each (the default suite: its 16
   calibration-only prompts), instead of 128 blocks of 512 tokens of pile-val in one batch; a
   prompt-weighted mean of squared errors replaces the batch mean (the same when lengths are equal);
-- clipping errors are computed as matrix products (the reference sums elementwise products), and
-  every input token is used when there are fewer than 512.
+- clipping errors are computed as matrix products (the reference sums elementwise products), on every
+  (n // 512)-th token as the reference samples them, every token when n < 1024 (the reference's step
+  is 0, an error, below 512).
 """
 
 import contextlib

@@ -15,8 +15,9 @@ ones only; the highest-scoring key blocks are kept while their cumulative share 
 always computed: a non-self-similar key block for every query block, every key block for a
 non-self-similar query block. Inside kept blocks the model's own mask applies element by element
 (causality, windows, padding); a query that would then see no key at all gets the key block holding
-its own position added to its query block's. ``kept()`` reports ``blocks_skipped``, the fraction of (head, query block,
-key block) pairs the mask allows that were skipped, over the attention calls the predictor ran on.
+its own position added to its query block's. ``kept()`` reports ``blocks_skipped``, the fraction of
+(head, query block, key block) pairs the mask allows that were skipped, over the attention calls the
+predictor ran on.
 
 Decode: ``decode: "dense"`` (default) runs decode steps with sage-attention over every key, as the
 reference cannot do otherwise (its kernels assert at least 128 queries). ``decode: "sparse"`` runs the
@@ -38,8 +39,9 @@ Differences from the reference:
 - blocks of 128 queries × 64 keys, the reference's on sm80/sm89 and its Sage1 path (sm90 uses 64 × 128);
 - similarities in fp32 (the reference: fp16 normalized rows); the P·V skip stage (``pvthreshd``=50) is
   not simulated: it skips blocks whose every score is 50 log2-units below the running maximum, whose
-  probabilities (< 2^-50) the fp16 P·V rounds to zero anyway; ``topk`` selection and
-  ``attention_sink`` (both off in the reference's call) are not provided.
+  probabilities (< 2^-50 of the row's largest) the fp16 P·V rounds to zero and whose share of the
+  softmax sum is below fp32 resolution; ``topk`` selection and ``attention_sink`` (both off in the
+  reference's call) are not provided.
 """
 
 from __future__ import annotations
