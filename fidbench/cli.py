@@ -1,5 +1,5 @@
-"""The ``fidbench`` command: list the registered methods, print a saved report, convert the original
-scripts' run configs.
+"""The ``fidbench`` command: list the registered methods; print, compare, merge and plot saved reports;
+propose floors from a measured run; convert the original scripts' run configs.
 
 Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"``.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
-from . import report
+from . import compare, floors, merge, plot, provenance, report, stats
 from .legacy import runs
 from .methods import REGISTRY
 
@@ -46,8 +47,50 @@ def _dataset(arg: str) -> tuple[str, Path, str]:
     return name or path.stem, path, "conversations"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fidbench", description=__doc__.splitlines()[0])
+def _print(text: str) -> None:
+    """Print, and when the reader has gone (``fidbench report r.json | head``) stop writing without a traceback;
+    the command goes on, so its exit status (a gate's verdict) is kept."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush goes nowhere
+
+
+def _allowance(direction: str):
+    def parse(text: str) -> compare.Allowance:
+        try:
+            return compare.allowance(text, direction)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _limit(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of prompts per dataset, or all")
+    return int(text)
+
+
+def _level(text: str) -> float:
+    try:
+        level = float(text)
+    except ValueError:
+        level = -1.0
+    if not 0 < level < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a confidence level between 0 and 1, e.g. 0.95")
+    return level
+
+
+def _described(module) -> dict:
+    """A subcommand's description: its module's docstring, as written."""
+    return {"description": module.__doc__.replace("``", ""), "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _parser() -> argparse.ArgumentParser:
+    summary, _, epilog = __doc__.replace("``", "").partition("\n\n")
+    parser = argparse.ArgumentParser(prog="fidbench", description=" ".join(summary.split()), epilog=epilog.strip())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list every registered method with its parameters and defaults")
     rep = sub.add_parser("report", help="print the results table of a --fidbench-report JSON file")
@@ -63,18 +106,85 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--datasets", nargs="+", type=_dataset, metavar="[NAME=]PATH",
                      help="conversation JSONL files to evaluate on (default: the datasets of fidbench's default suite)")
     imp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+
+    cmp = sub.add_parser("compare", help="paired per-sample changes between two reports, with intervals and a gate",
+                         **_described(compare))
+    cmp.add_argument("base", type=Path, help="the baseline report")
+    cmp.add_argument("new", type=Path, help="the report to judge against it")
+    cmp.add_argument("--max-drop", action="append", default=[], type=_allowance("drop"), metavar="METRIC=X",
+                     help="allowed drop of acc1 or acc5, absolute (acc1=0.01) or relative to the base (acc1=2%%)")
+    cmp.add_argument("--max-rise", action="append", default=[], type=_allowance("rise"), metavar="METRIC=X",
+                     help="allowed rise of kl_mean, absolute (kl_mean=0.05) or relative to the base (kl_mean=10%%)")
+    cmp.add_argument("--gate", choices=compare.RULES, default="interval",
+                     help="fail when the whole interval is beyond the allowance (interval, default) "
+                          "or when the measured change is (point)")
+    cmp.add_argument("--level", type=_level, default=stats.LEVEL, help="confidence of the intervals (default 0.95)")
+    cmp.add_argument("--allow-mismatch", action="store_true",
+                     help="compare reports of other base model weights, settings or references anyway")
+    cmp.add_argument("--json", type=Path, metavar="OUT", help="also write the comparison as JSON")
+
+    mrg = sub.add_parser("merge", help="merge the reports of shards of one run into one report",
+                         **_described(merge))
+    mrg.add_argument("reports", type=Path, nargs="+", help="the shards' reports")
+    mrg.add_argument("-o", "--output", type=Path, required=True, help="the merged report to write")
+    mrg.add_argument("--force", action="store_true",
+                     help="merge reports of other model weights, settings, library versions or commits anyway")
+
+    flo = sub.add_parser("floors", help="propose floors from a measured run, as YAML for a suite",
+                         **_described(floors))
+    flo.add_argument("path", type=Path, help="a report of the run to learn from (ideally of every prompt)")
+    flo.add_argument("--at-limit", nargs="+", type=_limit, default=[None], metavar="N",
+                     help="run sizes the floors must hold at: prompts per dataset, or all (default: the report's own)")
+    flo.add_argument("--level", type=_level, default=floors.LEVEL,
+                     help="one-sided confidence of each floor (default 0.99)")
+
+    plt = sub.add_parser("plot", help="figures (PNG, SVG) and an HTML page of a report",
+                         **_described(plot))
+    plt.add_argument("path", type=Path, help="the report to plot")
+    plt.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                     help="directory for the figures and index.html")
+    return parser
+
+
+def _read(command: str, path: Path) -> dict | None:
+    try:
+        return provenance.read(path)
+    except provenance.ReportError as e:
+        print(f"fidbench {command}: error: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     if args.command == "methods":
-        print(describe_methods())
+        _print(describe_methods())
         return 0
     if args.command == "report":
-        try:
-            cases = json.loads(args.path.read_text())["cases"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"fidbench report: error: {args.path} is not a fidbench report ({e})", file=sys.stderr)
+        if (doc := _read("report", args.path)) is None:
             return 2
-        print(report.table(cases, datasets=not args.overall, markdown=args.markdown))
+        _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown))
+        return 0
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "floors":
+        if (doc := _read("floors", args.path)) is None:
+            return 2
+        proposals, warnings = floors.propose(doc, args.at_limit, args.level)
+        _print(floors.yaml(proposals, warnings, str(args.path), args.at_limit, args.level))
+        return 0
+    if args.command == "plot":
+        if (doc := _read("plot", args.path)) is None:
+            return 2
+        try:
+            paths = plot.write(doc, args.output, args.path.name)
+        except plot.PlotError as e:
+            print(f"fidbench plot: error: {e}", file=sys.stderr)
+            return 2
+        _print(f"wrote {len(paths)} files to {args.output}: open {args.output / 'index.html'}")
         return 0
     if args.output.exists() and not args.force:
         parser.error(f"{args.output} exists; use --force to overwrite it")
@@ -83,8 +193,48 @@ def main(argv: list[str] | None = None) -> int:
     except runs.RunsError as e:
         print(f"fidbench import-runs: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {len(suite['models'])} model(s), {len(suite['methods'])} variant(s), "
-          f"{len(suite['datasets'])} dataset(s)")
+    _print(f"wrote {args.output}: {len(suite['models'])} model(s), {len(suite['methods'])} variant(s), "
+           f"{len(suite['datasets'])} dataset(s)")
+    return 0
+
+
+def _compare(args) -> int:
+    """Exit status 0: the gate passed (or none was given); 1: it failed; 2: the reports cannot be compared."""
+    base, new = _read("compare", args.base), _read("compare", args.new)
+    if base is None or new is None:
+        return 2
+    try:
+        result = compare.compare(base, new, (str(args.base), str(args.new)), args.max_drop + args.max_rise,
+                                 args.gate, args.allow_mismatch, args.level)
+    except compare.CompareError as e:
+        print(f"fidbench compare: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    _print(compare.table(result))
+    return 0 if result["passed"] else 1
+
+
+def _merge(args) -> int:
+    docs = {}
+    for path in args.reports:
+        if (doc := _read("merge", path)) is None:
+            return 2
+        if str(path) in docs:
+            print(f"fidbench merge: error: {path} is given twice", file=sys.stderr)
+            return 2
+        docs[str(path)] = doc
+    try:
+        merged, notes = merge.merge(docs, args.force)
+    except merge.MergeError as e:
+        print(f"fidbench merge: error: {e}", file=sys.stderr)
+        return 2
+    tmp = args.output.with_name(f"{args.output.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, args.output)
+    for note in notes:
+        print(f"fidbench merge: {note}", file=sys.stderr)
+    _print(f"wrote {args.output}: {len(merged['cases'])} case(s) from {len(docs)} reports")
     return 0
 
 

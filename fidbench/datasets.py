@@ -39,8 +39,12 @@ class Prompt:
 
 
 def _lines(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -59,8 +63,11 @@ def _conversation(path: Path, lineno: int, row) -> list[dict]:
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
             raise DatasetError(f"{where}: turn {i} must be an object with exactly 'role' and 'content'")
-        if turn["role"] not in ROLES or not isinstance(turn["content"], str):
-            raise DatasetError(f"{where}: turn {i} has role {turn['role']!r}; roles are {', '.join(ROLES)}, content a string")
+        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
+            raise DatasetError(f"{where}: turn {i} has role {turn['role']!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str):
+            raise DatasetError(f"{where}: turn {i}'s content must be a string, got {type(turn['content']).__name__} "
+                               f"{turn['content']!r}")
     if conv[-1]["role"] == "system":
         raise DatasetError(f"{where}: the last turn is a system message; end with a user (or assistant) turn")
     return conv
@@ -117,14 +124,21 @@ def load(spec: DatasetSpec, tokenizer, limit: int | None = None, vocab_size: int
                 raise DatasetError(f"{where}: expected an object with 'p_ids' and 'g_ids'")
             for key in ("p_ids", "g_ids"):
                 ids = row[key]
-                if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+                if not isinstance(ids, list) or not ids:
+                    raise DatasetError(f"{where}: '{key}' must be a non-empty list of token ids")
+                bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)]  # true is no token id
+                if bad:
+                    raise DatasetError(f"{where}: '{key}' holds {json.dumps(bad[0])}, not an integer token id")
+                if not all(0 <= i < vocab for i in ids):
                     raise DatasetError(
-                        f"{where}: '{key}' must be a non-empty list of token ids below the model's "
+                        f"{where}: '{key}' must hold token ids below the model's "
                         f"vocabulary size {vocab} (was it made with another tokenizer?)"
                     )
             prompts.append(Prompt(spec.name, len(prompts), list(row["p_ids"]), list(row["g_ids"]), "ids"))
         else:
             ids, template = render(tokenizer, _conversation(spec.path, lineno, row), where)
+            if not ids:
+                raise DatasetError(f"{where}: the {template} template rendered this conversation as no tokens at all")
             if max(ids) >= vocab:
                 raise DatasetError(f"{where}: the tokenizer produced id {max(ids)}, outside the model's "
                                    f"vocabulary of {vocab}: tokenizer and model do not match")

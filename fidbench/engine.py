@@ -2,19 +2,22 @@
 
 Logits for the N reference tokens: the first comes from the prefill's last position, the other
 N-1 from feeding reference tokens 0..N-2 after the prompt.
+
+The host never waits for a GPU inside a sample: phases are timed with CUDA events read after the
+sample, so the host queues the decode while the GPU still runs the prefill (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
 
 import torch
 
 from . import attention
 
 MODES = ("auto", "parallel", "stepwise")
+WARM_UP_TOKENS = 64  # prompt length of the untimed warm-up forward (see warm_up)
 
 
 def _cache_kwarg(model) -> str:
@@ -34,20 +37,58 @@ def forward(model, ids: torch.Tensor, cache=None, last_only: bool = False):
     return logits[0].float(), new_cache
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-@dataclass
+class Clock:
+    """Marks between the phases of a sample, on the timeline of the device that runs them.
+
+    On a GPU a mark is a CUDA event recorded on the input device's stream: the host does not wait,
+    and the seconds are read once, after the sample (work on other GPUs of a spread model reaches
+    that stream through the copies that bring its results back). Elsewhere a mark is the host clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the last one on a GPU)."""
+        if self.device.type == "cuda":
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 class Forced:
-    logits: torch.Tensor  # (N, V) float32: row t predicts reference token t
-    prefill_s: float
-    decode_s: float
+    """A sample's teacher-forced logits and the time of its phases (read on first use)."""
+
+    def __init__(self, logits: torch.Tensor, clock: Clock):
+        self.logits = logits  # (N, V) float32: row t predicts reference token t
+        self._clock = clock
+        self._seconds: list[float] | None = None
+
+    def _phases(self) -> list[float]:
+        if self._seconds is None:
+            self._seconds = self._clock.seconds()
+        return self._seconds
+
+    @property
+    def prefill_s(self) -> float:
+        return self._phases()[0]
+
+    @property
+    def decode_s(self) -> float:
+        return self._phases()[1]
 
 
 def resolve_mode(method, mode: str) -> str:
@@ -70,12 +111,11 @@ def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str) 
     prompt = torch.tensor([p_ids], device=device)
     ref = torch.tensor([g_ids], device=device)
     method.begin(len(p_ids))
-    _sync(device)
-    t0 = time.perf_counter()
+    clock = Clock(device)
+    clock.mark()
     with attention.running(method, attention.Phase("prefill", len(p_ids), 0)):
         first, cache = forward(model, prompt, last_only=True)
-    _sync(device)
-    t1 = time.perf_counter()
+    clock.mark()
     rows = [first[-1:]]
     p = len(p_ids)
     if len(g_ids) > 1 and mode == "parallel":
@@ -87,6 +127,19 @@ def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str) 
             with attention.running(method, attention.Phase("decode", p, p + t)):
                 logits, cache = forward(model, ref[:, t : t + 1], cache)
             rows.append(logits)
-    _sync(device)
-    t2 = time.perf_counter()
-    return Forced(torch.cat(rows), t1 - t0, t2 - t1)
+    clock.mark()
+    return Forced(torch.cat(rows), clock)
+
+
+@torch.inference_mode()
+def warm_up(model) -> None:
+    """Untimed forwards that pay a model's one-time costs before anything is timed: on a GPU the CUDA
+    context, cuBLAS handles and kernels loaded on first use; a prefill, a parallel decode and a step."""
+    device = input_device(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(WARM_UP_TOKENS + 5, device=device)[None] % vocab
+    _, cache = forward(model, ids[:, :WARM_UP_TOKENS], last_only=True)
+    _, cache = forward(model, ids[:, WARM_UP_TOKENS : WARM_UP_TOKENS + 4], cache)
+    forward(model, ids[:, -1:], cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

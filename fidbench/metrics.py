@@ -61,6 +61,9 @@ class PartialScores:
         unknown = sorted(set(values) - _SCALARS)
         if unknown:
             raise ValueError(f"{who}: score_sample gave unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(_SCALARS))}")
+        for metric, value in sorted(values.items()):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+                raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, not a finite number")
         return cls(n_tokens, values)
 
     def summary(self) -> dict:
@@ -88,8 +91,8 @@ def score(logits: torch.Tensor, ref) -> SampleScores:
 
 
 def _summarize(samples: list) -> dict:
-    if not samples:
-        return {"n_samples": 0, "n_tokens": 0}
+    if not samples:  # every metric present, none measured
+        return {**dict.fromkeys(sorted(_SCALARS)), "acc1_by_position": None, "n_samples": 0, "n_tokens": 0}
     if any(isinstance(s, PartialScores) for s in samples):
         return _summarize_partial(samples)
     hit1 = torch.cat([s.hit1 for s in samples]).double()
@@ -145,12 +148,15 @@ def aggregate(samples: list) -> dict:
 
 
 def check_floors(scores: dict, floors: dict) -> list[str]:
-    """Messages for each floor the scores violate (empty when all hold)."""
+    """Messages for each floor the scores violate (empty when all hold). A non-finite value never passes:
+    every comparison with NaN is false, so it is checked first."""
     failures = []
     for metric, bound in sorted(floors.items()):
-        value = scores[metric]
+        value = scores.get(metric)
         if value is None:
             failures.append(f"{metric} has a floor ({bound}) but this method does not measure it")
+        elif not math.isfinite(value):
+            failures.append(f"{metric} = {value} is not a finite number (floor {bound})")
         elif metric in HIGHER_IS_BETTER and value < bound:
             failures.append(f"{metric} = {value:.4f} is below its floor {bound}")
         elif metric not in HIGHER_IS_BETTER and value > bound:
@@ -160,6 +166,11 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
 
 def known_metrics() -> set[str]:
     return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", *KL_PERCENTILES}
+
+
+def floor_range(metric: str) -> tuple[float, float]:
+    """The values ``metric`` can take: fractions lie in [0, 1], everything else is non-negative."""
+    return (0.0, 1.0) if metric in ("acc1", "acc5", "exact_match") else (0.0, math.inf)
 
 
 _SCALARS = known_metrics() | {"nll_base"}  # the per-sample scalars of a summary

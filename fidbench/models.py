@@ -133,12 +133,25 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
     source = resolve(path)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa", "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
-    tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source, local_files_only=True)
+    except OSError as e:  # transformers' message speaks of a connection fidbench never makes
+        raise OSError(f"tokenizer {tokenizer or path!r} is neither a directory with a tokenizer nor a hub id in the "
+                      f"local Hugging Face cache") from e
     return model, tok
+
+
+def device_key(model) -> str:
+    """Where the model computes, as far as it changes the numbers: device types, and each GPU's name
+    (a different chip or kernel library can flip a near-tie; cuda:0 and cuda:1 of one kind cannot)."""
+    devices = {p.device for p in model.parameters()}
+    return "+".join(sorted({f"cuda:{torch.cuda.get_device_name(d)}" if d.type == "cuda" else d.type for d in devices}))
 
 
 def fingerprint(model) -> str:

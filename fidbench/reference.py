@@ -1,10 +1,14 @@
 """The reference store: the base model's greedy continuations and what KL needs, generated here and
 cached on disk.
 
-One safetensors file per sample, keyed by the model's fingerprint, the prompt's tokens, the
-generation settings and the library versions, so a second run generates nothing. Files are
-written atomically under a per-sample lock: xdist workers share the store, and an interrupted
-run loses at most the sample in progress.
+One safetensors file per sample, keyed by everything that changes the base's greedy tokens or
+logits: the model's fingerprint (weights and dtype), the prompt's tokens, the generation settings
+(length, end-of-sequence ids, batch size), the device and the library versions, so a second run
+generates nothing. Each file carries its settings and a checksum of its content; every read checks
+both and the prompt, and a bad file is moved aside (``<name>.bad-<time>``), named in a warning and
+regenerated, never used. Files are written atomically under a per-sample lock that names its holder:
+xdist workers share the store, an interrupted run loses at most the sample in progress, and a run
+waiting on a lock says who holds it (``FIDBENCH_LOCK_TIMEOUT`` seconds bound the wait).
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import engine
@@ -27,8 +35,18 @@ from .datasets import Prompt
 from .methods import build
 from .metrics import rest_logp
 
-FORMAT = 2
+FORMAT = 3  # 3: end-of-sequence ids and device in the key, a checksum in every file
 TOP_K = 32  # base log-probabilities kept per position for KL (the rest of the vocabulary is one bucket)
+TENSORS = ("p_ids", "g_ids", "top_idx", "top_logp", "gold_logp", "rest_logp")
+NOTICE_S = 5.0  # a run waiting on a lock says who holds it after this long, then every minute
+
+
+class ReferenceWarning(UserWarning):
+    """A cached reference was bad (moved aside and regenerated), or a run is waiting on a lock."""
+
+
+class BadReference(ValueError):
+    """A cached reference file that does not verify: unreadable, another key's, or altered."""
 
 
 @dataclass
@@ -64,6 +82,8 @@ def greedy(model, p_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> t
 
     Stops after an end-of-sequence token (kept as the last reference token) or ``max_new_tokens``.
     """
+    if max_new_tokens < 1:  # the loop below would never end
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = engine.input_device(model)
     logits, cache = engine.forward(model, torch.tensor([p_ids], device=device), last_only=True)
     tokens, rows = [], []
@@ -86,8 +106,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
     batch changes matmul shapes and the attention kernel): a near-tie can flip. Each sample stops at
     its own end-of-sequence token; finished samples ride along until the last one stops.
     """
-    if len(prompts) == 1:
-        return [greedy(model, prompts[0], max_new_tokens, eos_ids)]
+    if len(prompts) == 1 or max_new_tokens < 1:
+        return [greedy(model, p, max_new_tokens, eos_ids) for p in prompts]
     device = engine.input_device(model)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
@@ -120,16 +140,93 @@ def base_logits(model, p_ids: list[int], g_ids: list[int]) -> torch.Tensor:
     return engine.teacher_force(model, build("origin", {}), p_ids, g_ids, "stepwise").logits
 
 
+def lock_timeout() -> float | None:
+    """``FIDBENCH_LOCK_TIMEOUT``: seconds a run waits on another's reference lock before it gives up (unset: no limit)."""
+    value = os.environ.get("FIDBENCH_LOCK_TIMEOUT", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"FIDBENCH_LOCK_TIMEOUT must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+class Lock:
+    """A sample's file lock that writes its holder (pid, host, since when) next to it, so that a run waiting
+    on it can say who holds it. The lock frees itself when its holder exits; a stopped one holds it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(f"{path}.lock")
+        self.holder = Path(f"{path}.lock.holder")
+        self._lock = FileLock(str(self.path))
+
+    def acquire(self, timeout: float) -> None:
+        self._lock.acquire(timeout=timeout)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+
+    def release(self) -> None:
+        self.holder.unlink(missing_ok=True)  # before the lock: the next holder writes its own
+        self._lock.release()
+
+    def who(self) -> str:
+        try:
+            h = json.loads(self.holder.read_text())
+            return f"pid {h['pid']} on {h['host']} (since {h['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that left no holder file"
+
+    def wait(self) -> None:
+        """Acquire, however long it takes (or ``lock_timeout()``), saying after ``NOTICE_S`` and then every
+        minute which lock is held by whom."""
+        limit, start, notice = lock_timeout(), time.monotonic(), NOTICE_S
+        while True:
+            waited = time.monotonic() - start
+            try:
+                self.acquire(NOTICE_S if limit is None else max(0.0, min(NOTICE_S, limit - waited)))
+                return
+            except Timeout:
+                waited = time.monotonic() - start
+            if limit is not None and waited >= limit:
+                raise TimeoutError(
+                    f"reference lock {self.path} is still held by {self.who()} after {waited:.0f} s "
+                    f"(FIDBENCH_LOCK_TIMEOUT={limit:g}); if that process is stopped, resume or end it") from None
+            if waited >= notice:
+                message = f"fidbench: waiting {waited:.0f} s for reference lock {self.path}, held by {self.who()}"
+                print(message, file=sys.__stderr__, flush=True)
+                if notice == NOTICE_S:
+                    warnings.warn(message, ReferenceWarning, stacklevel=2)
+                notice = waited + 60
+
+
+def _checksum(settings: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(settings.encode())
+    for name in TENSORS:
+        t = tensors[name].contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 class Store:
-    def __init__(self, root: Path, model_name: str, fingerprint: str, max_new_tokens: int, batch_size: int = 1):
+    def __init__(self, root: Path, model_name: str, fingerprint: str, max_new_tokens: int, batch_size: int = 1,
+                 eos_ids=(), device: str = "cpu"):
         if batch_size < 1:
             raise ValueError(f"reference batch size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.dir = Path(root) / "references" / f"{model_name}-{fingerprint[:16]}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.eos_ids = set(eos_ids)
         self.settings = {
             "format": FORMAT,
-            "model": fingerprint,
+            "model": fingerprint,  # weights and dtype
             "max_new_tokens": max_new_tokens,
+            "eos_ids": sorted(self.eos_ids),  # where a reference stops
+            "device": device,  # device types and GPU names: other kernels round differently
             "greedy": True,
             "top_k": TOP_K,
             "torch": torch.__version__,
@@ -146,10 +243,41 @@ class Store:
         key = json.dumps({**self.settings, "p_ids": prompt.p_ids, "g_ids": prompt.g_ids}, sort_keys=True)
         return self.dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
-    def _read(self, path: Path) -> Reference:
-        t = load_file(str(path))
-        return Reference(t["p_ids"].tolist(), t["g_ids"].tolist(), t["top_idx"].long(), t["top_logp"],
-                         t["gold_logp"], t["rest_logp"])
+    def read(self, path: Path, prompt: Prompt) -> Reference:
+        """The reference in ``path``, verified against this store's settings, ``prompt`` and the file's checksum."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                # copies: a tensor may map the file, which must not change what was verified once it is read
+                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise BadReference(f"unreadable: {e}") from None
+        if sorted(tensors) != sorted(TENSORS) or "settings" not in meta:
+            raise BadReference("not a fidbench reference file")
+        if json.loads(meta["settings"]) != self.settings:
+            raise BadReference("written for other settings than its key")
+        if meta.get("sha256") != _checksum(meta["settings"], tensors):
+            raise BadReference("its content does not match its checksum")
+        ref = Reference(tensors["p_ids"].tolist(), tensors["g_ids"].tolist(), tensors["top_idx"].long(),
+                        tensors["top_logp"], tensors["gold_logp"], tensors["rest_logp"])
+        if ref.p_ids != prompt.p_ids or (prompt.g_ids is not None and ref.g_ids != prompt.g_ids):
+            raise BadReference("it holds another prompt's reference")
+        return ref
+
+    def _cached(self, path: Path, prompt: Prompt, set_aside: bool = False) -> Reference | None:
+        """The verified reference in ``path``, or None when there is none or it is bad; a bad file is moved
+        aside with a warning when ``set_aside`` (only under the sample's lock: another worker may be rewriting it)."""
+        if not path.exists():
+            return None
+        try:
+            return self.read(path, prompt)
+        except BadReference as e:
+            if set_aside:
+                bad = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                os.replace(path, bad)
+                warnings.warn(f"fidbench: bad cached reference {path} ({e}): moved to {bad.name}, regenerating it",
+                              ReferenceWarning, stacklevel=2)
+            return None
 
     def _write(self, path: Path, ref: Reference) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -158,27 +286,28 @@ class Store:
             "top_idx": ref.top_idx.int().contiguous(), "top_logp": ref.top_logp.contiguous(),
             "gold_logp": ref.gold_logp.contiguous(), "rest_logp": ref.rest_logp.contiguous(),
         }
-        save_file(tensors, str(tmp), metadata={"settings": json.dumps(self.settings)})
+        settings = json.dumps(self.settings, sort_keys=True)
+        save_file(tensors, str(tmp), metadata={"settings": settings, "sha256": _checksum(settings, tensors)})
         os.replace(tmp, path)
 
-    def _make(self, model, prompt: Prompt, eos_ids: set[int]) -> Reference:
+    def _make(self, model, prompt: Prompt) -> Reference:
         if prompt.g_ids is None:
-            g_ids, logits = greedy(model, prompt.p_ids, self.settings["max_new_tokens"], eos_ids)
+            g_ids, logits = greedy(model, prompt.p_ids, self.settings["max_new_tokens"], self.eos_ids)
         else:
             g_ids, logits = prompt.g_ids, base_logits(model, prompt.p_ids, prompt.g_ids)
         self.generated += 1
         return Reference.from_logits(prompt.p_ids, g_ids, logits)
 
-    def _make_batch(self, model, prompts: list[Prompt], eos_ids: set[int]) -> list[Reference]:
+    def _make_batch(self, model, prompts: list[Prompt]) -> list[Reference]:
         """Generate several references at once (imported references are scored one by one)."""
         if len(prompts) == 1 or any(p.g_ids is not None for p in prompts):
-            return [self._make(model, p, eos_ids) for p in prompts]
-        out = greedy_batch(model, [p.p_ids for p in prompts], self.settings["max_new_tokens"], eos_ids)
+            return [self._make(model, p) for p in prompts]
+        out = greedy_batch(model, [p.p_ids for p in prompts], self.settings["max_new_tokens"], self.eos_ids)
         self.generated += len(prompts)
         return [Reference.from_logits(p.p_ids, g_ids, logits) for p, (g_ids, logits) in zip(prompts, out)]
 
-    def get(self, model, prompts: list[Prompt], eos_ids: set[int], progress: bool = True) -> list[Reference]:
-        """References for ``prompts``, generating the missing ones, ``batch_size`` at a time.
+    def get(self, model, prompts: list[Prompt], progress: bool = True) -> list[Reference]:
+        """References for ``prompts``, generating the missing (and bad) ones, ``batch_size`` at a time.
 
         A sample another worker is generating is skipped and revisited, so workers split the work
         instead of queueing on the same lock. Batches hold prompts of similar lengths (least padding).
@@ -188,45 +317,50 @@ class Store:
         if self.batch_size > 1:
             pending.sort(key=lambda i: len(prompts[i].p_ids))
         bar = tqdm(total=len(prompts), desc="base references", disable=not progress, leave=False, file=sys.__stderr__)
-        timeout = 0  # the first pass skips busy samples; later passes wait for them
+        first = True  # the first pass skips busy samples; later passes wait for them
         while pending:
             waiting, batch = [], []  # batch: (index, path, held lock) of samples to generate
             try:
                 for i in pending:
                     path = self.path(prompts[i])
-                    if not path.exists():
-                        lock = FileLock(str(path) + ".lock")
+                    ref = self._cached(path, prompts[i])
+                    if ref is None:
+                        lock = Lock(path)
                         try:
-                            lock.acquire(timeout=timeout)
+                            if first:
+                                lock.acquire(0)
+                            else:
+                                lock.wait()
                         except Timeout:
                             waiting.append(i)
                             continue
-                        if not path.exists():
+                        ref = self._cached(path, prompts[i], set_aside=True)  # another worker may have written it
+                        if ref is None:
                             batch.append((i, path, lock))
                             if len(batch) == self.batch_size:
-                                self._flush(model, prompts, batch, eos_ids, refs, bar)
+                                self._flush(model, prompts, batch, refs, bar)
                             continue
-                        lock.release()  # another worker wrote it while we waited
-                    refs[i] = self._read(path)
+                        lock.release()
+                    refs[i] = ref
                     bar.update(1)
-                self._flush(model, prompts, batch, eos_ids, refs, bar)
+                self._flush(model, prompts, batch, refs, bar)
             finally:
                 for _, _, lock in batch:  # an interrupted batch: release what we hold, write nothing partial
                     lock.release()
-            pending, timeout = waiting, -1
+            pending, first = waiting, False
         bar.close()
         return [refs[i] for i in range(len(prompts))]
 
-    def _flush(self, model, prompts, batch, eos_ids, refs, bar) -> None:
+    def _flush(self, model, prompts, batch, refs, bar) -> None:
         """Generate, write and release the samples held in ``batch`` (emptied in place)."""
         if not batch:
             return
-        made = self._make_batch(model, [prompts[i] for i, _, _ in batch], eos_ids)
+        made = self._make_batch(model, [prompts[i] for i, _, _ in batch])
         while batch:
             (i, path, lock), ref = batch.pop(0), made.pop(0)
             try:
                 self._write(path, ref)
             finally:
                 lock.release()
-            refs[i] = self._read(path)
+            refs[i] = self.read(path, prompts[i])  # what later runs will read, verified
             bar.update(1)

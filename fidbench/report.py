@@ -2,12 +2,14 @@
 the records with the environment and settings (ordered, written atomically), and the results table.
 
 The report is a public interface; ``FORMAT`` is its version, raised whenever a field changes meaning
-or goes away.
+or goes away. It is strict JSON: a non-finite score is written as null, and the case says why
+(``non_finite``, ``failures``). ``read`` checks a saved report field by field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import metrics, stats
 
-FORMAT = 2  # 1: records without "format"; 2: + format, kind
+FORMAT = 3  # 1: records without "format"; 2: + format, kind; 3: + outcome, error, non_finite; stub records
+OUTCOMES = ("passed", "failed", "error", "skipped")
 
 PACKAGES = ("fidbench", "torch", "transformers", "accelerate", "pytest", "pytest-benchmark", "pytest-xdist")
 
@@ -38,8 +41,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment() -> dict:
-    """Taken when the session starts, so it describes the code that ran, not the tree at the last write."""
+def environment(workers: int = 1) -> dict:
+    """Taken when the session starts, so it describes the code that ran, not the tree at the last write.
+
+    ``workers``: the processes that ran cases at once (pytest-xdist's workers), sharing the machine."""
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "machine": {
@@ -48,6 +53,7 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "workers": workers,
         },
         "commit": _git("rev-parse", "HEAD") or None,
         # uncommitted changes to tracked files: the commit alone does not say what ran
@@ -55,19 +61,41 @@ def environment() -> dict:
     }
 
 
-def sample(prompt, ref, scores) -> dict:
-    """One sample's row of a case record: where it came from and its scores."""
+def sample(prompt, ref, scores, non_finite: int = 0, first_non_finite: int | None = None) -> dict:
+    """One sample's row of a case record: where it came from, its scores, and how many of its positions had
+    non-finite logits (the first of them in ``first_non_finite``)."""
     summary = {k: v for k, v in scores.summary().items() if k not in ("n_samples", "acc1_by_position")}
     return {"dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
-            "template": prompt.template, "truncated_from": prompt.truncated_from, **summary}
+            "template": prompt.template, "truncated_from": prompt.truncated_from, **summary,
+            "non_finite": non_finite, "first_non_finite": first_non_finite}
+
+
+def _failures(case, method, scores: dict, samples: list, skipped: list) -> list[str]:
+    """Why the case fails: nothing scored, non-finite logits (NaN passes every comparison), floors."""
+    if not samples:
+        reasons = sorted({s["reason"] for s in skipped})
+        more = "; ..." if len(reasons) > 3 else ""
+        return [f"no prompt was scored: {len(skipped)} skipped ({'; '.join(reasons[:3])}{more})" if skipped
+                else "no prompt was scored"]
+    failures = []
+    bad = [s for s in samples if s.get("non_finite")]
+    if bad:
+        first = bad[0]
+        failures.append(
+            f"method {method.name!r} (variant {case.variant.name!r}) gave non-finite logits (NaN or inf) at "
+            f"{sum(s['non_finite'] for s in bad)} position(s) of {len(bad)} sample(s); first: sample "
+            f"{first['dataset']}[{first['index']}], position {first['first_non_finite']}")
+    return failures + metrics.check_floors(scores, case.floors)
 
 
 def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skipped: list, timing: dict) -> dict:
-    """A case's record: what ran, its scores overall and per dataset, timing, what the method kept, floors."""
+    """A case's record: what ran, its scores overall and per dataset, timing, what the method kept, floors,
+    and why it fails. ``outcome`` is the harness's verdict; under pytest the test's outcome replaces it."""
     every = [s for group in per_dataset.values() for s in group]
     scores = metrics.aggregate(every)
     # A method's own loop is timed as a whole: it has no separate prefill and decode.
     timing = {"prefill_s": None, "decode_s": None, **timing}
+    failures = _failures(case, method, scores, samples, skipped)
     return {
         "id": case.id,
         "model": case.model.name,
@@ -80,13 +108,44 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
         "decode": mode,
         "scores": scores,
         "datasets": {name: metrics.aggregate(group) for name, group in per_dataset.items()},
+        "ci": stats.intervals(samples),  # bootstrap over samples: metric -> [lo, hi], None below two samples
+        "ci_level": stats.LEVEL,
         "timing": timing,
         "kept": method.kept(),
         "floors": case.floors,
-        "failures": metrics.check_floors(scores, case.floors) if every else ["no prompt was scored"],
+        "outcome": "failed" if failures else "passed",
+        "error": None,
+        "failures": failures,
+        "non_finite": sum(s.get("non_finite", 0) for s in samples),
         "samples": samples,
         "skipped": skipped,
     }
+
+
+def stub(case, outcome: str, error: str | None) -> dict:
+    """The record of a case that gave no scores (it errored, was skipped or never ran): what it was, and why."""
+    return {"id": case.id, "model": case.model.name, "method": case.variant.method, "variant": case.variant.name,
+            "outcome": outcome, "error": error}
+
+
+def finite(value):
+    """``value`` with every non-finite float replaced by None, so the JSON is strict (NaN is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def check_writable(path) -> None:
+    """Raise OSError unless a report can be written at ``path`` (checked before a run, not after its first case)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    probe = Path(f"{path}.tmp{os.getpid()}")
+    probe.write_text("")
+    probe.unlink()
 
 
 class Report:
@@ -100,8 +159,14 @@ class Report:
         self.environment = env or environment()
 
     def add(self, record: dict) -> None:
-        self.records[record["id"]] = record
+        self.records[record["id"]] = finite(record)  # the table shows what the file holds
         self.write()
+
+    def settle(self, case, outcome: str, error: str | None = None) -> None:
+        """Set a case's outcome (and error), on its record or on a stub when no record arrived."""
+        record = self.records.get(case.id) or stub(case, outcome, error)
+        record["outcome"], record["error"] = outcome, error if error is not None else record.get("error")
+        self.add(record)
 
     def ordered(self) -> list[dict]:
         """Records in suite order, whatever order xdist workers finished them in."""
@@ -113,8 +178,75 @@ class Report:
             return
         doc = {"format": FORMAT, "environment": self.environment, "settings": self.settings, "cases": self.ordered()}
         tmp = f"{self.path}.tmp{os.getpid()}"
-        Path(tmp).write_text(json.dumps(doc, indent=1))
+        Path(tmp).write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
         os.replace(tmp, self.path)
+
+
+class ReportError(ValueError):
+    pass
+
+
+def _number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check(where: str, data: dict, key: str, ok, expected: str):
+    if key not in data:
+        raise ReportError(f"{where}.{key}: missing")
+    if not ok(data[key]):
+        raise ReportError(f"{where}.{key}: expected {expected}, got {json.dumps(data[key])[:80]}")
+    return data[key]
+
+
+def _scores(where: str, scores) -> None:
+    if not isinstance(scores, dict):
+        raise ReportError(f"{where}: expected an object of scores, got {json.dumps(scores)[:80]}")
+    for metric, value in scores.items():
+        if metric != "acc1_by_position" and not _number(value):
+            raise ReportError(f"{where}.{metric}: expected a number or null, got {json.dumps(value)[:80]}")
+
+
+def _check_case(where: str, case) -> None:
+    if not isinstance(case, dict):
+        raise ReportError(f"{where}: expected an object, got {json.dumps(case)[:80]}")
+    _check(where, case, "id", lambda v: isinstance(v, str), "a string")
+    if "outcome" in case:
+        _check(where, case, "outcome", lambda v: v in OUTCOMES, " or ".join(OUTCOMES))
+    if "scores" not in case and case.get("outcome") in ("error", "skipped"):
+        return  # a stub: the case gave no scores
+    _scores(f"{where}.scores", _check(where, case, "scores", lambda v: True, ""))
+    for name, scores in _check(where, case, "datasets", lambda v: isinstance(v, dict), "an object").items():
+        _scores(f"{where}.datasets.{name}", scores)
+    timing = _check(where, case, "timing", lambda v: isinstance(v, dict), "an object")
+    for key in ("prefill_s", "decode_s"):
+        _check(f"{where}.timing", timing, key, _number, "a number or null")
+    kept = _check(where, case, "kept", lambda v: isinstance(v, dict), "an object")
+    if "kv_fraction" in kept:
+        _check(f"{where}.kept", kept, "kv_fraction", _number, "a number or null")
+    _check(where, case, "failures", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+           "a list of strings")
+
+
+def read(path) -> dict:
+    """A saved report, checked: a ``ReportError`` names the file and the first field that is not as written."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ReportError(f"{path} is not a fidbench report (expected a JSON object with 'cases')")
+    if not isinstance(doc.get("cases"), list):
+        got = "missing" if "cases" not in doc else f"expected a list of cases, got {json.dumps(doc['cases'])[:80]}"
+        raise ReportError(f"{path}: cases: {got}")
+    for i, case in enumerate(doc["cases"]):
+        _check_case(f"{path}: cases[{i}]", case)
+    return doc
 
 
 COLUMNS = [("acc1", "acc@1", "{:.4f}"), ("acc5", "acc@5", "{:.4f}"), ("kl_mean", "KL", "{:.4f}"),
@@ -125,26 +257,50 @@ def _fmt(fmt: str, value) -> str:
     return "-" if value is None else fmt.format(value)  # a metric the method does not measure
 
 
+def verdict(record: dict) -> str:
+    """ok, FAIL, ERROR or SKIP: never ok for a case with failures or a non-finite score (older reports hold NaN)."""
+    outcome = record.get("outcome")
+    if outcome in ("error", "skipped"):
+        return "ERROR" if outcome == "error" else "SKIP"
+    scores = record.get("scores") or {}
+    broken = any(isinstance(v, float) and not math.isfinite(v) for v in scores.values())
+    return "FAIL" if outcome == "failed" or record.get("failures") or broken else "ok"
+
+
+def _pm(fmt: str, ci) -> str:
+    """Half the interval's width, 2 significant digits (enough to tell a difference from noise), no finer than
+    the column's own ``fmt``."""
+    if not ci or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):  # none, or non-finite
+        return ""
+    half = (ci[1] - ci[0]) / 2
+    text = f"{half:.2g}"
+    return f" ±{fmt.format(half) if 'e' in text else text}"
+
+
 def table(records: list[dict], datasets: bool = True, markdown: bool = False) -> str:
-    """One row per case and dataset (``datasets``), then the case overall; failures marked."""
+    """One row per case and dataset (``datasets``), then the case overall with its verdict (every case has one)
+    and ± half its bootstrap interval (``ci``) on acc@1, acc@5 and KL."""
     header = ["case", "dataset", *(c[1] for c in COLUMNS), "kept", "prefill s", "decode s", "floors"]
     rows = []
     for r in records:
-        kept = r["kept"].get("kv_fraction")
-        parts = [*r["datasets"].items()] if datasets else []
-        for name, scores in [*parts, ("all", r["scores"])]:
-            if not scores.get("n_tokens"):
-                continue
-            row = [r["id"], name, *(_fmt(fmt, scores[k]) for k, _, fmt in COLUMNS)]
+        kept = (r.get("kept") or {}).get("kv_fraction")
+        timing = r.get("timing") or {}
+        parts = [(n, s) for n, s in r.get("datasets", {}).items() if s.get("n_tokens")] if datasets else []
+        for name, scores in [*parts, ("all", r.get("scores") or {})]:
             overall = name == "all"
+            ci = (r.get("ci") or {}) if overall else {}
+            row = [r["id"], name, *(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in COLUMNS)]
             row += [f"{kept:.3f}" if overall and kept is not None else "",
-                    _fmt("{:.2f}", r["timing"]["prefill_s"]) if overall else "",
-                    _fmt("{:.2f}", r["timing"]["decode_s"]) if overall else "",
-                    ("FAIL" if r["failures"] else "ok") if overall else ""]
+                    _fmt("{:.2f}", timing.get("prefill_s")) if overall else "",
+                    _fmt("{:.2f}", timing.get("decode_s")) if overall else "",
+                    verdict(r) if overall else ""]
             rows.append(row)
+    levels = {r.get("ci_level") for r in records if any((r.get("ci") or {}).values())}
+    shown = ", ".join(f"{x:.0%}" for x in sorted(levels))
+    note = [f"±: half the {shown} bootstrap interval over samples"] if levels else []
     if markdown:
-        lines = [header, ["---"] * len(header), *rows]
-        return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
+        lines = ["| " + " | ".join(str(x) for x in row) + " |" for row in [header, ["---"] * len(header), *rows]]
+        return "\n".join(lines + (["", *note] if note else []))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join(lines + note)

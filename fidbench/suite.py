@@ -5,6 +5,7 @@ Every problem is reported as a ``SuiteError`` naming the file and the offending 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,14 @@ def _keys(where: str, data, allowed: set[str], required: set[str] = frozenset())
     return data
 
 
+def _mapping(where: str, data) -> dict:
+    """``data`` when it is a mapping (an empty section is an empty one), else an error naming the key."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise SuiteError(f"{where}: expected a mapping of names to entries, got {type(data).__name__}")
+    return data
+
+
 def _name(where: str, name) -> str:
     if not isinstance(name, str) or not _ID.match(name):
         raise SuiteError(f"{where}: name {name!r} may hold only letters, digits and _ . + : [ ] / -")
@@ -107,10 +116,17 @@ def _local(suite: Path, value):
 
 
 def _floors(where: str, data) -> dict:
+    """Floors by metric: finite numbers inside the metric's range (outside it a floor never or always holds)."""
     known = metrics.known_metrics()
     for metric, bound in _keys(where, data, known).items():
-        if not isinstance(bound, (int, float)) or isinstance(bound, bool):
-            raise SuiteError(f"{where}.{metric}: floor must be a number, got {bound!r}")
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound):
+            raise SuiteError(f"{where}.{metric}: floor must be a finite number, got {bound!r}")
+        lo, hi = metrics.floor_range(metric)
+        if not lo <= bound <= hi:
+            minimum = metric in metrics.HIGHER_IS_BETTER
+            never = bound > hi if minimum else bound < lo
+            raise SuiteError(f"{where}.{metric}: floor {bound} is outside the metric's range [{lo:g}, {hi:g}]: "
+                             f"this {'minimum' if minimum else 'maximum'} would {'never' if never else 'always'} hold")
     return dict(data)
 
 
@@ -128,16 +144,19 @@ def load(path: str | Path) -> Suite:
 
     gen = _keys(f"{f}: generation", raw.get("generation") or {}, {"max_new_tokens", "decode"})
     suite.max_new_tokens = gen.get("max_new_tokens", suite.max_new_tokens)
-    if not isinstance(suite.max_new_tokens, int) or suite.max_new_tokens < 1:
+    if not isinstance(suite.max_new_tokens, int) or isinstance(suite.max_new_tokens, bool) or suite.max_new_tokens < 1:
         raise SuiteError(f"{f}: generation.max_new_tokens must be a positive integer")
     suite.decode = gen.get("decode", suite.decode)
     if suite.decode not in ("auto", "parallel", "stepwise"):
         raise SuiteError(f"{f}: generation.decode must be auto, parallel or stepwise, got {suite.decode!r}")
 
     model_keys = {"path", "tokenizer", "dtype", "device", "max_length", "overlong"}
-    for name, spec in _keys(f"{f}: models", raw["models"], set(raw["models"] or {})).items():
+    for name, spec in _mapping(f"{f}: models", raw["models"]).items():
         where = f"{f}: models.{_name(f'{f}: models', name)}"
         spec = _keys(where, spec or {}, model_keys)
+        for key in ("path", "tokenizer", "dtype", "device", "overlong"):
+            if key in spec and not isinstance(spec[key], str):
+                raise SuiteError(f"{where}.{key}: must be a string, got {spec[key]!r}")
         model = ModelSpec(name=name, **{k: _local(path, v) if k in ("path", "tokenizer") else v for k, v in spec.items()})
         model.path = model.path or name
         if model.dtype not in DTYPES:
@@ -146,11 +165,12 @@ def load(path: str | Path) -> Suite:
             raise SuiteError(f"{where}.overlong: {model.overlong!r} is not one of {', '.join(OVERLONG)}")
         if not re.match(r"^(cpu|cuda(:\d+)?|auto|mps)$", str(model.device)):
             raise SuiteError(f"{where}.device: {model.device!r} is not cpu, cuda, cuda:N or auto")
-        if model.max_length is not None and (not isinstance(model.max_length, int) or model.max_length <= suite.max_new_tokens):
+        if model.max_length is not None and (not isinstance(model.max_length, int) or isinstance(model.max_length, bool)
+                                             or model.max_length <= suite.max_new_tokens):
             raise SuiteError(f"{where}.max_length must be an integer above max_new_tokens ({suite.max_new_tokens})")
         suite.models.append(model)
 
-    for name, spec in _keys(f"{f}: datasets", raw["datasets"], set(raw["datasets"] or {})).items():
+    for name, spec in _mapping(f"{f}: datasets", raw["datasets"]).items():
         where = f"{f}: datasets.{_name(f'{f}: datasets', name)}"
         spec = {"path": spec} if isinstance(spec, str) else dict(_keys(where, spec, {"path", "references", "score"}))
         scored = spec.pop("score", True)
@@ -159,17 +179,24 @@ def load(path: str | Path) -> Suite:
         if len(spec) != 1:
             raise SuiteError(f"{where}: give exactly one of 'path' (conversations) or 'references' (p_ids/g_ids)")
         kind, rel = next(iter(spec.items()))
+        if not isinstance(rel, str):
+            raise SuiteError(f"{where}.{kind}: must be a file path, got {rel!r}")
         file = (path.parent / rel).resolve()
         if not file.exists():
             raise SuiteError(f"{where}: file {file} does not exist")
+        if not file.is_file():
+            raise SuiteError(f"{where}: {file} is not a file (a JSONL file is expected)")
         suite.datasets.append(DatasetSpec(name, file, "references" if kind == "references" else "conversations", scored))
 
     default_floors: dict = {}
-    for name, spec in _keys(f"{f}: methods", raw["methods"], set(raw["methods"] or {})).items():
+    for name, spec in _mapping(f"{f}: methods", raw["methods"]).items():
         where = f"{f}: methods.{_name(f'{f}: methods', name)}"
+        if not isinstance(spec, (dict, type(None))):
+            raise SuiteError(f"{where}: expected a mapping of the method's parameters (and method, floors, tags), "
+                             f"got {type(spec).__name__} {spec!r}")
         spec = dict(spec or {})
         method = spec.pop("method", name)
-        if method not in REGISTRY:
+        if not isinstance(method, str) or method not in REGISTRY:
             raise SuiteError(f"{where}.method: unknown method {method!r} (registered: {', '.join(sorted(REGISTRY))})")
         if "floors" in spec:
             default_floors[name] = _floors(f"{where}.floors", spec.pop("floors"))
@@ -189,4 +216,12 @@ def load(path: str | Path) -> Suite:
             suite.floors.setdefault(model, {})[variant] = _floors(f"{f}: floors.{model}.{variant}", bounds)
     if not suite.models or not any(d.scored for d in suite.datasets) or not suite.variants:
         raise SuiteError(f"{f}: models, datasets (at least one scored) and methods must each name at least one entry")
+    seen: dict[str, Case] = {}
+    for case in suite.cases():  # pytest would rename a duplicate id, and the report would keep one of them
+        if case.id in seen:
+            other = seen[case.id]
+            raise SuiteError(f"{f}: model {other.model.name!r} × variant {other.variant.name!r} and model "
+                             f"{case.model.name!r} × variant {case.variant.name!r} have the same case id "
+                             f"{case.id!r}; rename one of them")
+        seen[case.id] = case
     return suite

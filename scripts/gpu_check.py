@@ -1,7 +1,8 @@
 """GPU check: the default model on each device placement, every checked method, in both teacher-forcing modes.
 
 Prints per placement × method × mode the fidelity scores, the argmax agreement of parallel with stepwise
-teacher forcing, and prefill / decode times measured with CUDA synchronization (the engine's timers).
+teacher forcing, and prefill / decode times, all from the harness's own ``Bench.run`` (the model warmed up
+by ``Bench.load``, phases timed by the engine with CUDA events).
 Exits 1 if a check fails: origin must reproduce its own reference stepwise, parallel must agree with
 stepwise (argmax) on at least --min-agreement of the tokens. Methods not registered are skipped, said so.
 
@@ -24,10 +25,9 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fidbench import engine, metrics  # noqa: E402
 from fidbench.harness import Bench  # noqa: E402
-from fidbench.methods import REGISTRY, build  # noqa: E402
-from fidbench.suite import ModelSpec, Suite, load  # noqa: E402
+from fidbench.methods import REGISTRY  # noqa: E402
+from fidbench.suite import Case, ModelSpec, Suite, Variant, load  # noqa: E402
 
 # Methods checked, with the parameters of their default-suite variant (defaults where it has none).
 METHODS = {"origin": {}, "topk": {"keep": 0.1}, "snapkv": {}, "kivi": {}}
@@ -48,23 +48,20 @@ def parse():
     return p.parse_args()
 
 
-def run_mode(model, method, loaded, mode):
-    """Teacher-force every prompt; per-prompt argmax, aggregated scores and timing."""
-    argmax, scores, prefill_s, decode_s, p_tokens, d_tokens = [], [], 0.0, 0.0, 0, 0
-    for ref in (r for r in loaded.references if r is not None):
-        forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
-        argmax.append(forced.logits.argmax(-1).cpu())
-        scores.append(metrics.score(forced.logits, ref))
-        prefill_s += forced.prefill_s
-        decode_s += forced.decode_s
-        p_tokens += len(ref.p_ids)
-        d_tokens += len(ref.g_ids) - 1
-    agg = metrics.aggregate(scores)
-    return argmax, {
-        "acc1": agg["acc1"], "acc5": agg["acc5"], "kl_mean": agg["kl_mean"], "first_divergence": agg["first_divergence"],
-        "prefill_s": prefill_s, "decode_s": decode_s,
-        "prefill_ms_per_1k_tokens": 1e6 * prefill_s / max(p_tokens, 1),
-        "decode_ms_per_token": 1e3 * decode_s / max(d_tokens, 1),
+def run_mode(bench, case, mode):
+    """``Bench.run`` of the case in ``mode`` (a fresh method: its counters are its own); per-prompt argmax,
+    the record's scores and timing."""
+    argmax = []
+    bench.decode = mode
+    record = bench.run(case, on_sample=lambda forced: argmax.append(forced.logits.argmax(-1).cpu()))
+    scores, timing = record["scores"], record["timing"]
+    p_tokens = sum(s["prompt_tokens"] for s in record["samples"])
+    d_tokens = scores["n_tokens"] - scores["n_samples"]
+    return argmax, record, {
+        "acc1": scores["acc1"], "acc5": scores["acc5"], "kl_mean": scores["kl_mean"],
+        "first_divergence": scores["first_divergence"], **timing,
+        "prefill_ms_per_1k_tokens": 1e6 * timing["prefill_s"] / max(p_tokens, 1),
+        "decode_ms_per_token": 1e3 * timing["decode_s"] / max(d_tokens, 1),
     }
 
 
@@ -99,33 +96,30 @@ def main() -> int:
         n = sum(r is not None for r in loaded.references)
         print(f"\n== {spec.name}: weights on {', '.join(where)}; {n} prompts; load + {bench.generated} references "
               f"in {time.perf_counter() - t0:.1f} s")
-        first = next(r for r in loaded.references if r is not None)
         for name, params in methods:
             if time.perf_counter() - start > args.budget_s:
                 print(f"skipped {name} on {device}: time budget of {args.budget_s:.0f} s spent")
                 failures.append(f"{name} on {device} not run (time budget)")
                 continue
-            method = build(name, params)
-            modes = ["parallel", "stepwise"] if method.parallel_exact else ["stepwise"]
-            with method.apply(loaded.model, loaded) as model:
-                engine.teacher_force(model, method, first.p_ids, first.g_ids, modes[0])  # warm-up, untimed
-                runs = {mode: run_mode(model, method, loaded, mode) for mode in modes}
+            case = Case(spec, Variant(name, name, params), {})
+            modes = ["parallel", "stepwise"] if REGISTRY[name].parallel_exact else ["stepwise"]
+            runs = {mode: run_mode(bench, case, mode) for mode in modes}
             agreement = None
             if len(runs) == 2:
                 par, step = runs["parallel"][0], runs["stepwise"][0]
                 agreement = float(torch.cat([a == b for a, b in zip(par, step)]).double().mean())
                 if agreement < args.min_agreement:
                     failures.append(f"{name} on {device}: parallel/stepwise argmax agreement {agreement:.4f} < {args.min_agreement}")
-            for mode, (_, r) in runs.items():
+            for mode, (_, record, r) in runs.items():
                 row = {"placement": device, "method": name, "params": params, "mode": mode, **r,
-                       "parallel_stepwise_agreement": agreement, "kept": method.kept()}
+                       "parallel_stepwise_agreement": agreement, "kept": record["kept"]}
                 results.append(row)
                 print(f"{name:8s} {mode:9s} acc1 {r['acc1']:.4f} acc5 {r['acc5']:.4f} kl {r['kl_mean']:.5f} "
                       f"first_div {r['first_divergence']:.1f} | prefill {r['prefill_ms_per_1k_tokens']:.1f} ms/1k tok, "
                       f"decode {r['decode_ms_per_token']:.2f} ms/tok"
                       + (f" | parallel~stepwise argmax agreement {agreement:.4f}" if agreement is not None else ""))
-            if name == "origin" and runs["stepwise"][1]["acc1"] < 1.0:
-                failures.append(f"origin on {device}: stepwise acc1 {runs['stepwise'][1]['acc1']:.4f} < 1 "
+            if name == "origin" and runs["stepwise"][2]["acc1"] < 1.0:
+                failures.append(f"origin on {device}: stepwise acc1 {runs['stepwise'][2]['acc1']:.4f} < 1 "
                                 f"(the reference is the same computation)")
         del bench, loaded
         if torch.cuda.is_available():

@@ -55,16 +55,16 @@ def test_store_batches_generation_under_its_own_key(cache, monkeypatch):
     four = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
     calls, real = [], reference.greedy_batch
     monkeypatch.setattr(reference, "greedy_batch", lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
-    batched = four.get(model, ps, set(), progress=False)
+    batched = four.get(model, ps, progress=False)
     lengths = sorted(len(p.p_ids) for p in ps)
     assert calls == [lengths[:4], lengths[4:]] and four.generated == 6  # batches of similar lengths
     # Batch size 1 keeps the exact references (origin stepwise reproduces them); batched ones live apart.
     assert {one.path(p) for p in ps}.isdisjoint(four.path(p) for p in ps)
-    singles = one.get(model, ps, set(), progress=False)
+    singles = one.get(model, ps, progress=False)
     assert one.generated == 6
     assert [r.g_ids for r in batched] == [r.g_ids for r in singles]  # no near-tie among these 48 tokens
     again = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
-    assert [r.g_ids for r in again.get(model, ps, set(), progress=False)] == [r.g_ids for r in batched]
+    assert [r.g_ids for r in again.get(model, ps, progress=False)] == [r.g_ids for r in batched]
     assert again.generated == 0
 
 
@@ -78,7 +78,7 @@ def test_interrupted_batch_releases_its_locks_and_writes_nothing(cache, monkeypa
 
     monkeypatch.setattr(reference, "greedy_batch", interrupted)
     with pytest.raises(KeyboardInterrupt) as interrupt:
-        store.get(model, ps, set(), progress=False)
+        store.get(model, ps, progress=False)
     assert not any(p.suffix == ".safetensors" for p in store.dir.iterdir())
     # The traceback keeps the interrupted frame (and any lock it forgot) alive, as a debugger would.
     assert interrupt.traceback
@@ -87,7 +87,7 @@ def test_interrupted_batch_releases_its_locks_and_writes_nothing(cache, monkeypa
             pass
     monkeypatch.undo()
     resumed = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
-    resumed.get(model, ps, set(), progress=False)
+    resumed.get(model, ps, progress=False)
     assert resumed.generated == 4
 
 

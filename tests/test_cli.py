@@ -91,6 +91,10 @@ def test_import_runs_merges_identical_configs_and_takes_datasets(scripts, tmp_pa
 
 
 @pytest.mark.parametrize("method,config,message", [
+    ("topk", {"mask_out": "0.9", "min_remain": 8}, r"mask_out must be a number in \[0, 1\), got \"0.9\""),
+    ("topk", {"mask_out": 0.9, "min_remain": True}, "min_remain must be a positive integer, got true"),
+    ("topk", {"draft_kwargs": [0.9]}, r"draft_kwargs must be an object, got \[0.9\]"),
+    ("origin", 7, "config must be null, an object or a JSON file path, got 7"),
     ("medusa", None, r"unknown method 'medusa'.*method: legacy"),
     ("topk", {"draft_kwargs": {"mask_out": 0.9, "min_remain": 8, "fix_layers": [0, 1]}}, "fix_layers"),
     ("topk", {"mask_out": 0.9}, "no min_remain"),
@@ -105,6 +109,27 @@ def test_import_runs_errors_name_the_file_and_the_problem(scripts, tmp_path, cap
     err = capsys.readouterr().err
     assert str(bad) in err and re.search(message, err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_name", ["x"], 'model_name must be a string, got ["x"]'),
+    ("model_method", ["topk"], 'model_method must be a string, got ["topk"]'),
+    ("max_length", "long", 'max_length must be an integer or null, got "long"'),
+    ("tokenizer_name", 3, "tokenizer_name must be a string or null, got 3"),
+])
+def test_import_runs_names_the_file_and_the_field_of_a_wrong_type(scripts, tmp_path, capsys, field, value, message):
+    bad = scripts / "runs" / "bad-origin.json"
+    run_config(bad, "origin", **{field: value})
+    assert cli.main(["import-runs", str(scripts), "-o", str(tmp_path / "suite.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fidbench import-runs: error: {bad}: {message}\n"
+
+
+def test_import_runs_names_a_file_that_is_not_utf8(scripts, tmp_path, capsys):
+    bad = scripts / "runs" / "bad-origin.json"
+    bad.write_bytes(b'{"model_name": "caf\xe9", "model_method": "origin"}')
+    assert cli.main(["import-runs", str(scripts), "-o", str(tmp_path / "suite.yaml")]) == 2
+    assert capsys.readouterr().err == f"fidbench import-runs: error: {bad}: not UTF-8 text (byte 19)\n"
 
 
 def test_import_runs_does_not_overwrite_without_force(scripts, tmp_path):
@@ -163,3 +188,47 @@ def test_environment_names_the_commit_and_uncommitted_changes(tmp_path, monkeypa
     assert len(env["commit"]) == 40 and env["dirty"] is False
     (tmp_path / "f.py").write_text("a = 2\n")
     assert report.environment()["dirty"] is True
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("kept"), "cases[1].kept: missing"),
+    (lambda c: c.update(scores={**c["scores"], "acc1": "0.9"}), 'cases[1].scores.acc1: expected a number or null, got "0.9"'),
+    (lambda c: c["datasets"].update(code=[1]), "cases[1].datasets.code: expected an object of scores, got [1]"),
+    (lambda c: c.update(failures="acc1"), 'cases[1].failures: expected a list of strings, got "acc1"'),
+    (lambda c: c["timing"].pop("decode_s"), "cases[1].timing.decode_s: missing"),
+    (lambda c: c.update(outcome="great"), 'cases[1].outcome: expected passed or failed or error or skipped, got "great"'),
+    (lambda c: c.update(id=5), "cases[1].id: expected a string, got 5"),
+])
+def test_report_names_the_file_and_the_field_of_a_malformed_report(tmp_path, capsys, change, message):
+    path = tmp_path / "r.json"
+    doc = {"environment": {}, "cases": [_case("m-origin", 1.0, []), _case("m-topk", 0.75, [])]}
+    change(doc["cases"][1])
+    path.write_text(json.dumps(doc))
+    assert cli.main(["report", str(path)]) == 2
+    assert capsys.readouterr().err == f"fidbench report: error: {path}: {message}\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"cases": 5}', "{path}: cases: expected a list of cases, got 5"),
+    (b'{"environment": {}}', "{path}: cases: missing"),
+    (b'{"cases": []}\xff', "{path}: not UTF-8 text (byte 13)"),
+    (b'{"cases": [', "{path}: not valid JSON (Expecting value: line 1 column 12 (char 11))"),
+])
+def test_report_of_a_broken_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    path = tmp_path / "r.json"
+    path.write_bytes(content)
+    assert cli.main(["report", str(path)]) == 2
+    assert capsys.readouterr().err == f"fidbench report: error: {message.format(path=path)}\n"
+
+
+def test_report_shows_every_case_with_its_outcome_and_never_nan_ok(tmp_path, capsys):
+    nan = _case("m-nan", 1.0, [])
+    nan["scores"]["kl_mean"] = float("nan")  # as reports before the format 3 could hold it
+    stub = {"id": "m-broken", "model": "m", "method": "checkpoint", "variant": "broken", "outcome": "error",
+            "error": "ValueError: checkpoint: cannot load 'nowhere'"}
+    skipped = {**stub, "id": "m-skipped", "outcome": "skipped", "error": "not run"}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"cases": [nan, stub, skipped]}))
+    assert cli.main(["report", str(path), "--overall"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("m-nan", "FAIL"), ("m-broken", "ERROR"), ("m-skipped", "SKIP")]

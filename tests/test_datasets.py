@@ -92,3 +92,39 @@ def test_overlong_prompts_are_truncated_in_the_middle_or_skipped():
 def test_tokenizer_ids_outside_the_model_vocabulary_are_an_error(tmp_path, tok):
     with pytest.raises(DatasetError, match="outside the model's vocabulary of 10: tokenizer and model do not match"):
         load(write(tmp_path, [conv(("user", "hello"))]), tok, vocab_size=10)
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(conv(("user", "fine"))).encode() + b"\n" + b'{"conversations": "caf\xe9"}\n')
+    with pytest.raises(DatasetError) as e:
+        load(DatasetSpec("d", path, "conversations"), tok)
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 22 of the line)"
+
+
+def test_integer_content_is_a_content_problem_not_a_role_problem(tmp_path, tok):
+    spec = write(tmp_path, [{"conversations": [{"role": "user", "content": 42}]}])
+    with pytest.raises(DatasetError) as e:
+        load(spec, tok)
+    assert str(e.value) == f"{spec.path}:1: turn 0's content must be a string, got int 42"
+
+
+def test_a_conversation_rendered_as_no_tokens_is_a_clear_error(tmp_path):
+    tok = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    spec = write(tmp_path, [conv(("user", ""))])
+    with pytest.raises(DatasetError) as e:
+        load(spec, tok)
+    assert str(e.value) == f"{spec.path}:1: the chat template rendered this conversation as no tokens at all"
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"p_ids": [True, 5], "g_ids": [4]}, "'p_ids' holds true, not an integer token id"),
+    ({"p_ids": [1, 2], "g_ids": [4, None]}, "'g_ids' holds null, not an integer token id"),
+    ({"p_ids": [1, 2.0], "g_ids": [4]}, "'p_ids' holds 2.0, not an integer token id"),
+    ({"p_ids": "1 2", "g_ids": [4]}, "'p_ids' must be a non-empty list of token ids"),
+])
+def test_imported_ids_must_be_integers(tmp_path, tok, row, message):
+    spec = write(tmp_path, [row], "references")
+    with pytest.raises(DatasetError) as e:
+        load(spec, tok)
+    assert str(e.value) == f"{spec.path}:1: {message}"

@@ -2,11 +2,16 @@
 imported reference files."""
 
 import json
+import math
 
 import pytest
+import torch
 from helpers import ROOT, save_tiny
 
-from fidbench.harness import Bench
+from fidbench import Method, models, register, report
+from fidbench.datasets import DatasetError
+from fidbench.harness import Bench, SetupError
+from fidbench.methods import REGISTRY
 from fidbench.suite import load
 
 
@@ -15,7 +20,7 @@ def checkpoint(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", "qwen2")
 
 
-def suite(tmp_path, checkpoint, model_extra="", datasets=None):
+def suite(tmp_path, checkpoint, model_extra="", datasets=None, methods="methods:\n  origin: {}\n"):
     rows = (ROOT / "data" / "summarization.jsonl").read_text().splitlines()[:1]
     rows += (ROOT / "data" / "facts.jsonl").read_text().splitlines()[:2]
     (tmp_path / "mixed.jsonl").write_text("\n".join(rows) + "\n")
@@ -24,7 +29,7 @@ def suite(tmp_path, checkpoint, model_extra="", datasets=None):
         "generation: {max_new_tokens: 8}\n"
         f"models:\n  tiny: {{path: {checkpoint}{model_extra}}}\n"
         f"datasets: {json.dumps(datasets)}\n"
-        "methods:\n  origin: {}\n"
+        + methods
     )
     return load(tmp_path / "s.yaml")
 
@@ -78,3 +83,121 @@ def test_calibration_only_datasets_are_neither_referenced_nor_scored_nor_limited
     assert [x["dataset"] for x in record["samples"]] == ["mixed"]
     calib = bench.loaded.calibration("calib", 100)
     assert len(calib) == len((ROOT / "data" / "calibration.jsonl").read_text().splitlines()) == 16
+
+
+@pytest.fixture
+def nan_method():
+    """A method whose last layer's decode attention output turns NaN from the third decode query on (reference
+    positions 3.. ; an earlier layer would spread it to every decode position: masked-out NaN values times 0)."""
+    saved = dict(REGISTRY)
+
+    @register
+    class Poison(Method):
+        name = "poison-test"
+
+        def attend(self, call):
+            out = call.dense()
+            if call.phase.name == "decode" and call.layer_idx == call.module.config.num_hidden_layers - 1:
+                out = out.clone()
+                out[:, 2:] = float("nan")
+            return out
+
+    yield Poison
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+
+
+def test_non_finite_logits_fail_the_case_naming_method_sample_and_position_and_the_report_stays_json(
+        tmp_path, checkpoint, cache, nan_method):
+    s = suite(tmp_path, checkpoint, methods="methods:\n  poisoned: {method: poison-test, floors: {kl_mean: 100}}\n")
+    record = Bench(s, progress=False).run(s.cases()[0])
+    assert record["outcome"] == "failed" and record["non_finite"] == 3 * 5  # positions 3..7 of each sample
+    assert record["failures"][0] == ("method 'poison-test' (variant 'poisoned') gave non-finite logits (NaN or inf) at "
+                                     "15 position(s) of 3 sample(s); first: sample mixed[0], position 3")
+    assert "kl_mean = nan is not a finite number (floor 100)" in record["failures"]
+    assert [x["first_non_finite"] for x in record["samples"]] == [3, 3, 3]
+    path = tmp_path / "r.json"
+    report.Report(str(path), {}, [record["id"]]).add(record)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads(path.read_text(), parse_constant=refuse)["cases"][0]  # strict JSON: no NaN
+    assert saved["scores"]["kl_mean"] is None and saved["non_finite"] == 15
+    assert math.isnan(record["scores"]["kl_mean"])
+    assert report.table([saved], datasets=False).splitlines()[1].split()[-1] == "FAIL"
+
+
+def test_a_model_whose_prompts_are_all_skipped_fails_with_the_reasons(tmp_path, checkpoint, cache):
+    s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
+    record = Bench(s, max_new_tokens=199, progress=False).run(s.cases()[0])
+    assert record["outcome"] == "failed" and len(record["skipped"]) == 3
+    reasons = sorted({x["reason"] for x in record["skipped"]})
+    assert record["failures"] == [f"no prompt was scored: 3 skipped ({'; '.join(reasons)})"]
+    assert all("exceeds max_length 200" in r for r in reasons)
+    assert record["scores"]["acc1"] is None and record["scores"]["n_tokens"] == 0
+    assert report.table([record]).splitlines()[1].split()[-1] == "FAIL"
+
+
+def test_a_model_that_cannot_be_set_up_is_tried_once(tmp_path, checkpoint, cache, monkeypatch):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    s = suite(tmp_path, checkpoint, datasets={"empty": "empty.jsonl"})
+    calls = []
+    real = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bench = Bench(s, progress=False)
+    with pytest.raises(DatasetError, match="empty.jsonl: no prompts"):
+        bench.load(s.models[0], "tiny-origin")
+    with pytest.raises(SetupError) as e:
+        bench.load(s.models[0], "tiny-other")
+    assert str(e.value) == f"model 'tiny' could not be set up (see tiny-origin): DatasetError: {tmp_path / 'empty.jsonl'}: no prompts"
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_a_cuda_device_on_a_cpu_only_torch_is_a_clear_error(checkpoint):
+    with pytest.raises(RuntimeError, match=r"device 'cuda': this torch \(.*\) sees no CUDA device"):
+        models.load(str(checkpoint), device="cuda")
+
+
+def test_the_end_of_sequence_ids_are_part_of_the_reference_key(tmp_path, cache):
+    model_dir = save_tiny(tmp_path / "eos", "qwen2", eos=5)
+    s = suite(tmp_path, model_dir)
+    first = Bench(s, progress=False)
+    first.load(s.models[0])
+    assert first.generated == 3
+    again = Bench(s, progress=False)
+    again.load(s.models[0])
+    assert again.generated == 0
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": 6}))
+    changed = Bench(s, progress=False)
+    changed.load(s.models[0])
+    assert changed.generated == 3  # only the end-of-sequence id changed: the references are made anew
+
+
+def test_a_model_built_in_process_is_used_as_given_and_warmed_up_once(tmp_path, checkpoint, cache, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fidbench import engine
+
+    s = suite(tmp_path, checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    warmed = []
+    monkeypatch.setattr(engine, "warm_up", warmed.append)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("Bench.load loaded a model it was given"))
+    bench = Bench(s, progress=False)
+    loaded = bench.load(s.models[0], model=model, tokenizer=tokenizer)
+    assert loaded.model is model and loaded.tokenizer is tokenizer and warmed == [model]
+    assert bench.load(s.models[0]) is loaded and warmed == [model]  # the same model: no second warm-up
+    assert bench.run(s.cases()[0])["scores"]["acc1"] >= 0.95
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        Bench(s, progress=False).load(s.models[0], model=model)
+
+
+def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache):
+    s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
+    seen = []
+    record = Bench(s, progress=False).run(s.cases()[0], on_sample=seen.append)
+    assert [f.logits.shape[0] for f in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2

@@ -63,3 +63,16 @@ def test_floors_are_minima_for_accuracy_and_maxima_for_divergences():
     assert metrics.check_floors(scores, {"acc1": 0.85, "kl_mean": 0.3}) == []
     failures = metrics.check_floors(scores, {"acc1": 0.95, "kl_mean": 0.1})
     assert failures == ["acc1 = 0.9000 is below its floor 0.95", "kl_mean = 0.2000 is above its ceiling 0.1"]
+
+
+def test_a_non_finite_score_never_passes_a_floor():
+    scores = {"acc1": float("nan"), "kl_mean": float("nan"), "nll": float("inf"), "kl_max": float("-inf")}
+    floors = {"acc1": 0.0, "kl_mean": 100.0, "nll": 100.0, "kl_max": 100.0}
+    failures = metrics.check_floors(scores, floors)
+    assert failures == ["acc1 = nan is not a finite number (floor 0.0)", "kl_max = -inf is not a finite number (floor 100.0)",
+                        "kl_mean = nan is not a finite number (floor 100.0)", "nll = inf is not a finite number (floor 100.0)"]
+
+
+def test_a_method_scoring_itself_must_give_finite_numbers():
+    with pytest.raises(ValueError, match=r"m: score_sample gave acc1 = nan, not a finite number"):
+        metrics.PartialScores.of({"acc1": float("nan"), "n_tokens": 3}, "m")

@@ -105,6 +105,7 @@ def test_report_is_the_same_with_and_without_xdist(project):
     serial = json.loads((project.path / "serial.json").read_text())
     xdist = json.loads((project.path / "xdist.json").read_text())
     assert {"versions", "machine", "commit", "dirty"} <= set(serial["environment"])
+    assert serial["environment"]["machine"]["workers"] == 1 and xdist["environment"]["machine"]["workers"] == 2
     assert [c["id"] for c in serial["cases"]] == [c["id"] for c in xdist["cases"]] == [
         "tiny-a-origin", "tiny-a-topk-10", "tiny-b-origin", "tiny-b-topk-10"]
     for a, b in zip(serial["cases"], xdist["cases"]):
@@ -126,4 +127,155 @@ def test_batch_size_option_generates_batched_references_apart(project):
     assert len(list((project.path / "cache" / "references").glob("tiny-a-*/*.safetensors"))) == 4
     result = project.runpytest("--fidbench-quiet", "--fidbench-batch-size", "0")
     assert result.ret != pytest.ExitCode.OK
-    result.stdout.fnmatch_lines(["*--fidbench-batch-size must be a positive integer*"])
+    result.stderr.fnmatch_lines(["*--fidbench-batch-size: must be a positive integer*"])
+
+
+SMALL = """
+generation: {max_new_tokens: 4}
+models:
+  tiny-a: {path: a, max_length: 256}
+datasets:
+  chat: chat.jsonl
+methods:
+"""
+
+
+@pytest.fixture
+def small(pytester, checkpoints, monkeypatch):
+    """One tiny model, one prompt, 4-token references: for what needs a session, not scores."""
+    monkeypatch.setenv("FIDBENCH_CACHE", str(pytester.path / "cache"))
+    shutil.copytree(checkpoints / "a", pytester.path / "a")
+    shutil.copy(ROOT / "tests" / "methods" / "test_fidelity.py", pytester.path / "test_fidelity.py")
+    (pytester.path / "chat.jsonl").write_text((ROOT / "data" / "chat.jsonl").read_text().splitlines()[0] + "\n")
+    return pytester
+
+
+def strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail(small, capsys):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(small.path / "a", small.path / "nan")
+    weights = load_file(str(small.path / "nan" / "model.safetensors"))
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, str(small.path / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    (small.path / "conftest.py").write_text(
+        "import pytest\n\n\n@pytest.fixture(autouse=True)\ndef skip_some(request):\n"
+        "    if request.node.name.endswith('-skipme]'):\n        pytest.skip('skipped on purpose')\n")
+    (small.path / "fidbench.yaml").write_text(
+        SMALL.replace("models:\n", "models:\n  tiny-short: {path: a, max_length: 8, overlong: skip}\n")
+        + "  origin: {floors: {acc1: 0.9}}\n  nan: {method: checkpoint, path: nan, floors: {kl_mean: 10}}\n"
+          "  broken: {method: checkpoint, path: nowhere}\n  skipme: {method: origin}\n")
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=5, skipped=2)
+    cases = strict_json(small.path / "r.json")["cases"]  # strict JSON: no NaN
+    outcomes = {c["id"]: (c["outcome"], c["error"]) for c in cases}
+    assert [c["id"] for c in cases] == [f"{m}-{v}" for m in ("tiny-short", "tiny-a") for v in ("origin", "nan", "broken", "skipme")]
+    assert outcomes["tiny-a-origin"] == ("passed", None)
+    assert outcomes["tiny-a-nan"] == ("failed", None)
+    assert outcomes["tiny-a-skipme"] == outcomes["tiny-short-skipme"] == ("skipped", "skipped on purpose")
+    for case_id in ("tiny-a-broken", "tiny-short-broken"):  # the method raised: no scores, the error kept
+        assert outcomes[case_id][0] == "error" and "checkpoint: cannot load 'nowhere'" in outcomes[case_id][1]
+    nan = cases[5]
+    assert nan["failures"][0] == ("method 'checkpoint' (variant 'nan') gave non-finite logits (NaN or inf) at 4 "
+                                  "position(s) of 1 sample(s); first: sample chat[0], position 0")
+    assert nan["non_finite"] == 4 and nan["scores"]["kl_mean"] is None
+    for case_id in ("tiny-short-origin", "tiny-short-nan"):  # every prompt skipped: fails, with the reason
+        record = cases[[c["id"] for c in cases].index(case_id)]
+        assert record["outcome"] == "failed" and record["failures"][0].startswith("no prompt was scored: 1 skipped (prompt of ")
+    result.stdout.fnmatch_lines(["*tiny-a-nan: method 'checkpoint' (variant 'nan') gave non-finite logits*",
+                                 "*fidbench results*"])
+    # The short test summary after the table repeats failure messages at the terminal's width: not the table.
+    table = result.stdout.str().split("fidbench results")[1].split("short test summary info")[0]
+    assert "nan" not in table.replace("tiny-a-nan", "").replace("tiny-short-nan", "")
+    assert {line.split()[0]: line.split()[-1] for line in table.splitlines()[1:] if line.startswith("tiny-")} == {
+        "tiny-short-origin": "FAIL", "tiny-short-nan": "FAIL", "tiny-short-broken": "ERROR", "tiny-short-skipme": "SKIP",
+        "tiny-a-origin": "ok", "tiny-a-nan": "FAIL", "tiny-a-broken": "ERROR", "tiny-a-skipme": "SKIP"}
+
+
+@pytest.mark.parametrize("option", ["--benchmark-skip", "--benchmark-only", "--benchmark-disable"])
+def test_fidelity_cases_run_and_gate_whatever_pytest_benchmark_is_told(small, monkeypatch, option):
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark, seeing xdist, refuses --benchmark-only
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {floors: {acc1: 0.9}}\n  strict: {method: topk, keep: 0.1,"
+                                                      " min_keep: 1, floors: {kl_mean: 0.0}}\n")
+    result = small.runpytest("--fidbench-quiet", option, "--fidbench-report", "r.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    assert [(c["id"], c["outcome"]) for c in strict_json(small.path / "r.json")["cases"]] == [
+        ("tiny-a-origin", "passed"), ("tiny-a-strict", "failed")]
+
+
+def test_cases_a_stopped_session_never_ran_are_in_the_report(small):
+    (small.path / "fidbench.yaml").write_text(SMALL + "  strict: {method: topk, keep: 0.1, min_keep: 1, floors: {kl_mean: 0.0}}\n"
+                                                      "  origin: {}\n")
+    result = small.runpytest("--fidbench-quiet", "-x", "--benchmark-disable", "--fidbench-report", "r.json")
+    result.assert_outcomes(failed=1)
+    cases = strict_json(small.path / "r.json")["cases"]
+    assert [(c["id"], c["outcome"], c["error"]) for c in cases] == [
+        ("tiny-a-strict", "failed", None), ("tiny-a-origin", "skipped", "not run: the session ended before this case")]
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--fidbench-max-new-tokens", "-5"], {}, "*argument --fidbench-max-new-tokens: must be a positive integer, got '-5'*"),
+    (["--fidbench-max-new-tokens", "0"], {}, "*argument --fidbench-max-new-tokens: must be a positive integer, got '0'*"),
+    (["--fidbench-limit", "0"], {}, "*argument --fidbench-limit: must be a positive integer, got '0'*"),
+    (["--fidbench-limit", "two"], {}, "*argument --fidbench-limit: must be a positive integer, got 'two'*"),
+    (["--fidbench-batch-size", "-1"], {}, "*argument --fidbench-batch-size: must be a positive integer, got '-1'*"),
+    (["--fidbench-report", "no/such/dir/r.json"], {}, "*--fidbench-report no/such/dir/r.json: cannot write the report there*"),
+    (["--fidbench-report", "a"], {}, "*--fidbench-report a: cannot write the report there (a is a directory)*"),
+    ([], {"FIDBENCH_LOCK_TIMEOUT": "soon"}, "*FIDBENCH_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'*"),
+])
+def test_bad_options_are_usage_errors_before_any_case_runs(small, monkeypatch, args, env, message):
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert not (small.path / "cache").exists()  # no model was loaded, no reference made
+
+
+def test_a_model_that_cannot_be_set_up_fails_its_first_case_clearly_and_the_others_at_once(small, monkeypatch):
+    from fidbench import models
+
+    shutil.copytree(small.path / "a", small.path / "gone")
+    (small.path / "gone" / "model.safetensors").unlink()
+    (small.path / "fidbench.yaml").write_text(
+        SMALL.replace("models:\n", "models:\n  gone: {path: gone}\n  notok: {path: a, tokenizer: no-such-tokenizer}\n")
+        + "  origin: {}\n  topk: {}\n")
+    calls = []
+    real = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", "-k", "not tiny")
+    result.assert_outcomes(errors=4)
+    out = result.stdout.str().split("short test summary info")[0]  # the summary repeats errors at the terminal's width
+    suite = small.path / "fidbench.yaml"
+    assert out.count(f"fidbench: {suite}: models.gone could not be set up: OSError: ") == 1
+    assert out.count(f"fidbench: {suite}: models.notok could not be set up: OSError: ") == 1
+    assert out.count("fidbench: model 'gone' could not be set up (see gone-origin): OSError: ") == 1
+    assert out.count("fidbench: model 'notok' could not be set up (see notok-origin): OSError: ") == 1
+    assert "Traceback" not in out and "harness.py" not in out
+    assert [c.rsplit("/", 1)[-1] for c in calls] == ["gone", "a"]  # each model tried once
+    cases = strict_json(small.path / "r.json")["cases"]
+    assert [(c["id"], c["outcome"]) for c in cases] == [
+        ("gone-origin", "error"), ("gone-topk", "error"), ("notok-origin", "error"), ("notok-topk", "error")]
+    assert cases[2]["error"].endswith("models.notok could not be set up: OSError: tokenizer 'no-such-tokenizer' is neither "
+                                      "a directory with a tokenizer nor a hub id in the local Hugging Face cache")
+    assert cases[3]["error"].startswith("fidbench: model 'notok' could not be set up (see notok-origin): OSError: tokenizer")
+
+
+@pytest.mark.slow
+def test_a_crashed_xdist_worker_s_case_is_in_the_report(small):
+    (small.path / "conftest.py").write_text(
+        "import os\n\nimport pytest\n\n\n@pytest.fixture(autouse=True)\ndef crash(request):\n"
+        "    if request.node.name.endswith('-crash]'):\n        os._exit(1)\n")
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  crash: {method: origin}\n  after: {method: origin}\n")
+    result = small.runpytest_subprocess("--fidbench-quiet", "-n", "2", "--fidbench-report", "r.json")
+    result.assert_outcomes(passed=2, failed=1)
+    cases = strict_json(small.path / "r.json")["cases"]
+    assert [(c["id"], c["outcome"]) for c in cases] == [("tiny-a-origin", "passed"), ("tiny-a-crash", "error"),
+                                                        ("tiny-a-after", "passed")]
+    assert "crashed while running" in cases[1]["error"]

@@ -80,3 +80,64 @@ def test_the_default_suite_loads():
     suite = load(ROOT / "fidbench.yaml")
     assert suite.models[0].name == "smollm2-135m" and {"origin", "topk"} <= {v.method for v in suite.variants}
     assert len(suite.datasets) >= 7
+
+
+def test_colliding_case_ids_are_refused_naming_both_cases(tmp_path):
+    path = write(tmp_path, """
+        models:
+          m: {path: some/dir}
+          m-a: {path: some/dir}
+        datasets: {chat: chat.jsonl}
+        methods:
+          origin: {}
+          a-origin: {method: origin}
+    """)
+    with pytest.raises(SuiteError) as e:
+        load(path)
+    assert str(path) in str(e.value)
+    assert "model 'm' × variant 'a-origin' and model 'm-a' × variant 'origin' have the same case id 'm-a-origin'" in str(e.value)
+
+
+@pytest.mark.parametrize("old,new,message", [  # the issue's examples, through a suite file
+    ("method: topk, keep: 0.1}", "method: rtn, symmetric: 'false'}",
+     "methods.topk-10: parameter 'symmetric' of method 'rtn' must be bool, got 'false' (str)"),
+    ("method: topk, keep: 0.1}", "method: topk, keep: true}",
+     "methods.topk-10: parameter 'keep' of method 'topk' must be float, got True (bool)"),
+    ("method: topk, keep: 0.1}", "method: topk, keep: '0.1'}",
+     "methods.topk-10: parameter 'keep' of method 'topk' must be float, got '0.1' (str)"),
+    ("method: topk, keep: 0.1}", "method: tova, min_budget: 8.5}",
+     "methods.topk-10: parameter 'min_budget' of method 'tova' must be int, got 8.5 (float)"),
+])
+def test_parameter_types_are_checked_naming_variant_parameter_type_and_value(tmp_path, old, new, message):
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(SuiteError) as e:
+        load(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("models:\n  tiny: {path: some/dir, dtype: bf16, device: cuda:1, max_length: 128}",
+     "models:\n  - {path: some/dir}", "models: expected a mapping of names to entries, got list"),
+    ("methods:\n", "methods:\n  bare: topk\n", "methods.bare: expected a mapping of the method's parameters"),
+    ("methods:\n", "methods:\n  listed: [topk, 0.1]\n", "methods.listed: expected a mapping of the method's parameters"),
+    ("dtype: bf16", "dtype: [bf16]", "models.tiny.dtype: must be a string, got ['bf16']"),
+    ("path: some/dir", "path: [some/dir]", "models.tiny.path: must be a string"),
+    ("max_length: 128", "max_length: true", "models.tiny.max_length must be an integer"),
+    ("chat: chat.jsonl", "chat: .", "datasets.chat: " + "{dir} is not a file"),
+    ("chat: chat.jsonl", "chat: {path: 3}", "datasets.chat.path: must be a file path, got 3"),
+    ("floors: {acc1: 0.99}", "floors: {acc1: 1.5}", "methods.origin.floors.acc1: floor 1.5 is outside the metric's range "
+     "[0, 1]: this minimum would never hold"),
+    ("floors: {acc1: 0.99}", "floors: {acc1: -1}", "methods.origin.floors.acc1: floor -1 is outside the metric's range "
+     "[0, 1]: this minimum would always hold"),
+    ("floors: {acc1: 0.99}", "floors: {kl_mean: -1}", "methods.origin.floors.kl_mean: floor -1 is outside the metric's "
+     "range [0, inf]: this maximum would never hold"),
+    ("floors: {acc1: 0.99}", "floors: {first_divergence: -2}", "floors.first_divergence: floor -2 is outside"),
+    ("floors: {acc1: 0.99}", "floors: {kl_max: .nan}", "methods.origin.floors.kl_max: floor must be a finite number, got nan"),
+    ("floors: {acc1: 0.99}", "floors: {nll: .inf}", "methods.origin.floors.nll: floor must be a finite number, got inf"),
+])
+def test_malformed_suites_name_the_key_instead_of_crashing(tmp_path, old, new, message):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(SuiteError) as e:
+        load(path)
+    assert str(path) in str(e.value) and message.format(dir=tmp_path) in str(e.value)

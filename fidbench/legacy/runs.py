@@ -41,6 +41,10 @@ def _no_config(method: str):
     return convert
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _topk(conf, where):
     """``mask_out`` is the fraction of keys dropped, ``keep`` the fraction kept; ``min_remain`` is ``min_keep``."""
     if not conf:
@@ -48,11 +52,17 @@ def _topk(conf, where):
     if conf.get("enable_lora"):
         raise RunsError(f"{where}: enable_lora (a trained LoRA adapter) has no fidbench equivalent")
     draft = conf.get("draft_kwargs", conf)  # config/topk.json nests the parameters under draft_kwargs
+    if not isinstance(draft, dict):
+        raise RunsError(f"{where}: draft_kwargs must be an object, got {json.dumps(draft)}")
     if draft.get("fix_layers"):
         raise RunsError(f"{where}: fix_layers {draft['fix_layers']} (layers left dense) has no equivalent in fidbench's topk")
     missing = [k for k in ("mask_out", "min_remain") if k not in draft]
     if missing:
         raise RunsError(f"{where}: the topk config has no {missing[0]}")
+    if not _is_number(draft["mask_out"]) or not 0 <= draft["mask_out"] < 1:
+        raise RunsError(f"{where}: mask_out must be a number in [0, 1), got {json.dumps(draft['mask_out'])}")
+    if not isinstance(draft["min_remain"], int) or isinstance(draft["min_remain"], bool) or draft["min_remain"] < 1:
+        raise RunsError(f"{where}: min_remain must be a positive integer, got {json.dumps(draft['min_remain'])}")
     return {"keep": round(1 - draft["mask_out"], 10), "min_keep": draft["min_remain"]}
 
 
@@ -85,25 +95,57 @@ def _convert(method: str, conf, where: str) -> tuple[str, dict]:
     )
 
 
+def _json(path: Path, run: Path | None = None):
+    """A JSON file's content; an error naming the file (and the ``run`` config naming it) when it is not
+    UTF-8 or not JSON."""
+    where = f"{run}: config {path}" if run else str(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunsError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RunsError(f"{where}: not valid JSON: {e}") from None
+
+
 def _config(value, run: Path, root: Path, where: str):
-    """The run's method config: null, an inline mapping, or a JSON file relative to the scripts' root."""
+    """The run's method config: null, an inline mapping, or a JSON file (an object) relative to the scripts' root."""
     if value is None or isinstance(value, dict):
         return value
+    if not isinstance(value, str):
+        raise RunsError(f"{where}: config must be null, an object or a JSON file path, got {json.dumps(value)}")
     path = Path(value)
     for candidate in ([path] if path.is_absolute() else [root / path, run.parent / path, Path.cwd() / path]):
         if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except json.JSONDecodeError as e:
-                raise RunsError(f"{where}: config {candidate} is not valid JSON: {e}") from None
+            conf = _json(candidate, run)
+            if not isinstance(conf, dict):
+                raise RunsError(f"{where}: config {candidate} must hold a JSON object, got {type(conf).__name__}")
+            return conf
     raise RunsError(f"{where}: config file {value!r} not found (looked in {root} and {run.parent})")
+
+
+# Run config fields: (JSON types allowed, what the error says). Absent optional fields are null.
+FIELDS = {
+    "model_name": ((str,), "a string"),
+    "model_method": ((str,), "a string"),
+    "tokenizer_name": ((str, type(None)), "a string or null"),
+    "model_dtype": ((str, type(None)), "a string or null"),
+    "device_map": ((str, dict, type(None)), "a string, an object or null"),
+    "max_length": ((int, type(None)), "an integer or null"),
+}
+
+
+def _check_fields(conf: dict, where: str) -> None:
+    for key, (types, expected) in FIELDS.items():
+        value = conf.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RunsError(f"{where}: {key} must be {expected}, got {json.dumps(value)}")
 
 
 def _model(conf: dict, where: str) -> dict:
     spec = {"path": conf["model_name"]}
     if conf.get("tokenizer_name"):
         spec["tokenizer"] = conf["tokenizer_name"]
-    dtype = conf.get("model_dtype", "fp32")
+    dtype = conf.get("model_dtype") or "fp32"
     if dtype not in DTYPES:
         raise RunsError(f"{where}: model_dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     spec["dtype"] = dtype
@@ -132,16 +174,14 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
     variants: dict[str, dict] = {}
     for file in files:
         where = str(file)
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise RunsError(f"{where}: not valid JSON: {e}") from None
+        raw = _json(file)
         conf = raw.get("model", raw) if isinstance(raw, dict) else None
         if not isinstance(conf, dict):
             raise RunsError(f"{where}: expected a JSON object")
         for key in ("model_name", "model_method"):
             if key not in conf:
                 raise RunsError(f"{where}: missing key {key!r}")
+        _check_fields(conf, where)
         if conf.get("load_ckp"):
             raise RunsError(f"{where}: load_ckp (trained weights for the method) has no fidbench equivalent")
         method = conf["model_method"]
