@@ -19,36 +19,15 @@ from . import _weights as weights
 from .base import Method, register
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The column loop is thousands of small CPU ops: intra-op threads cost more in hand-offs than they
-    save (measured 20x slower with 2 threads than 1 on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool, damp: float,
          act_order: bool) -> torch.Tensor:
     """GPTQ-quantized copy of ``w`` (out, in) for inputs with Hessian ``h`` (in, in), in float32."""
     w, h = w.float().clone(), h.float().clone()
     cols = w.shape[1]
-    dead = h.diagonal() == 0  # inputs never active: any weight is exact, use 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    weights.zero_dead_inputs(w, h)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
-    h += damp * h.diagonal().mean() * torch.eye(cols, device=h.device)
-    # The paper's upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), from one factorization: with J the
-    # reversal, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), and J L⁻¹ J is upper triangular.
-    try:
-        lower = torch.linalg.cholesky(h.flip(0, 1))
-    except torch.linalg.LinAlgError:
-        raise ValueError(f"gptq: a layer's Hessian is not positive definite with damp={damp}; raise damp") from None
-    hinv = torch.linalg.solve_triangular(lower, torch.eye(cols, device=h.device), upper=False).flip(0, 1)
+    hinv = weights.inverse_cholesky(h, damp, "gptq")  # the paper's U, H⁻¹ = UᵀU
     q = torch.zeros_like(w)
     if group == 0:
         scale, offset = weights.quant_params(w, bits, symmetric)
@@ -95,29 +74,21 @@ class GPTQ(Method):
     def apply(self, model, context=None):
         prompts = weights.calibration(self.name, context, self.dataset, self.samples)
         lins = weights.decoder_linears(model)
-        hessians: dict = {}
-
-        def observe(lin, x):
-            x = x.float()
-            h, n = hessians.get(lin, (0, 0))
-            hessians[lin] = (h + x.T @ x, n + x.shape[0])
+        hessians = weights.Hessians()
 
         def transform(layer_linears):
-            # Linears reading the same input (e.g. q/k/v) have the same Hessian; GPTQ treats rows
-            # independently, so their stacked rows are quantized in one pass (fewer column steps).
-            pending = [(lin, *hessians.pop(lin)) for lin in layer_linears]
-            while pending:
-                same = [p for p in pending if torch.equal(p[1], pending[0][1])]
-                pending = [p for p in pending if not any(p is s for s in same)]
-                (_, h, n), stacked = same[0], torch.cat([lin.weight for lin, _, _ in same])
-                with one_thread():
-                    q = gptq(stacked, 2 * h / n, self.bits, self.group, self.symmetric, self.damp, self.act_order)
-                for (lin, _, _), part in zip(same, q.split([lin.weight.shape[0] for lin, _, _ in same])):
+            # GPTQ treats rows independently, so linears with one Hessian (same input, e.g. q/k/v) are
+            # quantized as one stack of rows in one pass (fewer column steps).
+            for same, h in hessians.groups(layer_linears):
+                stacked = torch.cat([lin.weight for lin in same])
+                with weights.one_thread():
+                    q = gptq(stacked, h, self.bits, self.group, self.symmetric, self.damp, self.act_order)
+                for lin, part in zip(same, q.split([lin.weight.shape[0] for lin in same])):
                     lin.weight.copy_(part.to(lin.weight.dtype))
 
         with weights.restored(lin.weight for lin in lins):
             if self.bits < 16:
-                weights.sequential(model, prompts, observe, transform)
+                weights.sequential(model, prompts, hessians.observe, transform)
             self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, self.symmetric),
                             "calibration_prompts": len(prompts),
                             "calibration_tokens": sum(len(p) for p in prompts)}

@@ -1,0 +1,216 @@
+"""``awq``: activation-aware weight quantization (Lin et al. 2024, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration"), after the reference code mit-han-lab/llm-awq
+(``awq/quantize/pre_quant.py :: run_awq``, ``auto_scale.py``, ``auto_clip.py``).
+
+Each decoder layer's linears are grouped by the input they read, as the reference groups them:
+q/k/v (input norm before them), o_proj (after v_proj), gate/up (norm before them), down_proj (after
+up_proj). A group's input channels j get scales s_j = m_j^α / sqrt(max m^α · min m^α), with m_j the mean
+|x_j| over the calibration tokens and α on the grid 0, 0.05, ..., 0.95 chosen by the smallest mean
+squared error of the group's output with every linear of the group replaced by Q(W·diag(s))·diag(s)⁻¹
+(Q: ``bits``-bit round-to-nearest in groups of ``group`` inputs, rtn's grid): the output of the
+attention or MLP module for a group that opens it, of the linear itself otherwise. As in the
+reference, o_proj is scaled only without grouped-query attention (its scales must fold into v_proj's
+rows). Then, with ``clip``, every linear except q and k (names with ``q_``/``k_``, the reference's rule)
+searches per output row and group a clipping range ±(1 - i/20)·max|w|, i = 0..9, minimizing the error
+of that group's partial outputs on up to 512 of the calibration tokens. The final weight is
+Q(clip(W·diag(s)))·diag(s)⁻¹: the same product as the reference's, which folds diag(s)⁻¹ into the
+previous norm or linear instead (a foldable previous op is why o_proj under GQA is not scaled).
+Scales and clips are searched on the full-precision model's activations, as the reference does; the
+weights change only after every layer is searched. ``bits: 16`` leaves the model unchanged. Weights
+are restored on exit.
+
+Differences from the reference:
+- the grid is fidbench's (``_weights.fake_quant``, as ``rtn`` and ``gptq``): each group's offset is
+  its minimum, where the reference rounds the zero point to an integer, and a row whose width is not
+  a multiple of ``group`` ends in a shorter group (the reference asserts divisibility);
+- groups, the module whose output a group's scales are judged on, and whether a group opens its
+  module are found from the forward itself (linears reading one tensor; the decoder layer's child
+  holding them), so every family runs; the reference lists projection names per architecture;
+- calibration: the suite's ``dataset`` prompts, one forward each (the default suite: its 16
+  calibration-only prompts), instead of 128 blocks of 512 tokens of pile-val in one batch; a
+  prompt-weighted mean of squared errors replaces the batch mean (the same when lengths are equal);
+- clipping errors are computed as matrix products (the reference sums elementwise products), on every
+  (n // 512)-th token as the reference samples them, every token when n < 1024 (the reference's step
+  is 0, an error, below 512).
+"""
+
+import contextlib
+
+import torch
+
+from . import _weights as weights
+from .base import Method, register
+
+GRID = 20  # scale exponents 0, 1/20, ..., 19/20 (auto_scale.py: n_grid)
+SHRINK = 10  # clipping ranges (1 - i/20) · max|w|, i < 10 (auto_clip.py: n_grid=20, max_shrink=0.5)
+CLIP_TOKENS = 512  # auto_clip.py: n_sample_token
+UNCLIPPED = ("q_", "k_", "query", "key", "Wqkv")  # auto_clip.py: "due to qk bmm, it is hard to clip precisely"
+
+
+def scale_candidates(x_mean: torch.Tensor):
+    """The reference's 20 candidate scale vectors for mean input magnitudes ``x_mean``."""
+    for i in range(GRID):
+        s = x_mean.pow(i / GRID).clamp(min=1e-4)
+        yield s / (s.max() * s.min()).sqrt()
+
+
+def clip_search(w: torch.Tensor, x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Per (output row, input group) clipping bound of ``w`` (float32, scaled) for inputs ``x`` (tokens, in)."""
+    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
+    group = group or w.shape[1]
+    bounds = []
+    for g0 in range(0, w.shape[1], group):
+        wg, xg = w[:, g0 : g0 + group], x[:, g0 : g0 + group]
+        top = wg.abs().amax(1)
+        best, best_err = top.clone(), torch.full_like(top, torch.inf)
+        for i in range(SHRINK):
+            bound = top * (1 - i / GRID)
+            q = weights.fake_quant(wg.clamp(-bound[:, None], bound[:, None]), bits, 0, False)
+            err = (xg @ (q - wg).T).square().mean(0)
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, bound, best)
+        bounds.append(best)
+    return torch.stack(bounds, 1)
+
+
+def clipped(w: torch.Tensor, bounds: torch.Tensor, group: int) -> torch.Tensor:
+    """``w`` clamped to ±bound per (row, input group)."""
+    cols = torch.arange(w.shape[1], device=w.device) // (group or w.shape[1])
+    b = bounds[:, cols]
+    return torch.maximum(torch.minimum(w, b), -b)
+
+
+@register
+class AWQ(Method):
+    name = "awq"
+    description = "AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest in groups of `group`"
+    kind = "weights"
+    test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3, "group": 32}}
+    bits: int = 4
+    group: int = 128
+    dataset: str = "chat"
+    samples: int = 8
+    clip: bool = True
+
+    def validate(self):
+        weights.check_bits(self.name, self.bits, self.group)
+        if self.samples < 1:
+            raise ValueError(f"awq: samples must be >= 1, got {self.samples}")
+
+    @contextlib.contextmanager
+    def apply(self, model, context=None):
+        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        lins = weights.decoder_linears(model)
+        plan = {}
+        with weights.restored(lin.weight for lin in lins):
+            if self.bits < 16:
+                plan = self.search(model, prompts)
+                with torch.no_grad():
+                    for lin, (s, bounds) in plan.items():
+                        w = lin.weight.float() * s
+                        if bounds is not None:
+                            w = clipped(w, bounds, self.group)
+                        lin.weight.copy_((weights.fake_quant(w, self.bits, self.group, False) / s).to(lin.weight.dtype))
+            self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, False),
+                            "scaled_layers": sum(bool((s != 1).any()) for s, _ in plan.values()),
+                            "clipped_layers": sum(b is not None for _, b in plan.values()),
+                            "calibration_prompts": len(prompts),
+                            "calibration_tokens": sum(len(p) for p in prompts)}
+            yield model
+
+    @torch.no_grad()
+    def search(self, model, prompts) -> dict:
+        """Each decoder linear -> (input scales s, clipping bounds or None), from the full-precision model."""
+        layers = weights.decoder_layers(model)
+        inputs: dict = {}  # linear -> its inputs, one (tokens, in) tensor per prompt
+        calls: dict = {}  # child of the layer being searched -> its (args, kwargs), one per prompt
+        active = [layers[0]]
+        plan = {}
+
+        def record_call(layer):
+            def hook(child, args, kwargs):
+                if layer is active[0]:
+                    calls.setdefault(child, []).append((args, kwargs))
+            return hook
+
+        def observe(lin, x):
+            inputs.setdefault(lin, []).append(x)
+
+        def transform(layer_linears):
+            layer, active[0] = active[0], None  # the search below calls the layer's modules: record nothing
+            for lins, child, opens in self.groups(layer, layer_linears, inputs):
+                xs = inputs[lins[0]]
+                if opens:  # judged on the attention / MLP output, the module run on its own inputs
+                    run, args = (lambda c: _first(child(*c[0], **c[1]))), calls[child]
+                elif getattr(child, "num_key_value_groups", 1) > 1:  # o_proj under GQA: no op to fold into
+                    plan.update({lin: (torch.ones_like(xs[0][0], dtype=torch.float32), None) for lin in lins})
+                    continue
+                else:  # a linear after a linear (o_proj, down_proj): judged on its own output
+                    run, args = lins[0], xs
+                s = self.best_scales(lins, run, args, torch.cat(xs).float().abs().mean(0))
+                plan.update({lin: (s, None) for lin in lins})
+            if self.clip:
+                names = {m: n for n, m in layer.named_modules()}
+                for lin in layer_linears:
+                    if not any(k in names[lin] for k in UNCLIPPED):
+                        s = plan[lin][0]
+                        x = torch.cat(inputs[lin]).float() / s  # what the scaled weights will read
+                        plan[lin] = (s, clip_search(lin.weight.float() * s, x, self.bits, self.group))
+            inputs.clear()
+            calls.clear()
+            index = next(i for i, x in enumerate(layers) if x is layer)
+            active[0] = layers[index + 1] if index + 1 < len(layers) else None
+
+        hooks = [child.register_forward_pre_hook(record_call(layer), with_kwargs=True)
+                 for layer in layers for child in layer.children() if weights.linears(child)]
+        try:
+            weights.sequential(model, prompts, observe, transform)
+        finally:
+            for h in hooks:
+                h.remove()
+        return plan
+
+    @staticmethod
+    def groups(layer, layer_linears, inputs):
+        """(linears reading one input, the layer's child holding them, whether they open it), in forward order."""
+        groups = []
+        for lin in layer_linears:  # inputs were recorded in forward order, layer_linears in module order
+            same = next((g for g in groups if all(torch.equal(a, b) for a, b in zip(inputs[g[0]], inputs[lin]))), None)
+            if same is None:
+                groups.append([lin])
+            else:
+                same.append(lin)
+        groups.sort(key=lambda g: list(inputs).index(g[0]))
+        children = [c for c in layer.children() if weights.linears(c)]
+        out, seen = [], set()
+        for g in groups:
+            child = next(c for c in children if any(g[0] is m for m in c.modules()))
+            out.append((g, child, child not in seen))
+            seen.add(child)
+        return out
+
+    def best_scales(self, lins, run, args, x_mean):
+        """The candidate scales whose quantized group output is closest to the full-precision one (first of ties)."""
+        reference = [run(a) for a in args]
+        originals = [lin.weight.detach().clone() for lin in lins]
+        best, best_loss = None, float("inf")
+        for s in scale_candidates(x_mean):
+            for lin, w in zip(lins, originals):
+                q = weights.fake_quant(w.float() * s, self.bits, self.group, False) / s
+                lin.weight.copy_(q.to(w.dtype))
+            loss = sum((run(a).float() - r.float()).square().sum() for a, r in zip(args, reference))
+            loss = float(loss) / sum(r.numel() for r in reference)
+            if loss < best_loss:
+                best, best_loss = s, loss
+            for lin, w in zip(lins, originals):
+                lin.weight.copy_(w)
+        if best is None:
+            raise ValueError(f"awq: no finite output error for any scale of a group of {len(lins)} linear(s)")
+        return best
+
+    def kept(self) -> dict:
+        return getattr(self, "_report", {})  # filled by apply
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
