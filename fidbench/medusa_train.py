@@ -39,7 +39,7 @@ from filelock import FileLock
 from safetensors.torch import save_file
 
 from . import datasets, models, reference
-from .methods.medusa import FILES, Heads
+from .methods.medusa import FILES, Heads, decoder
 from .suite import DatasetSpec
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "medusa_train.jsonl"
@@ -95,7 +95,7 @@ def examples(model, seqs, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for p_ids, g_ids in seqs:
         ids = p_ids + g_ids
-        hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0].float()
+        hidden = decoder(model)(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0].float()
         targets = torch.full((len(ids), n_heads), IGNORE)
         for i in range(n_heads):
             for t in range(max(len(p_ids) - 2 - i, 0), len(ids) - 2 - i):

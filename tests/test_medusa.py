@@ -124,11 +124,11 @@ def test_head_files_that_do_not_fit_are_refused_naming_file_and_key(tmp_path):
 def original_loop(model, heads, lm_head, p_ids, g_ids):
     """The original fidbench's Medusa.compute_accuracy, written out: prefill the prompt, feed g[i] with the cache,
     compare the base's prediction and each head's with g[i+1], g[i+2], ...; per prediction (base first) acc@1, acc@5."""
-    decoder = model.get_decoder()
-    kwarg = engine._cache_kwarg(decoder)
+    stack = model.get_decoder() or model.model  # transformers 4.56: get_decoder() is None on *ForCausalLM
+    kwarg = engine._cache_kwarg(stack)
 
     def step(ids, cache):
-        out = decoder(input_ids=torch.tensor([ids]), use_cache=True, **{kwarg: cache})
+        out = stack(input_ids=torch.tensor([ids]), use_cache=True, **{kwarg: cache})
         return out.last_hidden_state[0, -1], getattr(out, "cache", None) or out.past_key_values
 
     n = len(heads.heads) + 1

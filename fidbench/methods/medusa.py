@@ -187,7 +187,7 @@ class Medusa(Method):
             return {"n_tokens": 0, "heads": [{"n_tokens": 0} for _ in range(n_heads)]}
         p = len(ref.p_ids)
         ids = torch.tensor([ref.p_ids + ref.g_ids[: turns]], device=model.get_input_embeddings().weight.device)
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, p:]  # hidden states of g[0 .. turns-1]
+        hidden = decoder(model)(input_ids=ids).last_hidden_state[0, p:]  # hidden states of g[0 .. turns-1]
         hidden = hidden.to(self._heads.heads[0][0].linear.weight.device)
         logits = torch.cat([model.get_output_embeddings()(hidden)[None], self._heads(hidden, self._lm_head)])
         gold = torch.tensor([ref.g_ids[1 + k : 1 + k + turns] for k in range(n_heads + 1)], device=logits.device)
@@ -203,3 +203,9 @@ class Medusa(Method):
 
     def kept(self) -> dict:
         return dict(getattr(self, "_info", {}), count_base=self.count_base)
+
+
+def decoder(model):
+    """The decoder stack under the LM head. transformers 4.56 returns None from ``get_decoder()`` on *ForCausalLM
+    models, and ``base_model`` is the whole model for some of them (Gemma 3), so ``.model`` there."""
+    return model.get_decoder() or model.model
