@@ -75,6 +75,14 @@ def overhead_bits(columns: int, group: int, symmetric: bool) -> float:
     return groups * SCALE_BITS * (1 if symmetric else 2) / columns
 
 
+def check_calibration(method: str, samples: int, damp: float | None = None) -> None:
+    """The calibrating methods' shared parameters: at least one prompt, and GPTQ-style dampening in [0, 1]."""
+    if samples < 1:
+        raise ValueError(f"{method}: samples must be >= 1, got {samples}")
+    if damp is not None and not 0 <= damp <= 1:
+        raise ValueError(f"{method}: damp must be in [0, 1], got {damp}")
+
+
 def check_pruning(method: str, sparsity: float | None, pattern: str | None) -> tuple[int, int] | None:
     """Validate a pruning target: exactly one of ``sparsity`` in [0, 1) or an N:M ``pattern``; returns (N, M) or None."""
     if (sparsity is None) == (pattern is None):

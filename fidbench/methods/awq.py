@@ -94,8 +94,7 @@ class AWQ(Method):
 
     def validate(self):
         weights.check_bits(self.name, self.bits, self.group)
-        if self.samples < 1:
-            raise ValueError(f"awq: samples must be >= 1, got {self.samples}")
+        weights.check_calibration(self.name, self.samples)
 
     @contextlib.contextmanager
     def apply(self, model, context=None):

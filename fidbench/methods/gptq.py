@@ -65,10 +65,7 @@ class GPTQ(Method):
 
     def validate(self):
         weights.check_bits(self.name, self.bits, self.group)
-        if self.samples < 1:
-            raise ValueError(f"gptq: samples must be >= 1, got {self.samples}")
-        if not 0 <= self.damp <= 1:
-            raise ValueError(f"gptq: damp must be in [0, 1], got {self.damp}")
+        weights.check_calibration(self.name, self.samples, self.damp)
 
     @contextlib.contextmanager
     def apply(self, model, context=None):

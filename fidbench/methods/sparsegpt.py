@@ -75,10 +75,7 @@ class SparseGPT(Method):
 
     def validate(self):
         self._nm = weights.check_pruning(self.name, self.sparsity, self.pattern)
-        if self.samples < 1:
-            raise ValueError(f"sparsegpt: samples must be >= 1, got {self.samples}")
-        if not 0 <= self.damp <= 1:
-            raise ValueError(f"sparsegpt: damp must be in [0, 1], got {self.damp}")
+        weights.check_calibration(self.name, self.samples, self.damp)
         m = self._nm[1] if self._nm else 1
         if self.blocksize < 1 or self.blocksize % m:
             raise ValueError(f"sparsegpt: blocksize must be a positive multiple of M ({m}), got {self.blocksize}")

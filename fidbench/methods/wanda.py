@@ -28,8 +28,7 @@ class Wanda(Method):
 
     def validate(self):
         self._nm = weights.check_pruning(self.name, self.sparsity, self.pattern)
-        if self.samples < 1:
-            raise ValueError(f"wanda: samples must be >= 1, got {self.samples}")
+        weights.check_calibration(self.name, self.samples)
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
