@@ -136,6 +136,51 @@ def layer0_inputs(model):
     return {lin: torch.cat(x) for lin, x in xs.items()}
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
+def test_sequential_equals_rerunning_the_model_up_to_each_layer(family):
+    """The layer-input cache sees exactly what running the (partly transformed) model up to layer i sees."""
+    from helpers import FAMILIES
+
+    prompts = [list(range(3, 3 + n)) for n in (21, 9)]  # 21 tokens exceed the tiny gemma3's sliding window
+
+    def calibrate(model, run):
+        seen = []
+
+        def observe(lin, x):
+            seen.append(x.clone())
+
+        def transform(lins):
+            for k, lin in enumerate(lins):  # a change that depends on what was observed
+                lin.weight.mul_(1 - 0.1 * (k + 1) * seen[-1].abs().mean().clamp(max=1))
+
+        run(model, prompts, observe, transform)
+        return seen, [p.clone() for p in model.parameters()]
+
+    def rerun(model, prompts, observe, transform):  # the plain way: the model up to layer i, for every i
+        for layer in weights.decoder_layers(model):
+            lins = weights.linears(layer)
+            hooks = [lin.register_forward_hook(lambda m, a, out: observe(m, a[0].reshape(-1, a[0].shape[-1])))
+                     for lin in lins]
+            hooks.append(layer.register_forward_hook(weights._stop))
+            for ids in prompts:
+                try:
+                    model(input_ids=torch.tensor([ids]), use_cache=False)
+                except weights._Stop:
+                    pass
+            for h in hooks:
+                h.remove()
+            transform(lins)
+
+    extra = {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    overrides = extra if "layer_types" in FAMILIES[family] else {"num_hidden_layers": 3}
+    with torch.no_grad():
+        seen, params = calibrate(tiny_model(family, **overrides), weights.sequential)
+        seen_ref, params_ref = calibrate(tiny_model(family, **overrides), rerun)
+    assert len(seen) == len(seen_ref) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen, seen_ref))
+    assert all(torch.equal(a, b) for a, b in zip(params, params_ref))
+
+
 @pytest.mark.parametrize("symmetric, act_order", [(False, False), (True, True)])
 def test_gptq_reconstructs_layers_better_than_rtn(tiny, symmetric, act_order):
     inputs = layer0_inputs(tiny)

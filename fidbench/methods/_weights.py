@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from .base import Method
+
 SCALE_BITS = 16  # a scale (and a zero point, asymmetric) per group, stored in fp16 as real kernels do
 
 
@@ -75,11 +77,9 @@ def overhead_bits(columns: int, group: int, symmetric: bool) -> float:
     return groups * SCALE_BITS * (1 if symmetric else 2) / columns
 
 
-def check_calibration(method: str, samples: int, damp: float | None = None) -> None:
-    """The calibrating methods' shared parameters: at least one prompt, and GPTQ-style dampening in [0, 1]."""
-    if samples < 1:
-        raise ValueError(f"{method}: samples must be >= 1, got {samples}")
-    if damp is not None and not 0 <= damp <= 1:
+def check_damp(method: str, damp: float) -> None:
+    """GPTQ-style dampening (gptq, sparsegpt): a fraction of the mean Hessian diagonal, in [0, 1]."""
+    if not 0 <= damp <= 1:
         raise ValueError(f"{method}: damp must be in [0, 1], got {damp}")
 
 
@@ -158,35 +158,72 @@ def restored(params):
 
 
 class _Stop(Exception):
-    """Raised after the layer being calibrated: later layers need not run."""
+    """Raised after the last decoder layer: the model's head need not run."""
 
 
 def _stop(*_):
     raise _Stop
 
 
+def _layer_calls(model, layers, ids: list[int]) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """One forward of ``ids``: the first layer's input hidden states, and each layer's other arguments (masks and
+    position embeddings differ between layers in some families, e.g. Gemma 3's sliding and full layers)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        kwargs = dict(kwargs)
+        if "hidden_states" in kwargs:
+            hidden, rest = kwargs.pop("hidden_states"), args
+        else:
+            hidden, rest = args[0], args[1:]
+        calls.append((None if calls else hidden, rest, kwargs))  # later layers' inputs are computed, not kept
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    hooks.append(layers[-1].register_forward_hook(_stop))
+    try:
+        with contextlib.suppress(_Stop):
+            device = model.get_input_embeddings().weight.device
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls[0][0], [(a, k) for _, a, k in calls]
+
+
+def _run(layer, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    out = layer(hidden, *call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out  # a tuple in transformers 4.x
+
+
 @torch.no_grad()
 def sequential(model, prompts: list[list[int]], observe, transform) -> None:
     """Calibrate and transform the decoder one layer at a time, as GPTQ and Wanda do.
 
-    For layer i: run every prompt through the model (layers before i already transformed) up to
-    layer i, calling ``observe(linear, x)`` with each (tokens, in_features) input of layer i's linear
-    layers; then ``transform(linears)`` changes that layer's weights.
+    For layer i: run it on every prompt's hidden states (the outputs of layers before i, already
+    transformed), calling ``observe(linear, x)`` with each (tokens, in_features) input of its linear
+    layers; ``transform(linears)`` changes its weights; then it runs again to give layer i+1 its inputs.
+    One forward per prompt records each layer's arguments, so each layer runs twice per prompt (the
+    reference's layer-input cache), where re-running the model up to layer i would cost L²/2 layers.
     """
-    device = model.get_input_embeddings().weight.device
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    hidden, calls = [], []
+    for ids in prompts:
+        h, c = _layer_calls(model, layers, ids)
+        hidden.append(h)
+        calls.append(c)
+    for i, layer in enumerate(layers):
         lins = linears(layer)
         hooks = [lin.register_forward_hook(lambda m, args, out: observe(m, args[0].reshape(-1, args[0].shape[-1])))
                  for lin in lins]
-        hooks.append(layer.register_forward_hook(_stop))
         try:
-            for ids in prompts:
-                with contextlib.suppress(_Stop):
-                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+            for h, c in zip(hidden, calls):
+                _run(layer, h, c[i])
         finally:
             for h in hooks:
                 h.remove()
         transform(lins)
+        if i + 1 < len(layers):
+            hidden = [_run(layer, h, c[i]) for h, c in zip(hidden, calls)]
 
 
 class Hessians:
@@ -249,8 +286,31 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def calibration(method: str, context, dataset: str, samples: int) -> list[list[int]]:
-    """The calibration prompts of ``dataset`` from the harness's loaded context."""
-    if context is None:
-        raise ValueError(f"{method}: needs calibration prompts; apply it with the harness's context")
-    return context.calibration(dataset, samples)
+class Calibrated(Method):
+    """A weight method calibrated on ``samples`` sequences of the suite dataset ``dataset`` (gptq, awq, wanda,
+    sparsegpt). ``continued``: each prompt is followed by the base model's greedy continuation (its cached
+    reference). The references calibrate on plain text (C4, pile-val), where every position is text like what
+    is later evaluated; fidbench's calibration prompts are user turns only, while what it scores is the model's
+    own continuation, so ``continued`` calibrates on both (the default suites' convention)."""
+
+    dataset: str = "chat"
+    samples: int = 8
+    continued: bool = False
+
+    def validate(self):
+        if self.samples < 1:
+            raise ValueError(f"{self.name}: samples must be >= 1, got {self.samples}")
+
+    def calibration(self, context) -> list[list[int]]:
+        """The calibration sequences, read before the method changes any weight (continuations are generated
+        by the model as it is)."""
+        if context is None:
+            raise ValueError(f"{self.name}: needs calibration prompts; apply it with the harness's context")
+        return context.calibration(self.dataset, self.samples, self.continued)
+
+    @staticmethod
+    def calibration_report(seqs: list[list[int]]) -> dict:
+        return {"calibration_prompts": len(seqs), "calibration_tokens": sum(len(p) for p in seqs)}
+
+    def kept(self) -> dict:
+        return getattr(self, "_report", {})  # filled by apply
