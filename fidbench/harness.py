@@ -25,14 +25,25 @@ class Loaded:
     prompts: list[datasets.Prompt]  # every scored dataset's prompts, in suite order
     references: list[Reference | None]  # None for skipped prompts
     unscored: list[datasets.Prompt] = field(default_factory=list)  # calibration-only datasets' prompts
+    store: Store | None = None  # where the base references live: calibration continuations are generated there
 
-    def calibration(self, dataset: str, n: int) -> list[list[int]]:
-        """Token ids of the first ``n`` prompts of a suite dataset (calibration data for a method)."""
-        ids = [p.p_ids for p in self.prompts + self.unscored if p.dataset == dataset and p.skipped is None][:n]
-        if not ids:
+    def calibration(self, dataset: str, n: int, continued: bool = False) -> list[list[int]]:
+        """Token ids of the first ``n`` prompts of a suite dataset (calibration data for a method); ``continued``:
+        each prompt followed by the base model's greedy continuation (its reference, generated once and cached).
+
+        Continuations are generated with ``self.model`` as it is: call this before changing the model."""
+        chosen = [(p, r) for p, r in zip(self.prompts + self.unscored, self.references + [None] * len(self.unscored))
+                  if p.dataset == dataset and p.skipped is None][:n]
+        if not chosen:
             names = sorted({p.dataset for p in self.prompts + self.unscored})
             raise ValueError(f"calibration dataset {dataset!r} is not in the suite (datasets: {', '.join(names)})")
-        return ids
+        if not continued:
+            return [p.p_ids for p, _ in chosen]
+        missing = [p for p, r in chosen if r is None]  # calibration-only prompts have no reference yet
+        if missing and self.store is None:
+            raise ValueError("calibration continuations need the base references' store (a model loaded by Bench)")
+        made = iter(self.store.get(self.model, missing) if missing else [])
+        return [p.p_ids + (r or next(made)).g_ids for p, r in chosen]
 
 
 class SetupError(RuntimeError):
@@ -114,7 +125,7 @@ class Bench:
         refs = iter(store.get(model, live, tick))
         refs = [None if p.skipped else next(refs) for p in prompts]
         self.generated = store.generated
-        return Loaded(spec, model, tok, fp, prompts, refs, unscored)
+        return Loaded(spec, model, tok, fp, prompts, refs, unscored, store)
 
     def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.

@@ -39,7 +39,7 @@ import contextlib
 import torch
 
 from . import _weights as weights
-from .base import Method, register
+from .base import register
 
 GRID = 20  # scale exponents 0, 1/20, ..., 19/20 (auto_scale.py: n_grid)
 SHRINK = 10  # clipping ranges (1 - i/20) · max|w|, i < 10 (auto_clip.py: n_grid=20, max_shrink=0.5)
@@ -81,24 +81,22 @@ def clipped(w: torch.Tensor, bounds: torch.Tensor, group: int) -> torch.Tensor:
 
 
 @register
-class AWQ(Method):
+class AWQ(weights.Calibrated):
     name = "awq"
     description = "AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest in groups of `group`"
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3, "group": 32}}
     bits: int = 4
     group: int = 128
-    dataset: str = "chat"
-    samples: int = 8
     clip: bool = True
 
     def validate(self):
         weights.check_bits(self.name, self.bits, self.group)
-        weights.check_calibration(self.name, self.samples)
+        super().validate()
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
-        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        prompts = self.calibration(context)
         lins = weights.decoder_linears(model)
         plan = {}
         with weights.restored(lin.weight for lin in lins):
@@ -113,8 +111,7 @@ class AWQ(Method):
             self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, False),
                             "scaled_layers": sum(bool((s != 1).any()) for s, _ in plan.values()),
                             "clipped_layers": sum(b is not None for _, b in plan.values()),
-                            "calibration_prompts": len(prompts),
-                            "calibration_tokens": sum(len(p) for p in prompts)}
+                            **self.calibration_report(prompts)}
             yield model
 
     @torch.no_grad()
@@ -206,9 +203,6 @@ class AWQ(Method):
         if best is None:
             raise ValueError(f"awq: no finite output error for any scale of a group of {len(lins)} linear(s)")
         return best
-
-    def kept(self) -> dict:
-        return getattr(self, "_report", {})  # filled by apply
 
 
 def _first(out):

@@ -7,7 +7,7 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   run the model's dense attention unchanged. The default ``apply`` installs the hook.
 - ``"weights"``: ``apply(model, context)``, a context manager that changes weights once, yields the
   model to evaluate and restores the weights on exit. ``context`` is the harness's loaded model
-  (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n)``).
+  (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n, continued)``).
 - ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric

@@ -5,8 +5,9 @@ Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``), but each linear layer
 one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
 Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset
 ``dataset`` (``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score:
-false``). Decoder layers are processed in order,
-each calibrated on the outputs of the already quantized ones, as the paper does; ``damp`` adds that
+false``), each followed by the base model's greedy continuation when ``continued`` (``_weights.Calibrated``).
+Decoder layers are processed in order, each calibrated on the outputs of the already quantized ones, as the
+paper does; ``damp`` adds that
 fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups then
 follow that order). Weights are restored on exit.
 """
@@ -16,7 +17,7 @@ import contextlib
 import torch
 
 from . import _weights as weights
-from .base import Method, register
+from .base import register
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool, damp: float,
@@ -50,7 +51,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 
 
 @register
-class GPTQ(Method):
+class GPTQ(weights.Calibrated):
     name = "gptq"
     description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
     kind = "weights"
@@ -58,18 +59,17 @@ class GPTQ(Method):
     bits: int = 4
     group: int = 128
     symmetric: bool = False
-    dataset: str = "chat"
-    samples: int = 8
     damp: float = 0.01
     act_order: bool = False
 
     def validate(self):
         weights.check_bits(self.name, self.bits, self.group)
-        weights.check_calibration(self.name, self.samples, self.damp)
+        super().validate()
+        weights.check_damp(self.name, self.damp)
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
-        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        prompts = self.calibration(context)
         lins = weights.decoder_linears(model)
         hessians = weights.Hessians()
 
@@ -86,10 +86,5 @@ class GPTQ(Method):
         with weights.restored(lin.weight for lin in lins):
             if self.bits < 16:
                 weights.sequential(model, prompts, hessians.observe, transform)
-            self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, self.symmetric),
-                            "calibration_prompts": len(prompts),
-                            "calibration_tokens": sum(len(p) for p in prompts)}
+            self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, self.symmetric), **self.calibration_report(prompts)}
             yield model
-
-    def kept(self) -> dict:
-        return getattr(self, "_report", {})  # filled by apply

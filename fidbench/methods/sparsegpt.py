@@ -27,7 +27,7 @@ import contextlib
 import torch
 
 from . import _weights as weights
-from .base import Method, register
+from .base import register
 
 
 def sparsegpt(w: torch.Tensor, u: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None,
@@ -61,28 +61,27 @@ def sparsegpt(w: torch.Tensor, u: torch.Tensor, sparsity: float | None, nm: tupl
 
 
 @register
-class SparseGPT(Method):
+class SparseGPT(weights.Calibrated):
     name = "sparsegpt"
     description = "SparseGPT: prune `sparsity` or N:M `pattern` with inverse-Hessian updates of the kept weights (calibrated on `dataset`)"
     kind = "weights"
     test_params = {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}}
     sparsity: float | None = None
     pattern: str | None = None
-    dataset: str = "chat"
-    samples: int = 8
     damp: float = 0.01
     blocksize: int = 128
 
     def validate(self):
         self._nm = weights.check_pruning(self.name, self.sparsity, self.pattern)
-        weights.check_calibration(self.name, self.samples, self.damp)
+        super().validate()
+        weights.check_damp(self.name, self.damp)
         m = self._nm[1] if self._nm else 1
         if self.blocksize < 1 or self.blocksize % m:
             raise ValueError(f"sparsegpt: blocksize must be a positive multiple of M ({m}), got {self.blocksize}")
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
-        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        prompts = self.calibration(context)
         lins = weights.decoder_linears(model)
         hessians = weights.Hessians()
 
@@ -99,10 +98,5 @@ class SparseGPT(Method):
 
         with weights.restored(lin.weight for lin in lins):
             weights.sequential(model, prompts, hessians.observe, transform)
-            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm),
-                            "calibration_prompts": len(prompts),
-                            "calibration_tokens": sum(len(p) for p in prompts)}
+            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm), **self.calibration_report(prompts)}
             yield model
-
-    def kept(self) -> dict:
-        return getattr(self, "_report", {})  # filled by apply

@@ -3,8 +3,9 @@ Language Models").
 
 Scores each weight of the decoder's nn.Linear layers by |W_ij| · ||X_j||₂, the L2 norm of input feature
 j over the calibration tokens (``samples`` prompts of the suite dataset ``dataset``; ``--fidbench-limit``
-limits them too unless the dataset is calibration-only, ``score: false``), and zeroes the lowest scores of each output row: exactly
-``round(sparsity * inputs)`` per row (the paper's per-output comparison group), or all but the N best
+limits them too unless the dataset is calibration-only, ``score: false``; each followed by the base model's
+greedy continuation when ``continued``, ``_weights.Calibrated``), and zeroes the lowest scores of each output
+row: exactly ``round(sparsity * inputs)`` per row (the paper's per-output comparison group), or all but the N best
 of every M consecutive inputs for an N:M ``pattern``. Layers are pruned in order, each calibrated on
 the outputs of the already pruned ones, as the paper's code does. Weights are restored on exit.
 """
@@ -12,27 +13,25 @@ the outputs of the already pruned ones, as the paper's code does. Weights are re
 import contextlib
 
 from . import _weights as weights
-from .base import Method, register
+from .base import register
 
 
 @register
-class Wanda(Method):
+class Wanda(weights.Calibrated):
     name = "wanda"
     description = "zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): `sparsity` or N:M `pattern`"
     kind = "weights"
     test_params = {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}}
     sparsity: float | None = None
     pattern: str | None = None
-    dataset: str = "chat"
-    samples: int = 8
 
     def validate(self):
         self._nm = weights.check_pruning(self.name, self.sparsity, self.pattern)
-        weights.check_calibration(self.name, self.samples)
+        super().validate()
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
-        prompts = weights.calibration(self.name, context, self.dataset, self.samples)
+        prompts = self.calibration(context)
         lins = weights.decoder_linears(model)
         squares: dict = {}
 
@@ -46,10 +45,5 @@ class Wanda(Method):
 
         with weights.restored(lin.weight for lin in lins):
             weights.sequential(model, prompts, observe, transform)
-            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm),
-                            "calibration_prompts": len(prompts),
-                            "calibration_tokens": sum(len(p) for p in prompts)}
+            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm), **self.calibration_report(prompts)}
             yield model
-
-    def kept(self) -> dict:
-        return getattr(self, "_report", {})  # filled by apply
