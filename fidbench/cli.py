@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name.replace("-", "_"))
         med.add_argument(f"--{name}", type=kind, default=default, help=f"{what} (default {default})")
     med.add_argument("--data", type=Path, default=Path(defaults.data), help="training prompts, conversations JSONL "
-                     "(default: data/medusa_train.jsonl, written for training, never scored)")
+                     "(default: data/train.jsonl, written for training, never scored)")
     med.add_argument("--tokenizer", help="tokenizer directory, if the model's has none")
     med.add_argument("--dtype", default="fp32", help="the model's dtype (default fp32)")
     med.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")

@@ -4,7 +4,7 @@ Medusa-1's recipe (FasterDecoding/Medusa ``medusa/train/train_legacy.py``, READM
 CPU's scale:
 - data: self-distillation, as Medusa's ``create_data.py`` regenerates the assistant turns with the model
   itself: the base's greedy continuations (``max_new_tokens``) of prompts written for training
-  (``data/medusa_train.jsonl``, never a scored dataset), rendered with the model's chat template;
+  (``data/train.jsonl``, never a scored dataset), rendered with the model's chat template;
 - the base frozen; heads of ``layers`` ResBlocks on its last hidden state that share its lm_head (v2: what
   ``train_legacy.py`` trains and the original fidbench ran); ResBlock weights zero, biases PyTorch's default
   initialisation, as Medusa's ``ResBlock``;
@@ -42,7 +42,7 @@ from . import datasets, models, reference
 from .methods.medusa import FILES, Heads, decoder
 from .suite import DatasetSpec
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "medusa_train.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "train.jsonl"
 GENERATE_BATCH = 16  # prompts generated at once (left padding; see reference.greedy_batch)
 IGNORE = -100  # a position whose target is not a generated token
 

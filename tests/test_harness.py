@@ -75,35 +75,35 @@ def test_imported_references_are_scored_against_their_own_tokens(tmp_path, check
 
 
 def test_calibration_only_datasets_are_neither_referenced_nor_scored_nor_limited(tmp_path, checkpoint, cache):
-    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "calibration.jsonl").read_text())
+    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text())
     s = suite(tmp_path, checkpoint, datasets={"mixed": "mixed.jsonl", "calib": {"path": "calib.jsonl", "score": False}})
     bench = Bench(s, limit=1, progress=False)
     record = bench.run(s.cases()[0])
     assert bench.generated == 1 and list(record["datasets"]) == ["mixed"]
     assert [x["dataset"] for x in record["samples"]] == ["mixed"]
     calib = bench.loaded.calibration("calib", 100)
-    assert len(calib) == len((ROOT / "data" / "calibration.jsonl").read_text().splitlines()) == 16
+    assert len(calib) == len((ROOT / "data" / "train.jsonl").read_text().splitlines()) == 98
 
 
 def test_continued_calibration_appends_the_base_greedy_continuation_generated_once(tmp_path, checkpoint, cache):
     from fidbench.reference import eos_ids, greedy
 
-    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "calibration.jsonl").read_text())
+    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text())
     s = suite(tmp_path, checkpoint, datasets={"mixed": "mixed.jsonl", "calib": {"path": "calib.jsonl", "score": False}})
     loaded = Bench(s, limit=1, progress=False).load(s.models[0])
     prompts = loaded.calibration("calib", 3)
     continued = loaded.calibration("calib", 3, continued=True)
-    for p, c in zip(prompts, continued, strict=True):
+    for p, c in zip(prompts, continued, strict=True):  # generated in one batch: greedy up to fp32 summation order
         assert c[: len(p)] == p and c[len(p):] == greedy(loaded.model, p, 8, eos_ids(loaded.model, loaded.tokenizer))[0]
     again = Bench(s, limit=1, progress=False).load(s.models[0])
-    assert again.calibration("calib", 3, continued=True) == continued and again.store.generated == 0
+    assert again.calibration("calib", 3, continued=True) == continued and again.continuations.generated == 0
     scored = loaded.calibration("mixed", 1, continued=True)  # a scored dataset's continuation is its reference
     assert scored == [loaded.prompts[0].p_ids + loaded.references[0].g_ids]
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "sparsegpt"])
 def test_every_calibrated_method_calibrates_on_continuations_when_asked(tmp_path, checkpoint, cache, method):
-    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "calibration.jsonl").read_text())
+    (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text())
     params = {"gptq": "bits: 4", "awq": "bits: 4", "wanda": "sparsity: 0.5", "sparsegpt": "sparsity: 0.5"}[method]
     methods = "methods:\n" + "".join(f"  {name}: {{method: {method}, {params}, dataset: calib, samples: 2, continued: {c}}}\n"
                                      for name, c in (("p", "false"), ("c", "true")))

@@ -196,12 +196,13 @@ def _run(layer, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequential(model, prompts: list[list[int]], observe, transform) -> None:
+def sequential(model, prompts: list[list[int]], observe, transform, watch=None) -> None:
     """Calibrate and transform the decoder one layer at a time, as GPTQ and Wanda do.
 
     For layer i: run it on every prompt's hidden states (the outputs of layers before i, already
     transformed), calling ``observe(linear, x)`` with each (tokens, in_features) input of its linear
     layers; ``transform(linears)`` changes its weights; then it runs again to give layer i+1 its inputs.
+    ``watch(layer)``, if given, returns hooks of its own to hold during that observing run only.
     One forward per prompt records each layer's arguments, so each layer runs twice per prompt (the
     reference's layer-input cache), where re-running the model up to layer i would cost L²/2 layers.
     """
@@ -215,6 +216,7 @@ def sequential(model, prompts: list[list[int]], observe, transform) -> None:
         lins = linears(layer)
         hooks = [lin.register_forward_hook(lambda m, args, out: observe(m, args[0].reshape(-1, args[0].shape[-1])))
                  for lin in lins]
+        hooks += watch(layer) if watch else []
         try:
             for h, c in zip(hidden, calls):
                 _run(layer, h, c[i])

@@ -26,8 +26,9 @@ Differences from the reference:
 - groups, the module whose output a group's scales are judged on, and whether a group opens its
   module are found from the forward itself (linears reading one tensor; the decoder layer's child
   holding them), so every family runs; the reference lists projection names per architecture;
-- calibration: the suite's ``dataset`` prompts, one forward each (the default suite: its 16
-  calibration-only prompts), instead of 128 blocks of 512 tokens of pile-val in one batch; a
+- calibration: the suite's ``dataset`` prompts, with ``continued`` each followed by the base model's
+  greedy continuation, one forward each (the default suites: 16 prompts, about 2,200 tokens), instead
+  of 128 blocks of 512 tokens of pile-val in one batch; a
   prompt-weighted mean of squared errors replaces the batch mean (the same when lengths are equal);
 - clipping errors are computed as matrix products (the reference sums elementwise products), on every
   (n // 512)-th token as the reference samples them, every token when n < 1024 (the reference's step
@@ -117,23 +118,22 @@ class AWQ(weights.Calibrated):
     @torch.no_grad()
     def search(self, model, prompts) -> dict:
         """Each decoder linear -> (input scales s, clipping bounds or None), from the full-precision model."""
-        layers = weights.decoder_layers(model)
         inputs: dict = {}  # linear -> its inputs, one (tokens, in) tensor per prompt
         calls: dict = {}  # child of the layer being searched -> its (args, kwargs), one per prompt
-        active = [layers[0]]
         plan = {}
+        current = []  # the layer being searched
 
-        def record_call(layer):
-            def hook(child, args, kwargs):
-                if layer is active[0]:
-                    calls.setdefault(child, []).append((args, kwargs))
-            return hook
+        def watch(layer):  # during the layer's observing run: record its children's calls
+            current[:] = [layer]
+            return [child.register_forward_pre_hook(lambda c, args, kwargs: calls.setdefault(c, []).append((args, kwargs)),
+                                                    with_kwargs=True)
+                    for child in layer.children() if weights.linears(child)]
 
         def observe(lin, x):
             inputs.setdefault(lin, []).append(x)
 
         def transform(layer_linears):
-            layer, active[0] = active[0], None  # the search below calls the layer's modules: record nothing
+            layer = current[0]
             for lins, child, opens in self.groups(layer, layer_linears, inputs):
                 xs = inputs[lins[0]]
                 if opens:  # judged on the attention / MLP output, the module run on its own inputs
@@ -154,16 +154,8 @@ class AWQ(weights.Calibrated):
                         plan[lin] = (s, clip_search(lin.weight.float() * s, x, self.bits, self.group))
             inputs.clear()
             calls.clear()
-            index = next(i for i, x in enumerate(layers) if x is layer)
-            active[0] = layers[index + 1] if index + 1 < len(layers) else None
 
-        hooks = [child.register_forward_pre_hook(record_call(layer), with_kwargs=True)
-                 for layer in layers for child in layer.children() if weights.linears(child)]
-        try:
-            weights.sequential(model, prompts, observe, transform)
-        finally:
-            for h in hooks:
-                h.remove()
+        weights.sequential(model, prompts, observe, transform, watch)
         return plan
 
     @staticmethod

@@ -16,8 +16,9 @@ Differences from the reference:
 - a block prunes exactly round(sparsity × its size) weights (lowest scores); the reference prunes
   every weight scoring at most the int(size × sparsity)-th smallest score, one more (plus ties), so
   that ``sparsity: 0`` would still prune one weight per block;
-- calibration: the suite's ``dataset`` prompts (the default suite: its 16 calibration-only prompts)
-  instead of 128 random 2048-token windows of C4; the Hessian is normalized by tokens, not
+- calibration: the suite's ``dataset`` prompts, with ``continued`` each followed by the base model's
+  greedy continuation (the default suites: 98 prompts, about 13,000 tokens), instead of 128 random
+  2048-token windows of C4 (``_weights.Calibrated`` says why continuations); the Hessian is normalized by tokens, not
   sequences (a common factor, which changes neither the mask nor the updates);
 - no joint quantization (the reference's ``--wbits``), weights stay in the model's dtype.
 """
