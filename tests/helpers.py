@@ -1,15 +1,20 @@
 """Helpers shared by the tests: tiny random models of several families, tiny tokenizers and model
-directories (all built in-process, no download), references and teacher-forced logits on them."""
+directories (all built in-process, no download), references and teacher-forced logits on them, pytester
+projects over them, and checks shared by the calibrating methods' tests."""
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fidbench import engine
 from fidbench.datasets import Prompt
 from fidbench.harness import Loaded
+from fidbench.methods import _weights as weights
+from fidbench.methods import build
 from fidbench.reference import Reference, greedy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +123,40 @@ def words_suite(tmp: Path, model_dir: Path, methods: dict, max_new_tokens: int =
     return path
 
 
+def checkpoints_fixture(**families: str):
+    """A module-scoped fixture: a directory holding a tiny checkpoint (``save_tiny``) per subdirectory -> family."""
+
+    @pytest.fixture(scope="module")
+    def checkpoints(tmp_path_factory) -> Path:
+        root = tmp_path_factory.mktemp("ckpt")
+        for name, family in families.items():
+            save_tiny(root / name, family)
+        return root
+
+    return checkpoints
+
+
+def origin_topk_suite(models: dict[str, str], max_new_tokens: int, tags: tuple[str, ...] = ()) -> str:
+    """A suite file's text: ``models`` (name -> directory) on chat.jsonl, variants origin and topk-10 (``tags``)."""
+    lines = [f"generation: {{max_new_tokens: {max_new_tokens}}}", "models:"]
+    lines += [f"  {name}: {{path: {path}, max_length: 256}}" for name, path in models.items()]
+    tagged = f", tags: [{', '.join(tags)}]" if tags else ""
+    lines += ["datasets:", "  chat: chat.jsonl", "methods:", "  origin: {floors: {acc1: 0.9}}",
+              f"  topk-10: {{method: topk, keep: 0.1, min_keep: 2{tagged}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def fill_project(pytester, monkeypatch, checkpoints: Path, suite_file: str, suite: str, prompts: int):
+    """Fill ``pytester``'s directory: its own cache, the ``checkpoints``, ``prompts`` chat prompts, ``suite``."""
+    monkeypatch.setenv("FIDBENCH_CACHE", str(pytester.path / "cache"))
+    for checkpoint in sorted(checkpoints.iterdir()):
+        shutil.copytree(checkpoint, pytester.path / checkpoint.name)
+    chat = (ROOT / "data" / "chat.jsonl").read_text().splitlines(keepends=True)
+    (pytester.path / "chat.jsonl").write_text("".join(chat[:prompts]))
+    (pytester.path / suite_file).write_text(suite)
+    return pytester
+
+
 def random_ids(n: int, seed: int = 2, high: int = 128) -> list[int]:
     """``n`` seeded random token ids below ``high``."""
     return torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -142,3 +181,27 @@ def force(model, method, p_ids: list[int], g_ids: list[int], mode: str | None = 
     mode = mode or engine.resolve_mode(method, "auto")
     with method.apply(model, calibration()) as applied:
         return engine.teacher_force(applied, method, p_ids, g_ids, mode).logits
+
+
+def layer0_inputs(model) -> dict:
+    """Each linear of decoder layer 0 -> its (tokens, in) inputs on the ``calibration`` prompts, unchanged model."""
+    lins = weights.linears(weights.decoder_layers(model)[0])
+    xs = {lin: [] for lin in lins}
+    hooks = [lin.register_forward_hook(lambda m, a, o: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for lin in lins]
+    with torch.no_grad():
+        for ids in calibration().calibration("chat", 6):
+            model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {lin: torch.cat(x) for lin, x in xs.items()}
+
+
+def assert_needs_calibration(name: str, params: dict):
+    """Method ``name`` with ``params`` refuses a missing calibration dataset, and a run with no calibration at all."""
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="calibration dataset 'wiki'"):
+        with build(name, {**params, "dataset": "wiki"}).apply(model, calibration()):
+            pass
+    with pytest.raises(ValueError, match="calibration"):
+        with build(name, params).apply(model):
+            pass

@@ -4,39 +4,18 @@ import json
 import shutil
 
 import pytest
-from helpers import ROOT, save_tiny
+from helpers import ROOT, checkpoints_fixture, fill_project, origin_topk_suite
 
-SUITE = """
-generation: {max_new_tokens: 12}
-models:
-  tiny-a: {path: a, max_length: 256}
-  tiny-b: {path: b, max_length: 256}
-datasets:
-  chat: chat.jsonl
-methods:
-  origin: {floors: {acc1: 0.9}}
-  topk-10: {method: topk, keep: 0.1, min_keep: 2}
-"""
+SUITE = origin_topk_suite({"tiny-a": "a", "tiny-b": "b"}, max_new_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    save_tiny(root / "a", "llama")
-    save_tiny(root / "b", "qwen2")
-    return root
+checkpoints = checkpoints_fixture(a="llama", b="qwen2")
 
 
 @pytest.fixture
 def project(pytester, checkpoints, monkeypatch):
-    monkeypatch.setenv("FIDBENCH_CACHE", str(pytester.path / "cache"))
-    for name in ("a", "b"):
-        shutil.copytree(checkpoints / name, pytester.path / name)
     shutil.copy(ROOT / "tests" / "methods" / "test_fidelity.py", pytester.path / "test_fidelity.py")
-    lines = (ROOT / "data" / "chat.jsonl").read_text().splitlines()[:2]
-    (pytester.path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    (pytester.path / "fidbench.yaml").write_text(SUITE)
-    return pytester
+    return fill_project(pytester, monkeypatch, checkpoints, "fidbench.yaml", SUITE, prompts=2)
 
 
 def ids(result):

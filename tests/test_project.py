@@ -9,42 +9,22 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from helpers import ROOT, save_tiny
+from helpers import ROOT, checkpoints_fixture, fill_project, origin_topk_suite
 
 from fidbench import plugin
 
-SUITE = """
-generation: {max_new_tokens: 6}
-models:
-  tiny-llama: {path: llama, max_length: 256}
-  tiny-gemma: {path: gemma, max_length: 256}
-datasets:
-  chat: chat.jsonl
-methods:
-  origin: {floors: {acc1: 0.9}}
-  topk-10: {method: topk, keep: 0.1, min_keep: 2, tags: [quick]}
-"""
+SUITE = origin_topk_suite({"tiny-llama": "llama", "tiny-gemma": "gemma"}, max_new_tokens=6, tags=("quick",))
 CASES = ["tiny-llama-origin", "tiny-llama-topk-10", "tiny-gemma-origin", "tiny-gemma-topk-10"]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    save_tiny(root / "llama", "llama")
-    save_tiny(root / "gemma", "gemma3_text")  # model_type gemma3_text: marked gemma3 too
-    return root
+checkpoints = checkpoints_fixture(llama="llama", gemma="gemma3_text")  # model_type gemma3_text: marked gemma3 too
 
 
 @pytest.fixture
 def project(pytester, checkpoints, monkeypatch):
     """A project with a suite file, two tiny model directories and a dataset: what a user adds to their repo."""
-    monkeypatch.setenv("FIDBENCH_CACHE", str(pytester.path / "cache"))
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this test may itself run in an xdist worker
-    for name in ("llama", "gemma"):
-        shutil.copytree(checkpoints / name, pytester.path / name)
-    (pytester.path / "chat.jsonl").write_text("".join((ROOT / "data" / "chat.jsonl").read_text().splitlines(True)[:2]))
-    (pytester.path / "my-suite.yaml").write_text(SUITE)
-    return pytester
+    return fill_project(pytester, monkeypatch, checkpoints, "my-suite.yaml", SUITE, prompts=2)
 
 
 def ran(result) -> list[str]:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TINY, calibration, tiny_model
+from helpers import TINY, assert_needs_calibration, calibration, layer0_inputs, tiny_model
 
 from fidbench import engine
 from fidbench.attention import AttentionCall, Phase
@@ -121,19 +121,6 @@ def test_wanda_uses_activations():
         with build("wanda", {"sparsity": 0.5}).apply(model, calibration()):
             masks[scale] = lin.weight[:, 0] != 0
     assert masks[50.0].all() and not masks[1.0].all()
-
-
-def layer0_inputs(model):
-    """Each linear of decoder layer 0 -> its (tokens, in) calibration inputs, from the unchanged model."""
-    lins = weights.linears(weights.decoder_layers(model)[0])
-    xs = {lin: [] for lin in lins}
-    hooks = [lin.register_forward_hook(lambda m, a, o: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for lin in lins]
-    with torch.no_grad():
-        for ids in calibration().calibration("chat", 6):
-            model(input_ids=torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return {lin: torch.cat(x) for lin, x in xs.items()}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
@@ -271,13 +258,7 @@ def test_bad_params_are_clear_errors(name, params, message):
 
 @pytest.mark.parametrize("name, params", [("gptq", {}), ("wanda", {"sparsity": 0.5})])
 def test_calibration_dataset_must_exist(name, params):
-    model = tiny_model("qwen2")
-    with pytest.raises(ValueError, match="calibration dataset 'wiki'"):
-        with build(name, {**params, "dataset": "wiki"}).apply(model, calibration()):
-            pass
-    with pytest.raises(ValueError, match="calibration"):
-        with build(name, params).apply(model):
-            pass
+    assert_needs_calibration(name, params)
 
 
 def test_calibration_is_recorded(tiny):

@@ -3,13 +3,12 @@ shards of a run (--fidbench-shard) whose reports merged equal the whole run's, a
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, save_tiny
+from helpers import checkpoints_fixture, fill_project
 
 from fidbench import cli, models
 
@@ -51,23 +50,13 @@ def pytest_unconfigure(config):  # an inline run shares this process with the te
 """
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    save_tiny(root / "a", "llama")
-    save_tiny(root / "b", "qwen2")
-    return root
+checkpoints = checkpoints_fixture(a="llama", b="qwen2")
 
 
 @pytest.fixture
 def project(pytester, checkpoints, monkeypatch):
-    monkeypatch.setenv("FIDBENCH_CACHE", str(pytester.path / "cache"))
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this test may itself run in an xdist worker
-    for name in ("a", "b"):
-        shutil.copytree(checkpoints / name, pytester.path / name)
-    (pytester.path / "chat.jsonl").write_text((ROOT / "data" / "chat.jsonl").read_text().splitlines()[0] + "\n")
-    (pytester.path / "suite.yaml").write_text(SUITE.replace("DEVICE", "cpu"))
-    return pytester
+    return fill_project(pytester, monkeypatch, checkpoints, "suite.yaml", SUITE.replace("DEVICE", "cpu"), prompts=1)
 
 
 def loads(project) -> list[dict]:

@@ -4,7 +4,7 @@ shares with gptq."""
 
 import pytest
 import torch
-from helpers import calibration, tiny_model
+from helpers import calibration, layer0_inputs, tiny_model
 
 from fidbench.methods import _weights as weights
 from fidbench.methods import build
@@ -91,18 +91,6 @@ def test_2_4_keeps_two_of_every_four_inputs(tiny):
         for lin in weights.decoder_linears(tiny):
             assert ((lin.weight.reshape(lin.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
     assert method.kept()["sparsity"] == 0.5
-
-
-def layer0_inputs(model):
-    lins = weights.linears(weights.decoder_layers(model)[0])
-    xs = {lin: [] for lin in lins}
-    hooks = [lin.register_forward_hook(lambda m, a, o: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for lin in lins]
-    with torch.no_grad():
-        for ids in calibration().calibration("chat", 6):
-            model(input_ids=torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return {lin: torch.cat(x) for lin, x in xs.items()}
 
 
 @pytest.mark.parametrize("params", [{"sparsity": 0.5}, {"pattern": "2:4"}])
