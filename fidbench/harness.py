@@ -175,6 +175,8 @@ class Bench:
                 else:
                     forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
                     s = metrics.score(forced.logits, ref)
+                    if prompt.answers:  # task success at the answers' positions, beside token fidelity
+                        s.answers = metrics.answer_scores(loaded.tokenizer, ref.g_ids, s.hit1, prompt.answers)
                     timing["prefill_s"] += forced.prefill_s
                     timing["decode_s"] += forced.decode_s
                     bad = non_finite(forced.logits)

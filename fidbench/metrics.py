@@ -14,12 +14,19 @@ the perplexity of the base's own continuation.
 
 Free-running scores (``free_run``) compare the method's own greedy continuation with the base's; they are
 measured only in free-running mode and are None otherwise.
+
+Answer scores (``answer_scores``) put task success beside token fidelity where a prompt has ``answers``: the
+share of them the base's reference holds, and the share of those the method's teacher-forced argmax writes
+token for token where the reference has them. None for a prompt without answers.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import re
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +35,11 @@ from rapidfuzz.distance import LCSseq, Levenshtein, Prefix
 # Free-running scores of a sample; averaged over the samples that have them (like first_divergence, not
 # weighted by tokens). answer_recall_base describes the base, so it takes no floor (like nll_base).
 FREE_RUN = ("rouge_l", "rouge_l_ids", "edit_distance", "common_prefix", "answer_recall", "answer_recall_base")
+# Teacher-forced answer scores of a sample, averaged like FREE_RUN; answers_in_base describes the base (no floor).
+ANSWERS = ("answers_in_base", "answers_reproduced")
 # Direction of each floor: a floor on these is a minimum, on every other metric a maximum.
 HIGHER_IS_BETTER = {"acc1", "acc5", "first_divergence", "exact_match", "rouge_l", "rouge_l_ids", "common_prefix",
-                    "answer_recall"}
+                    "answer_recall", "answers_reproduced"}
 KL_PERCENTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p95": 0.95, "kl_p99": 0.99, "kl_p999": 0.999}
 POSITION_BUCKET = 16  # tokens per bin of the agreement-by-position curve
 
@@ -45,6 +54,7 @@ class SampleScores:
     nll: torch.Tensor  # (N,) float64, -log q(reference token)
     nll_base: torch.Tensor  # (N,) float64, -log p(reference token)
     free: dict | None = None  # free-running scores (``free_run``), when the sample was also free-run
+    answers: dict | None = None  # answer scores (``answer_scores``), when the prompt has answers
 
     def first_divergence(self) -> int:
         misses = (~self.hit1).nonzero()
@@ -149,11 +159,46 @@ def free_run(g_ids: list[int], ids: list[int], base_text: str, text: str, answer
     }
 
 
-def _free_means(samples: list) -> dict:
-    """Each free-running score averaged over the samples that measured it (None where none did)."""
+def answer_spans(tokenizer, ids: list[int], answers: list[str]) -> list[range | None]:
+    """Per answer, the positions of the tokens of ``ids`` whose decoded text covers its first case-insensitive
+    occurrence in the decoded ``ids`` (None where the text lacks it).
+
+    Found from the decoded prefixes, so a token that merges a space into a word, or holds part of a word or a
+    character's first bytes (byte-level BPE decodes them as U+FFFD), counts by the characters it writes: the
+    span starts at the first token whose prefix reaches past the answer's start, and ends at the first whose
+    prefix agrees with the whole text through the answer's end (lowered to the later prefixes' agreement,
+    should decoding a longer prefix clean up its spaces)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    prefixes = [tokenizer.decode(ids[: t + 1], skip_special_tokens=True) for t in range(len(ids))]
+    settled = [len(os.path.commonprefix([prefix, text])) for prefix in prefixes]
+    for t in range(len(settled) - 2, -1, -1):
+        settled[t] = min(settled[t], settled[t + 1])
+    spans = []
+    for answer in answers:
+        found = re.search(re.escape(answer), text, re.IGNORECASE)
+        if found is None:
+            spans.append(None)
+            continue
+        first = next(t for t, prefix in enumerate(prefixes) if len(prefix) > found.start())
+        spans.append(range(first, bisect_left(settled, found.end()) + 1))
+    return spans
+
+
+def answer_scores(tokenizer, g_ids: list[int], hit1: torch.Tensor, answers: list[str]) -> dict:
+    """``answers_in_base``: the share of ``answers`` the reference ``g_ids`` holds; ``answers_reproduced``: the share
+    of those whose every token the method's teacher-forced argmax predicts (``hit1``), None when the base holds none."""
+    spans = [span for span in answer_spans(tokenizer, g_ids, answers) if span is not None]
+    reproduced = [bool(hit1[span.start : span.stop].all()) for span in spans]
+    return {"answers_in_base": len(spans) / len(answers),
+            "answers_reproduced": sum(reproduced) / len(reproduced) if reproduced else None}
+
+
+def _means(samples: list, field: str, names: tuple[str, ...]) -> dict:
+    """Each of the scores ``names`` in the samples' ``field`` (``free``, ``answers``) averaged over the samples that
+    measured it (None where none did)."""
     out = {}
-    for metric in FREE_RUN:
-        values = [s.free[metric] for s in samples if s.free is not None and s.free[metric] is not None]
+    for metric in names:
+        values = [v for s in samples if (got := getattr(s, field)) is not None and (v := got[metric]) is not None]
         out[metric] = sum(values) / len(values) if values else None
     return out
 
@@ -184,7 +229,8 @@ def _summarize(samples: list) -> dict:
         "ppl_ratio": math.exp(nll - nll_base) if nll - nll_base < 700 else math.inf,
         "first_divergence": sum(first) / len(first),
         "exact_match": sum(f == len(s.hit1) for f, s in zip(first, samples)) / len(samples),
-        **_free_means(samples),
+        **_means(samples, "free", FREE_RUN),
+        **_means(samples, "answers", ANSWERS),
         "n_samples": len(samples),
         "n_tokens": len(hit1),
     }
@@ -257,7 +303,8 @@ def known_metrics() -> set[str]:
                                *KL_PERCENTILES}
 
 
-FRACTIONS = {"acc1", "acc5", "exact_match", "rouge_l", "rouge_l_ids", "edit_distance", "answer_recall"}
+FRACTIONS = {"acc1", "acc5", "exact_match", "rouge_l", "rouge_l_ids", "edit_distance", "answer_recall",
+             "answers_reproduced"}
 
 
 def floor_range(metric: str) -> tuple[float, float]:
@@ -268,4 +315,5 @@ def floor_range(metric: str) -> tuple[float, float]:
     return (1.0, math.inf) if metric == "ppl" else (0.0, math.inf)
 
 
-_SCALARS = known_metrics() | {"nll_base", "ppl_base", "answer_recall_base"}  # the per-sample scalars of a summary
+# The per-sample scalars of a summary.
+_SCALARS = known_metrics() | {"nll_base", "ppl_base", "answer_recall_base", "answers_in_base"}

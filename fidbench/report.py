@@ -66,12 +66,13 @@ def environment(workers: int = 1) -> dict:
 def sample(prompt, ref, scores, non_finite: int = 0, first_non_finite: int | None = None,
            free: dict | None = None) -> dict:
     """One sample's row of a case record: where it came from, its scores, and how many of its positions had
-    non-finite logits (the first of them in ``first_non_finite``); ``free``: the free-running run's fields
-    (both texts, the method's length, its non-finite steps, the task's answers)."""
+    non-finite logits (the first of them in ``first_non_finite``); the task's ``answers`` where it has them;
+    ``free``: the free-running run's fields (both texts, the method's length, its non-finite steps, the answers)."""
     summary = {k: v for k, v in scores.summary().items() if k not in ("n_samples", "acc1_by_position")}
     return {"dataset": prompt.dataset, "index": prompt.index, "prompt_tokens": len(ref.p_ids),
             "template": prompt.template, "truncated_from": prompt.truncated_from, **summary,
-            "non_finite": non_finite, "first_non_finite": first_non_finite, **(free or {})}
+            "non_finite": non_finite, "first_non_finite": first_non_finite,
+            **({"answers": prompt.answers} if prompt.answers else {}), **(free or {})}
 
 
 def _failures(case, method, scores: dict, samples: list, skipped: list) -> list[str]:
@@ -293,6 +294,7 @@ def verdict(record: dict) -> str:
 
 
 FREE_COLUMNS = [("rouge_l", "ROUGE-L", "{:.3f}"), ("edit_distance", "edit", "{:.3f}")]
+ANSWER_COLUMNS = [("answers_in_base", "ans in base", "{:.2f}"), ("answers_reproduced", "ans reproduced", "{:.2f}")]
 
 
 def _answers(scores: dict) -> str:
@@ -316,9 +318,13 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
     and ± half its bootstrap interval (``ci``) on acc@1, acc@5, KL and the free-running scores, then one row
     per head of a method that scores heads of its own (Medusa).
 
-    Free-running columns (ROUGE-L, edit distance, answer recall method/base, time) appear when a case has them."""
+    Answer columns (the share of answers in the base's reference, the share of those the method reproduces
+    teacher-forced) and free-running columns (ROUGE-L, edit distance, answer recall method/base, time) appear when
+    a case has them."""
     free = any(r.get("free_run") for r in records)
+    answered = any((r.get("scores") or {}).get("answers_in_base") is not None for r in records)
     header = ["case", "dataset", *(c[1] for c in COLUMNS)]
+    header += [c[1] for c in ANSWER_COLUMNS] if answered else []
     header += [*(c[1] for c in FREE_COLUMNS), "answers"] if free else []
     header += ["kept", "prefill s", "decode s", *(["free s"] if free else []), "floors"]
     rows = []
@@ -330,6 +336,7 @@ def table(records: list[dict], datasets: bool = True, markdown: bool = False) ->
             overall = name == "all"
             ci = (r.get("ci") or {}) if overall else {}
             row = [r["id"], name, *(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in COLUMNS)]
+            row += [_fmt(fmt, scores.get(k)) for k, _, fmt in ANSWER_COLUMNS] if answered else []
             if free:
                 row += [*(_fmt(fmt, scores.get(k)) + _pm(fmt, ci.get(k)) for k, _, fmt in FREE_COLUMNS),
                         _answers(scores)]
