@@ -12,7 +12,7 @@ import torch
 
 from . import datasets, engine, metrics, models, report
 from .methods import build
-from .reference import Reference, Store, eos_ids
+from .reference import GENERATE_BATCH, Reference, Store, eos_ids
 from .suite import Case, ModelSpec, Suite
 
 
@@ -48,9 +48,6 @@ class Loaded:
             tick = lambda done, total: self.progress(f"{self.spec.name}: calibration continuations", done, total)  # noqa: E731
         made = iter(self.continuations.get(self.model, missing, tick) if missing else [])
         return [p.p_ids + (r or next(made)).g_ids for p, r in chosen]
-
-
-CALIBRATION_BATCH = 16  # prompts per batch when generating calibration continuations
 
 
 class SetupError(RuntimeError):
@@ -122,8 +119,8 @@ class Bench:
             # --fidbench-limit shortens what is scored; a calibration-only set keeps the size its methods ask for
             for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab, max_length):
                 (prompts if ds.scored else unscored).append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
-        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size,
-                      eos_ids=eos_ids(model, tok), device=models.device_key(model))
+        keys = {"eos_ids": eos_ids(model, tok), "device": models.device_key(model)}
+        store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size, **keys)
         live = [p for p in prompts if p.skipped is None]
         tick = None
         if self.progress:
@@ -132,10 +129,8 @@ class Bench:
         refs = iter(store.get(model, live, tick))
         refs = [None if p.skipped else next(refs) for p in prompts]
         self.generated = store.generated
-        # Calibration data need not match unbatched greedy to the last bit, so it is generated in batches
-        # (5x faster on a CPU); its own cache entries (the batch size is in the key).
-        continuations = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, CALIBRATION_BATCH,
-                              eos_ids=eos_ids(model, tok), device=models.device_key(model))
+        # Calibration continuations: generated in batches, in cache entries of their own (the batch size is in the key).
+        continuations = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, GENERATE_BATCH, **keys)
         return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress)
 
     def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:

@@ -43,7 +43,6 @@ from .methods.medusa import FILES, Heads, decoder
 from .suite import DatasetSpec
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "train.jsonl"
-GENERATE_BATCH = 16  # prompts generated at once (left padding; see reference.greedy_batch)
 IGNORE = -100  # a position whose target is not a generated token
 
 
@@ -79,8 +78,8 @@ def distill(model, tokenizer, settings: Settings) -> list[tuple[list[int], list[
     eos = reference.eos_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: least padding
     out: dict[int, list[int]] = {}
-    for start in range(0, len(order), GENERATE_BATCH):
-        batch = order[start : start + GENERATE_BATCH]
+    for start in range(0, len(order), reference.GENERATE_BATCH):
+        batch = order[start : start + reference.GENERATE_BATCH]
         made = reference.greedy_batch(model, [prompts[i] for i in batch], settings.max_new_tokens, eos)
         out.update((i, g_ids) for i, (g_ids, _) in zip(batch, made))
         _log(f"generated {len(out)}/{len(prompts)} continuations")

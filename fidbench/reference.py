@@ -34,6 +34,9 @@ from .methods import build
 from .metrics import rest_logp
 
 FORMAT = 3  # 3: end-of-sequence ids and device in the key, a checksum in every file
+# Prompts per batch where generated data need not match unbatched greedy to the last bit (calibration
+# continuations, Medusa's training data): batches are about 5x faster on a CPU (left padding: greedy_batch).
+GENERATE_BATCH = 16
 TOP_K = 32  # base log-probabilities kept per position for KL (the rest of the vocabulary is one bucket)
 TENSORS = ("p_ids", "g_ids", "top_idx", "top_logp", "gold_logp", "rest_logp")
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TINY, assert_needs_calibration, calibration, layer0_inputs, tiny_model
+from helpers import FAMILIES, TINY, assert_needs_calibration, calibration, layer0_inputs, tiny_model
 
 from fidbench import engine
 from fidbench.attention import AttentionCall, Phase
@@ -126,8 +126,6 @@ def test_wanda_uses_activations():
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_sequential_equals_rerunning_the_model_up_to_each_layer(family):
     """The layer-input cache sees exactly what running the (partly transformed) model up to layer i sees."""
-    from helpers import FAMILIES
-
     prompts = [list(range(3, 3 + n)) for n in (21, 9)]  # 21 tokens exceed the tiny gemma3's sliding window
 
     def calibrate(model, run):
