@@ -146,9 +146,11 @@ def decoder_linears(model) -> list[nn.Linear]:
 
 @contextlib.contextmanager
 def restored(params):
-    """Put ``params`` back bit for bit on exit, whatever the block did to them."""
+    """Put ``params`` back bit for bit on exit, whatever the block did to them. The copies wait in host
+    memory: kept beside the model on a GPU they would double its weights' share of the device's memory
+    (an 8B model's 15 GB) for the whole run."""
     params = list({id(p): p for p in params}.values())  # tied weights once
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().to("cpu", copy=True) for p in params]
     try:
         yield
     finally:
