@@ -152,6 +152,33 @@ def warm_up(model) -> None:
     _sync(device)
 
 
+def plans_per_shape(device: torch.device) -> bool:
+    """Whether the first forward of each new sequence length pays one-time costs on ``device``: on a GPU,
+    SDPA on cuDNN builds an execution plan per shape (measured on the H200, benchmarks/README.md: the first
+    case of a fresh process took 2.7x its second, with the 64-token warm-up alone). On a CPU the first
+    case costs what the second does (0.97-1.01x), so nothing is warmed per shape there."""
+    return device.type == "cuda"
+
+
+@torch.inference_mode()
+def warm_up_shapes(model, samples) -> None:
+    """One untimed prefill and parallel decode per distinct (prompt, reference) length of ``samples``
+    (objects with ``p_ids`` and ``g_ids``): the shapes every case of the model then meets, paid before
+    the first of them is timed. The cost is one origin pass over the prompts, once per loaded model."""
+    device = input_device(model)
+    seen = set()
+    for sample in samples:
+        shape = (len(sample.p_ids), len(sample.g_ids))
+        if shape in seen:
+            continue
+        seen.add(shape)
+        ids = torch.tensor([sample.p_ids + sample.g_ids[:-1]], device=device)
+        _, cache = forward(model, ids[:, : shape[0]], last_only=True)
+        if shape[1] > 1:
+            forward(model, ids[:, shape[0] :], cache)
+    _sync(device)
+
+
 class Stepper:
     """Decoding as a deployment does it, one token per forward, over a fixed prompt and its reference: for
     timing. ``prefill()`` starts over (and says how long the prefill took); each ``step()`` feeds the next

@@ -87,8 +87,8 @@ class Bench:
         failure is reported in full, and named by the ``SetupError`` of every later load of the model.
 
         ``model`` and ``tokenizer``, when given, are used instead of loading ``spec.path`` (a model built
-        in-process, e.g. benchmarks/run.py --shape). The model is warmed up (``engine.warm_up``) before
-        anything is timed."""
+        in-process, e.g. benchmarks/run.py --shape). The model is warmed up (``engine.warm_up``; on a GPU also
+        at every prompt's shapes, ``engine.warm_up_shapes``) before anything is timed."""
         if self.loaded is not None and self.loaded.spec is spec:
             return self.loaded
         if spec.name in self.failed:
@@ -129,6 +129,8 @@ class Bench:
         refs = iter(store.get(model, live, tick))
         refs = [None if p.skipped else next(refs) for p in prompts]
         self.generated = store.generated
+        if engine.plans_per_shape(engine.input_device(model)):
+            engine.warm_up_shapes(model, [r for r in refs if r is not None])
         # Calibration continuations: generated in batches, in cache entries of their own (the batch size is in the key).
         continuations = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, GENERATE_BATCH, **keys)
         return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress)

@@ -1,5 +1,7 @@
 """Engine equivalences on tiny random models: origin reproduces the reference, parallel == stepwise."""
 
+import types
+
 import pytest
 import torch
 from helpers import random_ids, reference
@@ -112,6 +114,15 @@ def test_gpu_phases_are_timed_with_events_read_once_after_the_sample(monkeypatch
     forced = engine.Forced(torch.zeros(2, 3), clock)
     assert (forced.prefill_s, forced.decode_s) == (0.25, 0.25)
     assert clock.marks[-1].waited
+
+
+def test_warm_up_shapes_runs_each_distinct_prompt_and_reference_length_once(tiny):
+    calls = []
+    tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    sample = lambda p, g: types.SimpleNamespace(p_ids=list(range(1, p + 1)), g_ids=list(range(1, g + 1)))  # noqa: E731
+    engine.warm_up_shapes(tiny, [sample(5, 3), sample(7, 1), sample(5, 3), sample(5, 4)])
+    assert calls == [5, 2, 7, 5, 3]  # (5, 3) once; a one-token reference needs no decode
+    assert engine.plans_per_shape(torch.device("cuda")) and not engine.plans_per_shape(torch.device("cpu"))
 
 
 def test_warm_up_runs_a_prefill_a_decode_and_a_step(tiny):

@@ -227,6 +227,19 @@ def test_a_model_built_in_process_is_used_as_given_and_warmed_up_once(tmp_path, 
         Bench(s, progress=False).load(s.models[0], model=model)
 
 
+def test_on_a_gpu_the_model_is_warmed_at_every_reference_s_shapes(tmp_path, checkpoint, cache, monkeypatch):
+    from fidbench import engine
+
+    s = suite(tmp_path, checkpoint)
+    warmed = []
+    monkeypatch.setattr(engine, "warm_up_shapes", lambda model, samples: warmed.append(samples))
+    loaded = Bench(s, progress=False).load(s.models[0])
+    assert warmed == []  # a CPU: nothing per shape
+    monkeypatch.setattr(engine, "plans_per_shape", lambda device: True)
+    loaded = Bench(s, progress=False).load(s.models[0])
+    assert warmed == [[r for r in loaded.references if r is not None]] and warmed[0]
+
+
 def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache):
     s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
     seen = []
