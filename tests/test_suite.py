@@ -82,6 +82,18 @@ def test_the_default_suite_loads():
     assert len(suite.datasets) >= 7
 
 
+@pytest.mark.parametrize("name", ["gemma3.yaml", "long.yaml"])
+def test_every_shipped_suite_loads_and_builds_its_variants(name):
+    from helpers import ROOT
+
+    from fidbench.methods import build
+
+    suite = load(ROOT / "suites" / name)
+    assert suite.cases() and all(ds.path.exists() for ds in suite.datasets)
+    for variant in suite.variants:
+        build(variant.method, variant.params)
+
+
 def test_colliding_case_ids_are_refused_naming_both_cases(tmp_path):
     path = write(tmp_path, """
         models:
