@@ -166,16 +166,12 @@ def warm_up_shapes(model, samples) -> None:
     (objects with ``p_ids`` and ``g_ids``): the shapes every case of the model then meets, paid before
     the first of them is timed. The cost is one origin pass over the prompts, once per loaded model."""
     device = input_device(model)
-    seen = set()
-    for sample in samples:
-        shape = (len(sample.p_ids), len(sample.g_ids))
-        if shape in seen:
-            continue
-        seen.add(shape)
+    one_per_shape = {(len(s.p_ids), len(s.g_ids)): s for s in samples}
+    for (p, n), sample in one_per_shape.items():
         ids = torch.tensor([sample.p_ids + sample.g_ids[:-1]], device=device)
-        _, cache = forward(model, ids[:, : shape[0]], last_only=True)
-        if shape[1] > 1:
-            forward(model, ids[:, shape[0] :], cache)
+        _, cache = forward(model, ids[:, :p], last_only=True)
+        if n > 1:
+            forward(model, ids[:, p:], cache)
     _sync(device)
 
 

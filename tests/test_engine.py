@@ -1,7 +1,5 @@
 """Engine equivalences on tiny random models: origin reproduces the reference, parallel == stepwise."""
 
-import types
-
 import pytest
 import torch
 from helpers import random_ids, reference
@@ -117,10 +115,10 @@ def test_gpu_phases_are_timed_with_events_read_once_after_the_sample(monkeypatch
 
 
 def test_warm_up_shapes_runs_each_distinct_prompt_and_reference_length_once(tiny):
+    samples = [reference(tiny, random_ids(p, seed), n) for p, n, seed in [(5, 3, 1), (7, 1, 2), (5, 3, 3), (5, 4, 4)]]
     calls = []
     tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    sample = lambda p, g: types.SimpleNamespace(p_ids=list(range(1, p + 1)), g_ids=list(range(1, g + 1)))  # noqa: E731
-    engine.warm_up_shapes(tiny, [sample(5, 3), sample(7, 1), sample(5, 3), sample(5, 4)])
+    engine.warm_up_shapes(tiny, samples)
     assert calls == [5, 2, 7, 5, 3]  # (5, 3) once; a one-token reference needs no decode
     assert engine.plans_per_shape(torch.device("cuda")) and not engine.plans_per_shape(torch.device("cpu"))
 

@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from fidbench.methods import build
 from fidbench.suite import SuiteError, load
 
 GOOD = """
@@ -85,8 +86,6 @@ def test_the_default_suite_loads():
 @pytest.mark.parametrize("name", ["gemma3.yaml", "long.yaml"])
 def test_every_shipped_suite_loads_and_builds_its_variants(name):
     from helpers import ROOT
-
-    from fidbench.methods import build
 
     suite = load(ROOT / "suites" / name)
     assert suite.cases() and all(ds.path.exists() for ds in suite.datasets)
