@@ -52,6 +52,17 @@ class AttentionCall:
     attention_mask: torch.Tensor | None
     phase: Phase
     kwargs: dict[str, Any] = field(default_factory=dict)
+    memo: dict | None = None  # a recorded prefill call's (fidbench.prefill): what ``once`` computed on it
+
+    def once(self, key, compute):
+        """``compute(self)``, a statistic of this call that no parameter of the method changes (give them
+        all in ``key``): on a recorded prefill call, computed by the first method replaying it and kept for
+        the others; on a live call, computed. Callers must not change the tensor in place."""
+        if self.memo is None:
+            return compute(self)
+        if key not in self.memo:
+            self.memo[key] = compute(self)
+        return self.memo[key]
 
     @property
     def layer_idx(self) -> int:

@@ -37,19 +37,20 @@ class DecodeTimer:
     """A case's pytest-benchmark measurement: seconds per decode token, decoding one token per forward as a
     deployment does, over the first scored prompt of the suite and up to ``TIMED_TOKENS`` tokens of its
     reference, for ``rounds`` rounds after one warm-up. Each round starts from a fresh prefill, timed apart
-    (``prefill_ms_per_1k_tokens``, the median over rounds). A legacy method with its own loop is timed per
+    (``prefill_ms_per_1k_tokens``, the median over rounds): a live one, or with a shared base prefill
+    (``timed_prefill: replayed``) the method's own work on the recorded calls, without the model's forward. A legacy method with its own loop is timed per
     sample instead. The figures are the method as fidbench runs it: a masked or fake-quantized method pays
     for the full computation plus its own, not its deployment speed."""
 
     def __init__(self, benchmark, rounds: int):
         self.benchmark, self.rounds = benchmark, rounds
 
-    def __call__(self, model, method, ref) -> dict:
+    def __call__(self, model, method, ref, recorded=None) -> dict:
         if method.kind == "own_loop":
             self.benchmark.pedantic(method.score_sample, args=(model, ref), rounds=self.rounds, warmup_rounds=1)
             return {"timed_unit": "s per sample", "timed_rounds": self.rounds}
         tokens = min(TIMED_TOKENS, len(ref.g_ids))
-        stepper = Stepper(model, method, ref.p_ids, ref.g_ids[:tokens])
+        stepper = Stepper(model, method, ref.p_ids, ref.g_ids[:tokens], recorded)
         prefills: list[float] = []
 
         def restart():  # after every round, untimed: the next round decodes from a fresh prefill
@@ -64,5 +65,6 @@ class DecodeTimer:
             "timed_prompt_tokens": len(ref.p_ids),
             "timed_decode_tokens": tokens,
             "prefill_ms_per_1k_tokens": statistics.median(prefills[1:]) * 1e6 / len(ref.p_ids),  # [0]: cold
+            "timed_prefill": "replayed" if recorded is not None else "live",
             "decode_ms_per_token": self.benchmark.stats["median"] * 1e3,
         }

@@ -112,17 +112,26 @@ def resolve_mode(method, mode: str) -> str:
     return mode
 
 
+def prefill(model, method, prompt: torch.Tensor, recorded=None):
+    """The prompt's last logits and cache under ``method``: a live forward, or the replay of ``recorded``, the
+    base model's prefill of the same prompt (``fidbench.prefill``, for a method with ``base_prefill``)."""
+    if recorded is not None:
+        return recorded.replay(model, method)
+    with attention.running(method, attention.Phase("prefill", prompt.shape[1], 0)):
+        return forward(model, prompt, last_only=True)
+
+
 @torch.inference_mode()
-def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str) -> Forced:
-    """Score positions of ``g_ids`` after ``p_ids`` under ``method`` (already applied to ``model``)."""
+def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str, recorded=None) -> Forced:
+    """Score positions of ``g_ids`` after ``p_ids`` under ``method`` (already applied to ``model``), prefilled
+    live or from ``recorded`` (then ``prefill_s`` is the method's own work on the recorded calls)."""
     device = input_device(model)
     prompt = torch.tensor([p_ids], device=device)
     ref = torch.tensor([g_ids], device=device)
     method.begin(len(p_ids))
     clock = Clock(device)
     clock.mark()
-    with attention.running(method, attention.Phase("prefill", len(p_ids), 0)):
-        first, cache = forward(model, prompt, last_only=True)
+    first, cache = prefill(model, method, prompt, recorded)
     clock.mark()
     rows = [first[-1:]]
     p = len(p_ids)
@@ -177,11 +186,11 @@ def warm_up_shapes(model, samples) -> None:
 
 class Stepper:
     """Decoding as a deployment does it, one token per forward, over a fixed prompt and its reference: for
-    timing. ``prefill()`` starts over (and says how long the prefill took); each ``step()`` feeds the next
-    reference token. Both wait for the device, so a timer around them sees the work done."""
+    timing. ``prefill()`` starts over (and says how long the prefill took: live, or the replay of
+    ``recorded``); each ``step()`` feeds the next reference token. Both wait for the device, so a timer around them sees the work done."""
 
-    def __init__(self, model, method, p_ids: list[int], g_ids: list[int]):
-        self.model, self.method, self.p = model, method, len(p_ids)
+    def __init__(self, model, method, p_ids: list[int], g_ids: list[int], recorded=None):
+        self.model, self.method, self.p, self.recorded = model, method, len(p_ids), recorded
         self.device = input_device(model)
         self.prompt = torch.tensor([p_ids], device=self.device)
         self.ref = torch.tensor([g_ids], device=self.device)
@@ -193,8 +202,7 @@ class Stepper:
         self.cache, self.t = None, 0  # free the last round's cache before the next
         _sync(self.device)
         t0 = time.perf_counter()
-        with attention.running(self.method, attention.Phase("prefill", self.p, 0)):
-            _, self.cache = forward(self.model, self.prompt, last_only=True)
+        _, self.cache = prefill(self.model, self.method, self.prompt, self.recorded)
         _sync(self.device)
         return time.perf_counter() - t0
 

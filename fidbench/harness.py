@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import datasets, engine, metrics, models, report
+from . import datasets, engine, metrics, models, prefill, report
 from .methods import build
 from .reference import GENERATE_BATCH, Reference, Store, eos_ids
 from .suite import Case, ModelSpec, Suite
@@ -27,6 +27,7 @@ class Loaded:
     unscored: list[datasets.Prompt] = field(default_factory=list)  # calibration-only datasets' prompts
     continuations: Store | None = None  # where calibration continuations are generated and cached
     progress: Callable[[str, int, int], None] | None = None
+    prefills: prefill.Prefills | None = None  # base prefills shared by the cases of base_prefill methods
 
     def calibration(self, dataset: str, n: int, continued: bool = False) -> list[list[int]]:
         """Token ids of the first ``n`` prompts of a suite dataset (calibration data for a method); ``continued``:
@@ -133,13 +134,14 @@ class Bench:
             engine.warm_up_shapes(model, [r for r in refs if r is not None])
         # Calibration continuations: generated in batches, in cache entries of their own (the batch size is in the key).
         continuations = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, GENERATE_BATCH, **keys)
-        return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress)
+        shared = prefill.Prefills(int(self.suite.share_prefill_gib * 2**30)) if self.suite.share_prefill_gib else None
+        return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress, shared)
 
     def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
 
-        ``timer(model, method, reference)``, called with the method still applied and the first scored
-        sample's reference, times it apart from the evaluation; what it returns is the record's ``timing.timed``.
+        ``timer(model, method, reference, recorded)``, called with the method still applied, the first scored
+        sample's reference and its shared prefill (None: prefilled live), times it apart from the evaluation; what it returns is the record's ``timing.timed``.
         ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         method = method or build(case.variant.method, case.variant.params)
         own_loop = method.kind == "own_loop"  # a legacy Modifier's own loop replaces engine + metrics
@@ -157,6 +159,9 @@ class Bench:
             timing["free_run_s"] = 0.0
         scored = set(self.suite.scored_by(case.variant))
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references) if p.dataset in scored]
+        shared = loaded.prefills if method.base_prefill and not own_loop else None
+        if shared is not None:
+            timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
         with method.apply(loaded.model, loaded) as model:
             for k, (prompt, ref) in enumerate(work):
                 if self.progress:
@@ -170,7 +175,10 @@ class Bench:
                     timing["method_s"] += time.perf_counter() - t0
                     bad = (0, None)  # its scores are checked finite by PartialScores
                 else:
-                    forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode)
+                    recorded = shared.get(model, ref.p_ids) if shared is not None else None
+                    forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode, recorded)
+                    if recorded is not None:
+                        timing["prefills_replayed"] += 1
                     s = metrics.score(forced.logits, ref)
                     if prompt.answers:  # task success at the answers' positions, beside token fidelity
                         s.answers = metrics.answer_scores(loaded.tokenizer, ref.g_ids, s.hit1, prompt.answers)
@@ -195,7 +203,7 @@ class Bench:
                 self.progress(f"{case.id}: prompts", len(work), len(work))
             first = next((r for r in loaded.references if r is not None), None)
             if timer is not None and first is not None:
-                timing["timed"] = timer(model, method, first)
+                timing["timed"] = timer(model, method, first, shared.get(model, first.p_ids) if shared else None)
         return report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing, free)
 
 

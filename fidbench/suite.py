@@ -73,6 +73,7 @@ class Suite:
     path: Path
     max_new_tokens: int = 64
     decode: str = "auto"
+    share_prefill_gib: float = 0  # > 0: record base prefills once, up to this much memory (fidbench.prefill)
     models: list[ModelSpec] = field(default_factory=list)
     datasets: list[DatasetSpec] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
@@ -155,13 +156,18 @@ def load(path: str | Path) -> Suite:
     _keys(f, raw, {"generation", "models", "datasets", "methods", "floors"}, {"models", "datasets", "methods"})
     suite = Suite(path)
 
-    gen = _keys(f"{f}: generation", raw.get("generation") or {}, {"max_new_tokens", "decode"})
+    gen = _keys(f"{f}: generation", raw.get("generation") or {}, {"max_new_tokens", "decode", "share_prefill_gib"})
     suite.max_new_tokens = gen.get("max_new_tokens", suite.max_new_tokens)
     if not isinstance(suite.max_new_tokens, int) or isinstance(suite.max_new_tokens, bool) or suite.max_new_tokens < 1:
         raise SuiteError(f"{f}: generation.max_new_tokens must be a positive integer")
     suite.decode = gen.get("decode", suite.decode)
     if suite.decode not in ("auto", "parallel", "stepwise"):
         raise SuiteError(f"{f}: generation.decode must be auto, parallel or stepwise, got {suite.decode!r}")
+    suite.share_prefill_gib = gen.get("share_prefill_gib", suite.share_prefill_gib)
+    if not isinstance(suite.share_prefill_gib, (int, float)) or isinstance(suite.share_prefill_gib, bool) \
+            or suite.share_prefill_gib < 0:
+        raise SuiteError(f"{f}: generation.share_prefill_gib must be a number of GiB >= 0 (0: every case prefills "
+                         f"its prompts itself), got {suite.share_prefill_gib!r}")
 
     model_keys = {"path", "tokenizer", "dtype", "device", "max_length", "overlong"}
     for name, spec in _mapping(f"{f}: models", raw["models"]).items():

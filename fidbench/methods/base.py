@@ -12,7 +12,7 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
   it did not give as None.
-Every method may also override ``begin(prompt_len)`` (reset per-sample state before each prefill)
+A method whose prefill is the base model's says so (``base_prefill``). Every method may also override ``begin(prompt_len)`` (reset per-sample state before each prefill)
 and ``kept()`` (what it kept or changed, for the report).
 
 Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
@@ -60,6 +60,10 @@ class Method:
     # layers to the model's own window (fidbench.methods._kv), so a model without a full-attention
     # layer is refused rather than run unchanged.
     full_attention_only: ClassVar[bool] = False
+    # True when the method's hook never changes a prefill attention call's output (it may look at it):
+    # its prefill is the base model's, which a suite may then record once per prompt and replay for
+    # every such case (fidbench.prefill; replaying a hook that does change it is an error).
+    base_prefill: ClassVar[bool] = False
     # Parameters for the family matrix (tests/test_families.py) on tiny models with a 40-token prompt
     # and a 24-token reference: "degenerate" must reproduce origin, "real" must change the logits.
     # Either may be None with a "why"; "covered_by" names the test that covers a method needing

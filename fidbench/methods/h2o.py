@@ -54,15 +54,8 @@ class H2O(DecodeEvicting):
 
     def prefill_keep(self, call: AttentionCall, size: int) -> torch.Tensor:
         n, recent = call.key.shape[2], self.recent_tokens
-        score = None
-        visible = call.visible()
-        for start in range(0, n, CHUNK):
-            # Causal: these queries see no key after the chunk's last one (the rest would only add zeros).
-            end = min(start + CHUNK, n)
-            probs = head_probs(call, call.query[:, :, start:end], visible[:, :, start:end, :end], self.granularity)
-            if score is None:
-                score = probs.new_zeros(*probs.shape[:2], n)
-            score[..., :end] += probs.sum(2)
+        # The column sums depend on the granularity only: on a shared prefill every budget reuses them.
+        score = call.once(("h2o column sums", self.granularity), lambda c: column_sums(c, self.granularity)).clone()
         self.score[call.layer_idx] = score  # scored even when nothing is evicted yet: decode steps add to it
         keep = torch.ones_like(score, dtype=torch.bool)
         if n > size:
@@ -76,3 +69,18 @@ class H2O(DecodeEvicting):
         self.score[layer] = score
         recent = torch.arange(n, device=score.device) >= n - self.recent_tokens
         return score.masked_fill(recent, float("inf"))  # the recent window is never evicted
+
+
+def column_sums(call: AttentionCall, granularity: str) -> torch.Tensor:
+    """(B, heads, prompt_len) float32: each prompt position's causal attention probabilities summed over
+    every prompt query, per head of ``granularity``."""
+    n, score = call.key.shape[2], None
+    visible = call.visible()
+    for start in range(0, n, CHUNK):
+        # Causal: these queries see no key after the chunk's last one (the rest would only add zeros).
+        end = min(start + CHUNK, n)
+        probs = head_probs(call, call.query[:, :, start:end], visible[:, :, start:end, :end], granularity)
+        if score is None:
+            score = probs.new_zeros(*probs.shape[:2], n)
+        score[..., :end] += probs.sum(2)
+    return score

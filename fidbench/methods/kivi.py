@@ -42,6 +42,7 @@ class KIVI(Method):
     description = "KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), last `residual` tokens in full precision"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}}
     full_attention_only = True
+    base_prefill = True  # prompt queries read full-precision K/V
     bits: int = 2
     group: int = 32
     residual: int = 32

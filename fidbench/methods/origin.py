@@ -8,4 +8,5 @@ class Origin(Method):
     name = "origin"
     description = "the base model, unchanged: measures the engine's own noise floor"
     kind = "none"
+    base_prefill = True
     test_params = {"degenerate": {}, "real": None, "why": "origin is the base model"}

@@ -45,6 +45,10 @@ class StreamingLLM(Evicting):
         if self.budget is not None and self.budget <= self.sink:
             raise ValueError(f"{self.name}: budget ({self.budget}) must exceed sink ({self.sink}) to leave a recent window")
 
+    @property
+    def base_prefill(self) -> bool:
+        return self.prefill == "dense"  # a windowed prefill attends like the rolling cache
+
     def sinks(self, n: int) -> int:
         """Sink positions kept at budget ``n``: at least the most recent position stays."""
         return min(self.sink, n - 1)

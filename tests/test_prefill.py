@@ -1,0 +1,121 @@
+"""Shared base prefills (fidbench.prefill): replaying a recorded prefill gives, bit for bit, what a live
+prefill gives, for every method that declares ``base_prefill``, on every family; the cap on memory; a
+hook that changes the prefill is refused; a suite shares prefills across its cases."""
+
+import json
+
+import pytest
+import torch
+from helpers import FAMILIES, ROOT, random_ids, reference, save_tiny, tiny_model
+
+from fidbench import Method, engine, prefill
+from fidbench.harness import Bench
+from fidbench.methods import REGISTRY, build
+from fidbench.suite import SuiteError, load
+
+SHARED = sorted(name for name, cls in REGISTRY.items() if cls.base_prefill is True)
+
+
+def variants(family):
+    """Each base_prefill method with its real parameters (and H2O at a second budget and granularity, which
+    reuse the column sums of the first), for the methods ``family`` can run."""
+    out = []
+    for name in SHARED + ["h2o-query", "streamingllm-dense"]:
+        method, real = name.split("-")[0], REGISTRY[name.split("-")[0]].test_params.get("real") or {}
+        params = {"h2o-query": {"budget": 20, "granularity": "query_head"},
+                  "streamingllm-dense": {"budget": 12, "prefill": "dense"}}.get(name, real)
+        m = build(method, params)
+        if m.full_attention_only and "sliding_window" in FAMILIES[family] and "layer_types" not in FAMILIES[family]:
+            continue  # mistral: every layer slides, KV methods refuse it (tests/test_families.py)
+        out.append((name, m))
+    return out
+
+
+def run(model, method, ref, recorded=None):
+    mode = engine.resolve_mode(method, "auto")
+    with method.apply(model) as applied:
+        forced = engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, mode, recorded)
+    return forced.logits, method.kept()
+
+
+def test_the_methods_sharing_their_prefill_are_those_whose_prefill_is_the_base_model_s():
+    assert set(SHARED) == {"origin", "topk", "quest", "kivi", "gear", "snapkv", "pyramidkv", "adakv", "knorm",
+                           "random", "h2o", "tova"}
+    assert build("streamingllm", {}).base_prefill and not build("streamingllm", {"prefill": "windowed"}).base_prefill
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_replaying_a_recorded_prefill_equals_a_live_prefill_bit_for_bit(family):
+    # Every variant replays the same record, as the cases of a suite do: a method that changed it (or the
+    # statistics it keeps, H2O's column sums) would change what the next one computes.
+    model = tiny_model(family)
+    ref = reference(model, random_ids(40), n=12)
+    recorded = prefill.record(model, ref.p_ids)
+    assert recorded is not None and len(recorded.calls) == model.config.num_hidden_layers
+    for name, method in variants(family):
+        live, kept_live = run(model, method, ref)
+        method = build(method.name, method.params())
+        shared, kept_shared = run(model, method, ref, recorded)
+        assert torch.equal(shared, live), f"{family} {name}"
+        assert kept_shared == kept_live, f"{family} {name}"
+    assert any(("h2o column sums", g) in c.memo for c in recorded.calls for g in ("kv_head", "query_head")) \
+        or family == "mistral"
+
+
+def test_a_method_that_changes_the_prefill_cannot_replay_one():
+    class Changes(Method):
+        name, kind = "changes", "attention"
+
+        def attend(self, call):
+            return call.dense()
+
+    model = tiny_model("llama")
+    ref = reference(model, random_ids(20), n=4)
+    method = Changes()
+    with method.apply(model) as applied, pytest.raises(RuntimeError, match="changed the output of a prefill"):
+        engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, "parallel", prefill.record(model, ref.p_ids))
+
+
+def test_records_are_kept_up_to_the_cap_and_still_serve_the_case_that_made_them():
+    model = tiny_model("llama")
+    one = prefill.record(model, random_ids(30)).nbytes
+    shared = prefill.Prefills(max_bytes=one + one // 2)  # room for one record
+    first, second = random_ids(30, seed=3), random_ids(30, seed=4)
+    a = shared.get(model, first)
+    assert a is not None and shared.get(model, first) is a  # recorded once
+    b = shared.get(model, second)
+    assert b is not None  # over the cap: made, used, not kept
+    assert shared.get(model, second) is None and shared.used == a.nbytes
+
+
+def test_a_suite_that_shares_prefills_scores_exactly_as_one_that_does_not(tmp_path, cache):
+    checkpoint = save_tiny(tmp_path / "tiny", "qwen2")
+    rows = (ROOT / "data" / "facts.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "facts.jsonl").write_text("\n".join(rows) + "\n")
+    records = {}
+    for share in (0, 1):
+        (tmp_path / "s.yaml").write_text(json.dumps({
+            "generation": {"max_new_tokens": 8, "share_prefill_gib": share},
+            "models": {"tiny": {"path": str(checkpoint)}},
+            "datasets": {"facts": "facts.jsonl"},
+            "methods": {"snapkv": {"budget": 8, "window": 2, "kernel": 3}, "h2o": {"budget": 8},
+                        "h2o-q": {"method": "h2o", "budget": 6, "granularity": "query_head"}, "rtn": {"bits": 4}},
+        }))
+        s = load(tmp_path / "s.yaml")
+        bench = Bench(s, progress=False)
+        records[share] = {c.variant.name: bench.run(c) for c in s.cases()}
+    for name, shared in records[1].items():
+        alone = records[0][name]
+        assert shared["samples"] == alone["samples"], name  # every sample's scores, exactly
+        assert shared["scores"] == alone["scores"], name
+        assert "prefills_replayed" not in alone["timing"]
+        assert shared["timing"].get("prefills_replayed") == (None if name == "rtn" else 3), name  # rtn: weights
+
+
+@pytest.mark.parametrize("value", [-1, True, "8"])
+def test_share_prefill_gib_must_be_a_number_of_gib(tmp_path, value):
+    (tmp_path / "s.yaml").write_text(json.dumps({
+        "generation": {"share_prefill_gib": value}, "models": {"m": {"path": "x"}},
+        "datasets": {"d": "d.jsonl"}, "methods": {"origin": {}}}))
+    with pytest.raises(SuiteError, match="share_prefill_gib must be a number of GiB"):
+        load(tmp_path / "s.yaml")
