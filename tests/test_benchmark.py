@@ -28,7 +28,7 @@ def run():
 def test_every_target_writes_its_records(tmp_path, cache):
     model = save_tiny(tmp_path / "tiny", "llama")
     out = tmp_path / "last.json"
-    cmd = [sys.executable, str(RUN), "--model", str(model), "--methods", "origin,topk,h2o,nosuch",
+    cmd = [sys.executable, str(RUN), "--model", str(model), "--methods", "origin,topk,sage-attention,nosuch",
            "--repeats", "2", "--prompt-tokens", "64", "--reference-tokens", "8", "--long-tokens", "96",
            "--suite-limit", "1", "--threads", "1", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -36,9 +36,9 @@ def test_every_target_writes_its_records(tmp_path, cache):
     assert "note: nosuch: not registered in this checkout" in run.stdout
     records = json.loads(out.read_text())
     assert sorted({(r["target"], r["method"], r["baseline"]) for r in records}) == [
-        (1, "h2o", "origin step"), (1, "origin", "forward"), (1, "origin", "forwards"), (1, "origin", "stepwise"),
-        (1, "topk", "forward"), (1, "topk", "origin step"), (1, "topk", "stepwise"),
-        (2, "h2o", "origin"), (2, "topk", "origin"), (3, "h2o", "origin"), (3, "topk", "origin"),
+        (1, "origin", "forward"), (1, "origin", "forwards"), (1, "origin", "stepwise"),
+        (1, "sage-attention", "origin step"), (1, "topk", "forward"), (1, "topk", "origin step"), (1, "topk", "stepwise"),
+        (2, "sage-attention", "origin"), (2, "topk", "origin"), (3, "sage-attention", "origin"), (3, "topk", "origin"),
         (4, "origin", "forward"), (4, "origin", "second case")]
     fields = {"target", "case", "baseline", "ours_s", "baseline_s", "ratio", "argmax_agreement", "device", "dtype",
               "model", "criterion", "met"}

@@ -40,14 +40,15 @@ def reference(n=8, seed=2):
     ("tova", {"budget": 48}),
     ("tova", {"ratio": 1.0, "min_budget": 48}),
 ])
-def test_budget_covering_everything_equals_origin(family, method, params, prompt):
+@pytest.mark.parametrize("mode", ["stepwise", "parallel"])
+def test_budget_covering_everything_equals_origin(family, method, params, mode, prompt):
     # A cache that never exceeds its budget evicts nothing, and the hook then hands every call back to
-    # the model's own attention: the logits are bit for bit those of origin, so we test equality.
+    # the model's own attention: the logits are bit for bit those of origin in the same mode, so we test equality.
     model, g_ids = tiny_model(family), reference()
-    base = engine.teacher_force(model, build("origin", {}), prompt, g_ids, "stepwise").logits
+    base = engine.teacher_force(model, build("origin", {}), prompt, g_ids, mode).logits
     m = build(method, params)
     with m.apply(model) as applied:
-        forced = engine.teacher_force(applied, m, prompt, g_ids, "stepwise").logits
+        forced = engine.teacher_force(applied, m, prompt, g_ids, mode).logits
     assert torch.equal(forced, base)
     assert m.kept()["kv_fraction"] == 1.0
 
@@ -222,13 +223,84 @@ def test_bad_parameter_is_a_clear_error(method, params, match):
         build(method, params)
 
 
-@pytest.mark.parametrize("method", ["h2o", "tova"])
-def test_parallel_decode_is_refused(method, prompt):
-    m = build(method, {})
-    assert engine.resolve_mode(m, "auto") == "stepwise"
-    with pytest.raises(ValueError, match="not exact under parallel"):
-        engine.resolve_mode(m, "parallel")
-    # Called directly with a multi-token decode forward, the hook refuses too.
-    model = tiny_model("llama")
-    with m.apply(model) as applied, pytest.raises(ValueError, match="one token per forward"):
-        engine.teacher_force(applied, m, prompt, reference(), "parallel")
+def both_modes(model, params, prompt, g_ids):
+    """Teacher-force ``g_ids`` stepwise and in parallel: per mode the logits, the final keep masks, h2o's
+    accumulated scores (else None) and what kept() reports."""
+    out = {}
+    for mode in ("stepwise", "parallel"):
+        m = build(*params)
+        with m.apply(model) as applied:
+            logits = engine.teacher_force(applied, m, prompt, g_ids, mode).logits
+        out[mode] = logits, m.keep, getattr(m, "score", None), m.kept()
+    return out["stepwise"], out["parallel"]
+
+
+def assert_same_decode(step, par):
+    """Parallel teacher forcing computed what the token-by-token loop computes: the same entries kept in
+    every layer, the same counts, the same argmax, and logits (and h2o's scores) up to the last bits. One
+    forward of 8 query rows and 8 forwards of one row run matmuls and softmaxes of other shapes, which may
+    sum in another order: measured on the tiny models, logits differ by at most 3e-7 and h2o's scores (sums
+    of up to 48 probabilities) by at most 1e-6; the tolerance is 1e-5."""
+    (s_logits, s_keep, s_score, s_kept), (p_logits, p_keep, p_score, p_kept) = step, par
+    assert s_keep.keys() == p_keep.keys()
+    for layer in s_keep:
+        assert torch.equal(s_keep[layer], p_keep[layer]), f"layer {layer} kept other entries"
+    if s_score is not None:
+        for layer in s_score:
+            torch.testing.assert_close(p_score[layer], s_score[layer], rtol=1e-5, atol=1e-5)
+    assert p_kept == s_kept
+    assert torch.equal(p_logits.argmax(-1), s_logits.argmax(-1))
+    torch.testing.assert_close(p_logits, s_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FULL)
+@pytest.mark.parametrize("name", sorted(EVICTING))
+def test_parallel_equals_stepwise_when_every_row_evicts(family, name, prompt):
+    # 40-token prompt over a budget of 10: the prefill cuts, and every decode row evicts one entry.
+    m = variant(name)
+    assert engine.resolve_mode(m, "auto") == "parallel"
+    model, params = tiny_model(family), (name.split("-")[0], EVICTING[name])
+    step, par = both_modes(model, params, prompt, reference())
+    assert_same_decode(step, par)
+    # Decode rows did evict: some generated position is gone from some layer's cache.
+    assert any(not bool(k[..., len(prompt):].all()) for k in par[1].values())
+
+
+@pytest.mark.parametrize("family", FULL)
+@pytest.mark.parametrize("method,params", [
+    ("h2o", {"budget": 44}),
+    ("h2o", {"budget": 44, "recent": 0.1, "granularity": "query_head"}),
+    ("tova", {"budget": 44}),
+])
+def test_parallel_equals_stepwise_when_the_budget_fills_during_decode(family, method, params, prompt):
+    # A 40-token prompt under a budget of 44: nothing is cut at the prefill, decode rows 0-3 fill the cache,
+    # rows 4-11 evict; stepwise the first steps run the model's own attention, in parallel one masked call.
+    model, g_ids = tiny_model(family), reference(12)
+    step, par = both_modes(model, (method, params), prompt, g_ids)
+    assert_same_decode(step, par)
+    assert all(bool((k.sum(-1) == 44).all()) for k in par[1].values())
+    assert par[3]["kv_fraction"] < 1.0
+
+
+def test_h2o_hand_computed_eviction_in_one_forward():
+    # test_h2o_hand_computed_eviction's two decode steps as the two rows of one decode forward: row 0 evicts
+    # pos 1 before row 1 attends, and the same entries are kept, with the same scores.
+    m = build("h2o", {"budget": 3, "recent": 0.3})
+    m.begin(4)
+    c = 57.0
+    m.attend(call([[0, 0, 0, 0]], [[0, 0, 0, math.log(c)]], "prefill"))
+    out = m.attend(call([[1, 0]], [[0, 0, 0, math.log(c), 0, 0]], "decode"))
+    assert m.keep[0].tolist() == [[[True, False, False, True, False, True]]]
+    torch.testing.assert_close(m.score[0][0, 0], torch.tensor([25 / 12 + 1 / 60 + 1 / 4, 13 / 12 + 1 / 60, 7 / 12,
+                                                                1 / 4 + 57 / 60 + 1 / 4, 1 / 60 + 1 / 4, 1 / 4]))
+    # Row 0 attended to pos 0, 1, 3, 4 as before; row 1 uniformly to pos 0, 3, 4, 5 (values 0, 3, 4, 5).
+    assert out.flatten().tolist() == pytest.approx([176 / 60, 12 / 4])
+
+
+def test_tova_hand_computed_eviction_in_one_forward():
+    # test_tova_hand_computed_eviction's two decode steps in one forward: row 0 evicts pos 0, row 1 itself.
+    m = build("tova", {"budget": 3})
+    m.begin(4)
+    m.attend(call([[0, 0, 0, 1]], [[0.5, 2, 1, 0]], "prefill"))
+    m.attend(call([[1, 1]], [[0.5, 2, 1, 0, 1.5, -1]], "decode"))
+    assert m.keep[0].tolist() == [[[False, True, True, False, True, False]]]

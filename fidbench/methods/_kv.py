@@ -1,5 +1,5 @@
 """Shared by the KV-cache methods: one budget rule, eviction as a score plus an allocation, and the
-decode-time eviction step of H2O and TOVA.
+decode-time eviction loop of H2O and TOVA (exact in one forward over the reference too).
 
 Budget (every KV method): either ``ratio`` (a fraction of the prompt) or ``budget`` (tokens), not
 both; with neither, ``ratio = DEFAULT_RATIO``. A ratio budget is ``round_half_up(ratio × prompt
@@ -173,12 +173,20 @@ class DecodeEvicting(KVMethod):
     """A cache of at most ``tokens(prompt_len)`` entries per head, evicting while decoding (H2O, TOVA).
 
     The prefill runs dense and ends with a one-shot cut to the budget (``prefill_keep``). Each decode
-    query attends to the kept positions plus itself; then, if the cache holds one entry over budget,
-    the entry with the lowest ``victim_scores`` is evicted for good. The number of entries follows from
-    shapes: after the prefill min(prompt, budget), then one more per step until the budget is full.
+    query attends to the kept positions plus itself; its probabilities update the eviction scores
+    (``victim_scores``), then, if the cache holds one entry over budget, the eligible entry with the
+    lowest score is evicted for good. The number of entries follows from shapes: after the prefill
+    min(prompt, budget), then one more per query until the budget is full.
+
+    A forward of q decode queries (parallel teacher forcing) runs that sequence row by row inside each
+    layer: row i attends to the keep-set left by rows < i plus its own position, then evicts as above;
+    the q masks go to one dense attention call. This is exactly the references' token-by-token loop:
+    a layer's eviction after query t depends only on its queries at positions <= t and its keys, and
+    a layer's input at position t only on earlier layers' outputs at positions <= t, so every row
+    sees what it would see one token per forward. A one-token forward is the same loop with one row.
     """
 
-    parallel_exact = False  # which positions are kept depends on every earlier decode query
+    parallel_exact = True  # the row-by-row loop above (tests/test_h2o_tova.py compares both modes)
 
     def begin(self, prompt_len: int) -> None:
         super().begin(prompt_len)
@@ -188,37 +196,44 @@ class DecodeEvicting(KVMethod):
         """Bool (batch, heads, prompt_len): ``min(prompt_len, size)`` positions kept per head."""
         raise NotImplementedError
 
-    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(batch, heads, positions): the current query's ``probs`` turned into eviction scores; the
-        lowest among those still eligible goes (``inf`` = not eligible)."""
+    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, length: int) -> torch.Tensor:
+        """(batch, heads, keys): one query's ``probs`` over the layer's keys (zero past the query's own
+        position) turned into eviction scores, while the cache holds positions ``0 .. length - 1``; the
+        lowest among those still kept goes (``inf`` = not eligible). Called once per query, in order."""
         raise NotImplementedError
 
     def attend(self, call: AttentionCall):
         if leave_sliding(self, call):
             return None
-        layer, n = call.layer_idx, call.key.shape[2]
+        layer, q, n = call.layer_idx, call.query.shape[2], call.key.shape[2]
         size = self.tokens(call.phase.prompt_len)
         if call.phase.name == "prefill":
-            if call.query.shape[2] != n:
+            if q != n:
                 raise ValueError(f"{self.name}: the prompt must be prefilled in one forward")
             self.keep[layer] = self.prefill_keep(call, size)
             self.note_heads(min(n, size))
             return None  # the prompt itself is attended densely, as in the papers
-        if call.query.shape[2] != 1:
-            raise ValueError(f"{self.name} evicts after every generated token: decode one token per forward (stepwise)")
         previous = self.keep[layer]
-        keep = torch.cat([previous, previous.new_ones(*previous.shape[:2], 1)], -1)
-        visible = call.visible()
-        mask = per_query_head(keep, call)[:, :, None] & visible  # (B, H, 1, n)
-        probs = head_probs(call, call.query, mask, self.granularity)[:, :, 0]
-        self.record(layer, mask.sum(), visible.expand_as(mask).sum())
-        # Nothing evicted before this step (the cache never held more than the budget): the model's own attention.
-        out = None if n - 1 <= size else call.dense(mask=mask)
-        scores = self.victim_scores(call, probs, keep)
-        if n > size:  # one entry over budget: the newest token came in
-            keep.scatter_(-1, scores.masked_fill(~keep, math.inf).argmin(-1, keepdim=True), False)
+        keep = torch.cat([previous, previous.new_ones(*previous.shape[:2], q)], -1)  # the q new positions too
+        visible = call.visible()  # (B|1, 1, q, n): each row sees no later position
+        positions = torch.arange(n, device=keep.device)
+        logits = head_logits(call, call.query, n)  # every row's at once: only the masks depend on earlier rows
+        rows = []
+        for i in range(q):
+            length = n - q + i + 1  # positions cached up to row i's own
+            row = per_query_head(keep, call) & visible[:, :, i]  # (B, H, n)
+            rows.append(row)
+            query = call.query[:, :, i : i + 1]
+            probs = head_probs(call, query, row[:, :, None], self.granularity, logits[..., i : i + 1, :])[:, :, 0]
+            scores = self.victim_scores(call, probs, length)
+            if length > size:  # one entry over budget: row i's token came in
+                eligible = keep & (positions < length)
+                keep = keep.scatter(-1, scores.masked_fill(~eligible, math.inf).argmin(-1, keepdim=True), False)
         self.keep[layer] = keep
-        return out
+        mask = torch.stack(rows, 2)  # (B, H, q, n)
+        self.record(layer, mask.sum(), visible.expand_as(mask).sum())
+        # No row had anything evicted before it (the cache never held more than the budget): the model's own attention.
+        return None if n - 1 <= size else call.dense(mask=mask)
 
 
 def _extreme(pick, a, b):
@@ -260,14 +275,23 @@ def per_query_head(keep: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     return keep.repeat_interleave(h_q // keep.shape[1], dim=1)
 
 
-def head_probs(call: AttentionCall, query: torch.Tensor, mask: torch.Tensor, granularity: str) -> torch.Tensor:
-    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over the first K keys, reduced to
-    ``granularity``: (B, heads, q, K). ``mask`` (B|1, 1|KVH|H, q, K) is True where a key is seen."""
+def head_logits(call: AttentionCall, query: torch.Tensor, keys: int) -> torch.Tensor:
+    """Float32 scaled attention logits of ``query`` rows (B, H, q, D) over the first ``keys`` keys,
+    grouped by KV head: (B, KVH, G, q, keys)."""
     scale = call.kwargs.get("scaling") or query.shape[-1] ** -0.5
+    q = query.float().unflatten(1, (call.key.shape[1], call.groups))  # (B, KVH, G, q, D)
+    key = call.key[:, :, :keys].float()
+    return (q @ key[:, :, None].transpose(-1, -2)) * scale
+
+
+def head_probs(call: AttentionCall, query: torch.Tensor, mask: torch.Tensor, granularity: str,
+               logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 attention probabilities of ``query`` rows (B, H, q, D) over the first K keys, reduced to
+    ``granularity``: (B, heads, q, K). ``mask`` (B|1, 1|KVH|H, q, K) is True where a key is seen;
+    ``logits``: the rows' ``head_logits``, where already computed."""
     h_kv = call.key.shape[1]
-    q = query.float().unflatten(1, (h_kv, call.groups))  # (B, KVH, G, q, D)
-    key = call.key[:, :, : mask.shape[-1]].float()
-    logits = (q @ key[:, :, None].transpose(-1, -2)) * scale
+    if logits is None:
+        logits = head_logits(call, query, mask.shape[-1])
     grouped = mask.unflatten(1, (h_kv, call.groups)) if mask.shape[1] == query.shape[1] != h_kv else mask[:, :, None]
     probs = logits.masked_fill(~grouped, -math.inf).softmax(-1)
     if granularity == "kv_head":

@@ -6,7 +6,9 @@ attention accumulated over every query so far. The prefill runs dense; at its en
 ``recent`` last prompt positions and the earlier ones whose columns of the prompt's causal attention
 probabilities sum highest. Each decode query then attends to the kept positions plus itself, adds its
 attention probabilities to the accumulated scores, and once the cache is over budget the lowest-scoring
-position outside the recent window is evicted for good: one eviction per generated token.
+position outside the recent window is evicted for good: one eviction per generated token. A forward of
+several reference tokens (parallel teacher forcing) runs that loop query by query inside each layer, so it
+computes exactly what the token-by-token decode does (``_kv.DecodeEvicting``).
 
 Follows H2O's real-drop cache (FMInference/H2O ``h2o_hf/utils_real_drop/modify_llama.py``,
 ``H2OKVCache_LayerWise``): scores are attention probabilities summed over queries and accumulated over
@@ -63,11 +65,14 @@ class H2O(DecodeEvicting):
             keep.scatter_(-1, score[..., : n - recent].topk(size - recent, dim=-1).indices, True)
         return keep
 
-    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        layer, n = call.layer_idx, call.key.shape[2]
-        score = torch.cat([self.score[layer], probs.new_zeros(*probs.shape[:2], 1)], -1) + probs
+    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, length: int) -> torch.Tensor:
+        layer, keys = call.layer_idx, probs.shape[-1]
+        score = self.score[layer]
+        if score.shape[-1] < keys:  # a decode forward's first query: its new positions start at zero
+            score = torch.cat([score, score.new_zeros(*score.shape[:2], keys - score.shape[-1])], -1)
+        score = score + probs  # accumulated one query at a time, in order
         self.score[layer] = score
-        recent = torch.arange(n, device=score.device) >= n - self.recent_tokens
+        recent = torch.arange(keys, device=score.device) >= length - self.recent_tokens
         return score.masked_fill(recent, float("inf"))  # the recent window is never evicted
 
 

@@ -3,7 +3,9 @@
 A fixed-size cache of ``budget`` positions per layer. The prefill runs dense; at its end the layer
 keeps the prompt positions the last prompt query attends to most. Each decode query attends to the
 kept positions plus itself; then, once the cache is over budget, the position it attended to least is
-evicted for good. That may be the new token itself, as in the paper.
+evicted for good. That may be the new token itself, as in the paper. A forward of several reference
+tokens (parallel teacher forcing) runs that loop query by query inside each layer, so it computes exactly
+what the token-by-token decode does (``_kv.DecodeEvicting``).
 
 Follows TOVA's code (schwartz-lab-NLP/TOVA ``src/tova_cache.py``, ``TOVACache.reduce``): after each
 forward with more keys than the cache size, the last query's attention probabilities are averaged over
@@ -34,5 +36,5 @@ class TOVA(DecodeEvicting):
         last = head_probs(call, call.query[:, :, -1:], last_rows_visible(call, 1), self.granularity)[:, :, 0]
         return top_mask(last, size)
 
-    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def victim_scores(self, call: AttentionCall, probs: torch.Tensor, length: int) -> torch.Tensor:
         return probs
