@@ -51,8 +51,10 @@ class Recorded:
 
     @property
     def nbytes(self) -> int:
-        tensors = {id(t): t for c in self.calls for t in (c.query, c.key, c.value, c.attention_mask) if t is not None}
-        return sum(t.untyped_storage().nbytes() for t in tensors.values()) + self.first.nbytes
+        """Memory the record holds: each storage once (layers share a mask; a fused projection's views share one)."""
+        tensors = (t for c in self.calls for t in (c.query, c.key, c.value, c.attention_mask) if t is not None)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values()) + self.first.nbytes
 
     def replay(self, model, method):
         """What a live prefill under ``method`` returns (last logits, cache): the method's hook sees each

@@ -83,7 +83,7 @@ def test_the_default_suite_loads():
     assert len(suite.datasets) >= 7
 
 
-@pytest.mark.parametrize("name", ["gemma3.yaml", "long.yaml"])
+@pytest.mark.parametrize("name", ["gemma3.yaml", "long.yaml", "long-8k.yaml"])
 def test_every_shipped_suite_loads_and_builds_its_variants(name):
     from helpers import ROOT
 
