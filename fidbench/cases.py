@@ -38,9 +38,10 @@ class DecodeTimer:
     deployment does, over the first scored prompt of the suite and up to ``TIMED_TOKENS`` tokens of its
     reference, for ``rounds`` rounds after one warm-up. Each round starts from a fresh prefill, timed apart
     (``prefill_ms_per_1k_tokens``, the median over rounds): a live one, or with a shared base prefill
-    (``timed_prefill: replayed``) the method's own work on the recorded calls, without the model's forward. A legacy method with its own loop is timed per
-    sample instead. The figures are the method as fidbench runs it: a masked or fake-quantized method pays
-    for the full computation plus its own, not its deployment speed."""
+    (``timed_prefill: replayed``) the method's own work on the recorded calls, without the model's forward.
+    A legacy method with its own loop is timed per sample instead. The figures are the method as fidbench
+    runs it: a masked or fake-quantized method pays for the full computation plus its own, not its
+    deployment speed."""
 
     def __init__(self, benchmark, rounds: int):
         self.benchmark, self.rounds = benchmark, rounds

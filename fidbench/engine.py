@@ -187,7 +187,8 @@ def warm_up_shapes(model, samples) -> None:
 class Stepper:
     """Decoding as a deployment does it, one token per forward, over a fixed prompt and its reference: for
     timing. ``prefill()`` starts over (and says how long the prefill took: live, or the replay of
-    ``recorded``); each ``step()`` feeds the next reference token. Both wait for the device, so a timer around them sees the work done."""
+    ``recorded``); each ``step()`` feeds the next reference token. Both wait for the device, so a timer
+    around them sees the work done."""
 
     def __init__(self, model, method, p_ids: list[int], g_ids: list[int], recorded=None):
         self.model, self.method, self.p, self.recorded = model, method, len(p_ids), recorded

@@ -141,7 +141,8 @@ class Bench:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
 
         ``timer(model, method, reference, recorded)``, called with the method still applied, the first scored
-        sample's reference and its shared prefill (None: prefilled live), times it apart from the evaluation; what it returns is the record's ``timing.timed``.
+        sample's reference and its shared prefill (None: prefilled live), times it apart from the evaluation;
+        what it returns is the record's ``timing.timed``.
         ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
         method = method or build(case.variant.method, case.variant.params)
         own_loop = method.kind == "own_loop"  # a legacy Modifier's own loop replaces engine + metrics
