@@ -90,8 +90,8 @@ def poison(monkeypatch, position: int):
     """Teacher forcing whose argmax misses the reference token at ``position`` of every sample."""
     forward = engine.teacher_force
 
-    def forced(model, method, p_ids, g_ids, mode):
-        out = forward(model, method, p_ids, g_ids, mode)
+    def forced(model, method, p_ids, g_ids, mode, recorded=None):
+        out = forward(model, method, p_ids, g_ids, mode, recorded)
         out.logits = out.logits.clone()  # an inference tensor: not writable in place
         out.logits[position, g_ids[position]] = out.logits[position].min() - 1
         return out
