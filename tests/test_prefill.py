@@ -119,3 +119,24 @@ def test_share_prefill_gib_must_be_a_number_of_gib(tmp_path, value):
         "datasets": {"d": "d.jsonl"}, "methods": {"origin": {}}}))
     with pytest.raises(SuiteError, match="share_prefill_gib must be a number of GiB"):
         load(tmp_path / "s.yaml")
+
+
+def test_the_decode_timer_s_rounds_can_start_from_the_replayed_prefill():
+    # pytest-benchmark's rounds (cases.DecodeTimer) restart from a prefill: with sharing, from the replay.
+    model = tiny_model("llama")
+    ref = reference(model, random_ids(30), n=6)
+    recorded = prefill.record(model, ref.p_ids)
+    replays, replay = [], recorded.replay
+    recorded.replay = lambda *args: replays.append(1) or replay(*args)
+    seen = []
+    for rec in (None, recorded):
+        method = build("snapkv", {"budget": 8, "window": 2, "kernel": 3})
+        with method.apply(model) as applied:
+            stepper = engine.Stepper(applied, method, ref.p_ids, ref.g_ids, rec)
+            stepper.prefill()
+            for _ in range(3):
+                stepper.step()
+        seen.append((method.keep, method.kept(), stepper.cache.get_seq_length()))
+    (live_keep, live_kept, live_len), (keep, kept, length) = seen
+    assert replays == [1] and kept == live_kept and length == live_len == 33
+    assert all(torch.equal(keep[i], live_keep[i]) for i in live_keep)
