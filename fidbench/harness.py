@@ -190,7 +190,8 @@ class Bench:
                         on_sample(forced)
                 free_row = None  # the sample's free-running fields of the report
                 if free:  # after teacher forcing: method.begin resets per-sample state for the second pass
-                    gen = engine.free_run(model, method, ref.p_ids, len(ref.g_ids), eos)
+                    # free running is refused for own_loop methods above, so `recorded` is this sample's
+                    gen = engine.free_run(model, method, ref.p_ids, len(ref.g_ids), eos, recorded)
                     free_row = {"base_text": loaded.tokenizer.decode(ref.g_ids, skip_special_tokens=True),
                                 "free_text": loaded.tokenizer.decode(gen.ids, skip_special_tokens=True),
                                 "free_tokens": len(gen.ids), "free_non_finite": gen.non_finite,

@@ -88,7 +88,10 @@ def test_records_are_kept_up_to_the_cap_and_still_serve_the_case_that_made_them(
     assert shared.get(model, second) is None and shared.used == a.nbytes
 
 
-def test_a_suite_that_shares_prefills_scores_exactly_as_one_that_does_not(tmp_path, cache):
+def test_a_suite_that_shares_prefills_scores_exactly_as_one_that_does_not(tmp_path, cache, monkeypatch):
+    # Teacher forcing and free running (--fidbench-free-run) both replay: 3 prompts x 3 sharing variants x 2.
+    replays, replay = [], prefill.Recorded.replay
+    monkeypatch.setattr(prefill.Recorded, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
     checkpoint = save_tiny(tmp_path / "tiny", "qwen2")
     rows = (ROOT / "data" / "facts.jsonl").read_text().splitlines()[:3]
     (tmp_path / "facts.jsonl").write_text("\n".join(rows) + "\n")
@@ -102,11 +105,12 @@ def test_a_suite_that_shares_prefills_scores_exactly_as_one_that_does_not(tmp_pa
                         "h2o-q": {"method": "h2o", "budget": 6, "granularity": "query_head"}, "rtn": {"bits": 4}},
         }))
         s = load(tmp_path / "s.yaml")
-        bench = Bench(s, progress=False)
+        bench = Bench(s, progress=False, free_run=True)
         records[share] = {c.variant.name: bench.run(c) for c in s.cases()}
+        assert len(replays) == 18 * share
     for name, shared in records[1].items():
         alone = records[0][name]
-        assert shared["samples"] == alone["samples"], name  # every sample's scores, exactly
+        assert shared["samples"] == alone["samples"], name  # every sample's scores and free-run texts, exactly
         assert shared["scores"] == alone["scores"], name
         assert "prefills_replayed" not in alone["timing"]
         assert shared["timing"].get("prefills_replayed") == (None if name == "rtn" else 3), name  # rtn: weights
