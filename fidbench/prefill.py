@@ -1,5 +1,5 @@
 """The base model's prefill of a prompt, recorded once and replayed for every case whose method leaves
-the prefill to the base model (``Method.base_prefill``): KV eviction, Quest, top-k, KIVI, origin.
+the prefill to the base model (``Method.base_prefill``): KV eviction, Quest, top-k, KIVI, GEAR, origin.
 
 Those methods let every prefill attention call run densely and only look at it (SnapKV scores the
 window's queries, H2O sums attention columns, key-norm reads the keys): the cache and the last logits
@@ -9,15 +9,14 @@ each case of a suite prefilled the same prompts again. A ``Recorded`` prefill ke
 attention call received (query, key, value, mask, keyword arguments) and the last position's logits;
 ``Recorded.replay`` hands the same calls to a method's hook, layer by layer, and rebuilds the cache with the
 same ``update`` calls the layers made. The method sees the very tensors a live prefill would hand it,
-so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, four families).
+so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, six families).
 
 A hook that changes a prefill call's output while replayed is an error, never a silently different
 run. Statistics a method derives from a call independently of its own parameters (H2O's attention
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the
-query, key and value of every layer (about 470 MB for a 3,900-token prompt of the default model in
-float32). Prompts beyond the cap are prefilled live by every case, as without sharing.
+query, key and value of every layer (447 MB for a 3,880-token prompt of the default model in float32). Prompts beyond the cap are prefilled live by every case, as without sharing.
 """
 
 from __future__ import annotations
@@ -115,7 +114,8 @@ class Prefills:
         if self.used >= self.max_bytes:
             return None
         rec = record(model, p_ids)
-        kept = rec if rec is not None and self.used + rec.nbytes <= self.max_bytes else None
-        self._records[key] = kept
-        self.used += kept.nbytes if kept is not None else 0
+        size = rec.nbytes if rec is not None else 0
+        fits = rec is not None and self.used + size <= self.max_bytes
+        self._records[key] = rec if fits else None
+        self.used += size if fits else 0
         return rec

@@ -12,8 +12,9 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
   it did not give as None.
-A method whose prefill is the base model's says so (``base_prefill``). Every method may also override ``begin(prompt_len)`` (reset per-sample state before each prefill)
-and ``kept()`` (what it kept or changed, for the report).
+A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
+``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
+changed, for the report).
 
 Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
 Parameters are checked against their resolved annotations when a suite builds a method.
