@@ -173,6 +173,7 @@ class Report:
         self.order = order
         self.records: dict[str, dict] = {}
         self.environment = env or environment()
+        self.errors: list[str] = []  # what kept cases from being collected (a bad suite): written as "errors"
 
     def add(self, record: dict) -> None:
         self.records[record["id"]] = finite(record)  # the table shows what the file holds
@@ -193,9 +194,15 @@ class Report:
         if not self.path:
             return
         doc = {"format": FORMAT, "environment": self.environment, "settings": self.settings, "cases": self.ordered()}
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        Path(tmp).write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
-        os.replace(tmp, self.path)
+        if self.errors:
+            doc["errors"] = self.errors
+        tmp = Path(f"{self.path}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
+            raise
 
 
 class ReportError(ValueError):
