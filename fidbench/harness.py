@@ -139,12 +139,12 @@ class Bench:
         return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress, shared)
 
     @contextlib.contextmanager
-    def _reloaded_if_changed(self, loaded: Loaded):
+    def _reloaded_if_changed(self, loaded: Loaded, method):
         """A method that raised may have left the weights changed: the next case then reloads the model."""
         try:
             yield
         except Exception:
-            if models.fingerprint(loaded.model) != loaded.fingerprint:
+            if method.leaves_model_changed or models.fingerprint(loaded.model) != loaded.fingerprint:
                 self.loaded = None
             raise
 
@@ -176,7 +176,7 @@ class Bench:
         shared = loaded.prefills if method.base_prefill and not own_loop else None
         if shared is not None:
             timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
-        with self._reloaded_if_changed(loaded), method.apply(loaded.model, loaded) as model:
+        with self._reloaded_if_changed(loaded, method), method.apply(loaded.model, loaded) as model:
             for k, (prompt, ref) in enumerate(work):
                 if self.progress:
                     self.progress(f"{case.id}: prompts", k, len(work))
@@ -220,7 +220,9 @@ class Bench:
             if timer is not None and first is not None:
                 timing["timed"] = timer(model, method, first, shared.get(model, first.p_ids) if shared else None)
         record = report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing, free)
-        if models.fingerprint(loaded.model) != loaded.fingerprint:  # one pass over the weights, once per case
+        if method.leaves_model_changed:
+            self.loaded = None  # changed by design (also forwards the fingerprint cannot see): reload for the next case
+        elif models.fingerprint(loaded.model) != loaded.fingerprint:  # one pass over the weights, once per case
             self.loaded = None  # the next case reloads the model instead of scoring the changed one
             record["outcome"] = "failed"
             record["failures"].insert(0, f"method {method.name!r} (variant {case.variant.name!r}) left the model's "

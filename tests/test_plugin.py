@@ -350,3 +350,18 @@ def test_a_full_disk_for_the_report_is_a_clear_error_not_an_internal_error(small
     assert "INTERNALERROR" not in out and "Traceback" not in out
     assert out.count("fidbench: cannot write the report r.json: No space left on device; the cases still run") == 2
     assert sorted(p.name for p in small.path.iterdir() if p.name.startswith("r.json")) == []  # no half-written file
+
+
+def test_a_full_disk_for_the_cache_fails_the_model_s_cases_in_a_line_each(small, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  topk: {}\n")
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    result.assert_outcomes(errors=2)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "Traceback" not in out and "reference.py" not in out
+    assert out.count("models.tiny-a could not be set up: OSError: cannot write a reference to the cache ") == 1
+    assert "(No space left on device); free space there or set FIDBENCH_CACHE to another directory" in out
+    assert [c["outcome"] for c in strict_json(small.path / "r.json")["cases"]] == ["error", "error"]

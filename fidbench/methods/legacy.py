@@ -9,7 +9,7 @@ original one: it scores reference tokens 1..N-1 (the first, predicted by the pre
 so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
 measured (reported as None). Modifiers patch forwards and replace modules in place, so by default
 the Modifier gets a deep copy of the model (``copy: false`` saves the memory, at the price of
-leaving the Modifier's changes on the loaded model for later cases).
+reloading the model for the next case: the Modifier's changes stay on the loaded one).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class Legacy(Method):
     config: str | dict | None = None
     load_ckp: str | None = None
     copy: bool = True
+
+    @property
+    def leaves_model_changed(self) -> bool:  # the Modifier patched the loaded model itself: the next case reloads it
+        return not self.copy
 
     def validate(self):
         if not self.module or not self.cls:
