@@ -12,7 +12,8 @@ same ``update`` calls the layers made. The method sees the very tensors a live p
 so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, six families).
 
 A hook that changes a prefill call's output while replayed is an error, never a silently different
-run. Statistics a method derives from a call independently of its own parameters (H2O's attention
+run; so is one that writes into a call's query, key, value or mask in place (it gets copies, so the record
+that later cases replay stays the base model's, and they are compared with the record after each replay). Statistics a method derives from a call independently of its own parameters (H2O's attention
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the
@@ -60,15 +61,33 @@ class Recorded:
         recorded call in layer order, and the cache gets each layer's keys and values as the layer gave them."""
         cache = DynamicCache(config=model.config)
         phase = attention.Phase("prefill", self.prompt_len, 0)
+        masks = {}  # layers share a mask: one copy each per replay
+        changed = []  # per call, on the device: did the hook change its tensors in place (read once, at the end)
         for c in self.calls:
-            key, value = cache.update(c.key, c.value, c.module.layer_idx)
-            call = attention.AttentionCall(c.module, c.query, key, value, c.attention_mask, phase, c.kwargs, c.memo)
+            # Copies: a hook writing into its call's tensors changes this replay only, never the record that
+            # later cases replay; comparing them with the record afterwards says whether it did.
+            mask = c.attention_mask
+            if mask is not None:
+                mask = masks.setdefault(id(mask), (mask, mask.clone()))[1]
+            query = c.query.clone()
+            key, value = cache.update(c.key.clone(), c.value.clone(), c.module.layer_idx)
+            call = attention.AttentionCall(c.module, query, key, value, mask, phase, c.kwargs, c.memo)
             if method.attend(call) is not None:
                 raise RuntimeError(
                     f"method {method.name!r} changed the output of a prefill attention call (layer "
                     f"{c.module.layer_idx}), so its prefill is not the base model's and it cannot replay a "
                     f"shared prefill: its class must not declare base_prefill"
                 )
+            changed.append(torch.stack([(query != c.query).any(), (key != c.key).any(), (value != c.value).any()]))
+        changed = torch.stack(changed).any(-1).tolist() if changed else []
+        changed = [f"layer {c.module.layer_idx}" for c, bad in zip(self.calls, changed) if bad]
+        changed += ["an attention mask" for m, copy in masks.values() if not torch.equal(m, copy)]
+        if changed:
+            raise RuntimeError(
+                f"method {method.name!r} changed a prefill attention call's query, key, value or mask in place "
+                f"({changed[0]}), so its prefill is not the base model's and it cannot replay a shared "
+                f"prefill: its class must not declare base_prefill (or its hook must leave the call's tensors alone)"
+            )
         return self.first, cache
 
 

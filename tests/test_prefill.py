@@ -76,6 +76,28 @@ def test_a_method_that_changes_the_prefill_cannot_replay_one():
         engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, "parallel", prefill.record(model, ref.p_ids))
 
 
+@pytest.mark.parametrize("tensor", ["key", "query", "value"])
+def test_a_method_that_writes_into_a_prefill_call_s_tensors_cannot_replay_one_nor_change_the_record(tensor):
+    class Writes(Method):
+        name, kind, base_prefill = "writes", "attention", True
+
+        def attend(self, call):
+            if call.phase.name == "prefill" and call.layer_idx == 1:
+                getattr(call, tensor).mul_(0.5)  # in place: the output it leaves to the model is not the base's
+            return None
+
+    model = tiny_model("llama")
+    ref = reference(model, random_ids(20), n=4)
+    recorded = prefill.record(model, ref.p_ids)
+    before = [(c.query.clone(), c.key.clone(), c.value.clone()) for c in recorded.calls]
+    method = Writes()
+    with method.apply(model) as applied, pytest.raises(RuntimeError, match=r"method 'writes' changed a prefill "
+                                                       r"attention call's query, key, value or mask in place \(layer 1\)"):
+        engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, "parallel", recorded)
+    for c, (q, k, v) in zip(recorded.calls, before):  # what later cases replay is still the base model's prefill
+        assert torch.equal(c.query, q) and torch.equal(c.key, k) and torch.equal(c.value, v)
+
+
 def test_records_are_kept_up_to_the_cap_and_still_serve_the_case_that_made_them():
     model = tiny_model("llama")
     one = prefill.record(model, random_ids(30)).nbytes
