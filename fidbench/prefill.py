@@ -12,8 +12,9 @@ same ``update`` calls the layers made. The method sees the very tensors a live p
 so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, six families).
 
 A hook that changes a prefill call's output while replayed is an error, never a silently different
-run; so is one that writes into a call's query, key, value or mask in place (it gets copies, so the record
-that later cases replay stays the base model's, and they are compared with the record after each replay). Statistics a method derives from a call independently of its own parameters (H2O's attention
+run; so is a method that writes into a recorded query, key, value or mask in place, in its hook or while
+decoding from the replayed cache (which holds the recorded keys and values): the tensors' version counters,
+read on the host, say so at no cost, and the spoiled record is made again for the next case. Statistics a method derives from a call independently of its own parameters (H2O's attention
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the
@@ -48,6 +49,22 @@ class Recorded:
     calls: list[Call]  # in the order the layers ran
     first: torch.Tensor  # (1, V) float32 logits of the last prompt position
     prompt_len: int
+    versions: list[tuple[int, ...]] = field(init=False)  # each call's tensors' version counters (_versions)
+    spoiled: bool = False  # a method wrote into it: Prefills records the prompt again
+    last: str = ""  # the method that replayed it last
+
+    def __post_init__(self):
+        self.versions = self._versions()
+
+    def _versions(self) -> list[tuple[int, ...]]:
+        return [_versions(c.query, c.key, c.value, c.attention_mask) for c in self.calls]
+
+    def _spoiled(self, method: str, where: str, layer: int) -> RuntimeError:
+        self.spoiled = True
+        return RuntimeError(
+            f"method {method!r} wrote into a prefill attention call's query, key, value or mask in place ({where}, "
+            f"layer {layer}), so its prefill is not the base model's and it cannot replay a shared prefill: its class "
+            f"must not declare base_prefill, or it must leave those tensors alone")
 
     @property
     def nbytes(self) -> int:
@@ -59,36 +76,32 @@ class Recorded:
     def replay(self, model, method):
         """What a live prefill under ``method`` returns (last logits, cache): the method's hook sees each
         recorded call in layer order, and the cache gets each layer's keys and values as the layer gave them."""
+        for c, now, then in zip(self.calls, self._versions(), self.versions):
+            if now != then:  # the cache of a replay may hold the recorded tensors: written into while decoding
+                raise self._spoiled(self.last, "after its replay", c.module.layer_idx)
+        self.last = method.name
         cache = DynamicCache(config=model.config)
         phase = attention.Phase("prefill", self.prompt_len, 0)
-        masks = {}  # layers share a mask: one copy each per replay
-        changed = []  # per call, on the device: did the hook change its tensors in place (read once, at the end)
-        for c in self.calls:
-            # Copies: a hook writing into its call's tensors changes this replay only, never the record that
-            # later cases replay; comparing them with the record afterwards says whether it did.
-            mask = c.attention_mask
-            if mask is not None:
-                mask = masks.setdefault(id(mask), (mask, mask.clone()))[1]
-            query = c.query.clone()
-            key, value = cache.update(c.key.clone(), c.value.clone(), c.module.layer_idx)
-            call = attention.AttentionCall(c.module, query, key, value, mask, phase, c.kwargs, c.memo)
-            if method.attend(call) is not None:
-                raise RuntimeError(
-                    f"method {method.name!r} changed the output of a prefill attention call (layer "
-                    f"{c.module.layer_idx}), so its prefill is not the base model's and it cannot replay a "
-                    f"shared prefill: its class must not declare base_prefill"
-                )
-            changed.append(torch.stack([(query != c.query).any(), (key != c.key).any(), (value != c.value).any()]))
-        changed = torch.stack(changed).any(-1).tolist() if changed else []
-        changed = [f"layer {c.module.layer_idx}" for c, bad in zip(self.calls, changed) if bad]
-        changed += ["an attention mask" for m, copy in masks.values() if not torch.equal(m, copy)]
-        if changed:
-            raise RuntimeError(
-                f"method {method.name!r} changed a prefill attention call's query, key, value or mask in place "
-                f"({changed[0]}), so its prefill is not the base model's and it cannot replay a shared "
-                f"prefill: its class must not declare base_prefill (or its hook must leave the call's tensors alone)"
-            )
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: inference tensors have no versions
+            for c in self.calls:
+                key, value = cache.update(c.key, c.value, c.module.layer_idx)
+                call = attention.AttentionCall(c.module, c.query, key, value, c.attention_mask, phase, c.kwargs, c.memo)
+                before = _versions(c.query, key, value, c.attention_mask)
+                out = method.attend(call)
+                if _versions(c.query, key, value, c.attention_mask) != before:  # live, it would compute on them
+                    raise self._spoiled(method.name, "in its prefill hook", c.module.layer_idx)
+                if out is not None:
+                    raise RuntimeError(
+                        f"method {method.name!r} changed the output of a prefill attention call (layer "
+                        f"{c.module.layer_idx}), so its prefill is not the base model's and it cannot replay a "
+                        f"shared prefill: its class must not declare base_prefill"
+                    )
         return self.first, cache
+
+
+def _versions(*tensors) -> tuple[int, ...]:
+    """Version counters, bumped by every in-place write (also through a view): host integers, no device sync."""
+    return tuple(t._version for t in tensors if t is not None)
 
 
 class _Recorder:
@@ -102,7 +115,7 @@ class _Recorder:
         return None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: inference tensors have no version counters (Recorded.versions)
 def record(model, p_ids: list[int]) -> Recorded | None:
     """The base model's prefill of ``p_ids``, recorded; None when its cache is not a plain ``DynamicCache``
     (the one type ``Recorded.replay`` rebuilds)."""
@@ -128,8 +141,10 @@ class Prefills:
         """The record of ``p_ids``, made on first use; kept for later cases while the cap allows (a record
         it cannot keep still serves the case that made it). None: prefill it live."""
         key = tuple(p_ids)
-        if key in self._records:
+        if key in self._records and not getattr(self._records[key], "spoiled", False):
             return self._records[key]
+        if key in self._records:  # a method wrote into it (and failed its case for it): record it again
+            self.used -= self._records.pop(key).nbytes
         if self.used >= self.max_bytes:
             return None
         rec = record(model, p_ids)
