@@ -584,8 +584,8 @@ class Reporter:
 
     def pytest_keyboard_interrupt(self, excinfo):
         """Ctrl-C, or SIGTERM (raised as KeyboardInterrupt("SIGTERM")), or an xdist worker's interruption."""
-        message = str(excinfo.value)
-        self.interrupted = "SIGTERM" if message == "SIGTERM" else message if "keyboard-interrupt" in message else "Ctrl-C"
+        message = str(excinfo.value)  # xdist's: "<WorkerController gw0> received keyboard-interrupt"
+        self.interrupted = message if message == "SIGTERM" or "keyboard-interrupt" in message else "Ctrl-C"
 
     def pytest_testnodedown(self, node, error):
         if error == "keyboard-interrupt":  # xdist then reports the case the worker ran as its crash

@@ -12,9 +12,11 @@ same ``update`` calls the layers made. The method sees the very tensors a live p
 so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, six families).
 
 A hook that changes a prefill call's output while replayed is an error, never a silently different
-run; so is a method that writes into a recorded query, key, value or mask in place, in its hook or while
-decoding from the replayed cache (which holds the recorded keys and values): the tensors' version counters,
-read on the host, say so at no cost, and the spoiled record is made again for the next case. Statistics a method derives from a call independently of its own parameters (H2O's attention
+run; so is one that writes into a call's query, key, value or mask in place (live, the layer would then
+compute on what it wrote), and a method that writes into a record later (it kept a tensor of it), named
+by the record's next replay. Tensors' version counters say so, read on the host at no cost (records are
+made under ``no_grad``, not ``inference_mode``, to have them); a spoiled record is made again for the next
+case. Statistics a method derives from a call independently of its own parameters (H2O's attention
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the

@@ -266,6 +266,7 @@ def test_a_crashed_xdist_worker_s_case_is_in_the_report(small):
     assert "crashed while running" in cases[1]["error"] and "crashed while running" in cases[3]["error"]
 
 
+THREE = "  origin: {}\n  hang: {method: origin}\n  after: {method: origin}\n"
 HANG = """import os, signal, time
 from pathlib import Path
 
@@ -291,7 +292,7 @@ EXPIRE = """pid = os.getppid()
 @pytest.mark.parametrize("xdist", [[], ["-n", "2", "--dist", "loadgroup"]], ids=["alone", "xdist"])
 def test_sigterm_from_timeout_writes_the_report_with_the_running_case_interrupted(small, xdist):
     (small.path / "conftest.py").write_text(HANG.replace("{stop}", EXPIRE))
-    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  hang: {method: origin}\n  after: {method: origin}\n")
+    (small.path / "fidbench.yaml").write_text(SMALL + THREE)
     result = small.run("timeout", "300", sys.executable, "-m", "pytest", "--fidbench-quiet", "-p", "no:cacheprovider",
                        "--fidbench-report", "r.json", *xdist, timeout=280)
     assert result.ret == 124  # timeout's "it timed out", after the session wrote its report
@@ -304,8 +305,9 @@ def test_sigterm_from_timeout_writes_the_report_with_the_running_case_interrupte
 
 def test_ctrl_c_records_the_running_case_as_interrupted(small):
     (small.path / "conftest.py").write_text(HANG.replace("{stop}", "raise KeyboardInterrupt"))
-    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  hang: {method: origin}\n  after: {method: origin}\n")
-    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", no_reraise_ctrlc=True)
+    (small.path / "fidbench.yaml").write_text(SMALL + THREE)
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json",
+                             no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     cases = strict_json(small.path / "r.json")["cases"]
     assert [(c["id"], c["outcome"], c["error"]) for c in cases] == [
