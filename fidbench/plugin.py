@@ -11,9 +11,9 @@ fidbench carries each case's record to the controller in ``user_properties`` and
 report there, rewritten after every case so an interrupted run keeps what it measured. Every
 selected case gets an outcome in it (passed, failed, error, skipped), also one that errored in
 setup, raised, or whose xdist worker crashed; SIGTERM (what ``timeout`` and CI runners send) stops a
-session as Ctrl-C does, so the case running then is an error ("interrupted") and the unrun ones are
-"not run". Every session writes the report at its end, also one that collected nothing or failed to
-collect: a previous run's report is never left behind to be read as this one's.
+session that writes a report as Ctrl-C does, so the case running then is an error ("interrupted") and
+the unrun ones are "not run". Every session writes the report at its end, also one that collected
+nothing or failed to collect: a previous run's report is never left behind to be read as this one's.
 """
 
 from __future__ import annotations
@@ -132,10 +132,13 @@ _sigterm_key = pytest.StashKey()
 
 
 def _stop_on_sigterm(config) -> None:
-    """SIGTERM (``timeout``, CI runners cancelling a job, ``kill``) interrupts the session as Ctrl-C does, in
-    the controller and in each xdist worker, so the report gets written; a second SIGTERM kills at once. Left
-    alone where someone else handles SIGTERM or pytest runs outside the main thread."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    """In a session that writes a report, SIGTERM (``timeout``, CI runners cancelling a job, ``kill``) interrupts
+    it as Ctrl-C does, in the controller and in each xdist worker (they get the same options), so the report gets
+    written; a second SIGTERM kills at once. Other sessions (fidbench is a plugin of every pytest run where it is
+    installed) keep SIGTERM's default, and so does one where someone else handles SIGTERM or pytest runs outside
+    the main thread."""
+    if not config.getoption("fidbench_report") or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return
 
     def interrupt(signum, frame):

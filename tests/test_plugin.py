@@ -3,6 +3,7 @@
 import errno
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -301,6 +302,15 @@ def test_sigterm_from_timeout_writes_the_report_with_the_running_case_interrupte
                                                         ("tiny-a-after", "skipped")]
     assert cases[1]["error"].startswith("interrupted (") and "SIGTERM" in cases[1]["error"]
     assert cases[2]["error"] == "not run: the session ended before this case"
+
+
+def test_sigterm_is_taken_over_only_by_sessions_that_write_a_report(pytester):
+    pytester.makepyfile("import signal\n\n\ndef test_handler():\n"
+                        "    print('SIGTERM default:', signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    pytester.runpytest("-s", "-p", "no:cacheprovider").stdout.fnmatch_lines(["*SIGTERM default: True*"])
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider", "--fidbench-report", "r.json")
+    result.stdout.fnmatch_lines(["*SIGTERM default: False*"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back when the session ends
 
 
 def test_ctrl_c_records_the_running_case_as_interrupted(small):
