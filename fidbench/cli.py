@@ -7,6 +7,7 @@ Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -172,6 +173,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(command: str, path: Path, doc: dict) -> bool:
+    """Write ``doc`` as strict JSON (a non-finite number as null) to ``path`` atomically, creating missing
+    parent directories; False, with the reason on stderr, when it cannot be written."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report.finite(doc), indent=1, allow_nan=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a partial file, if one was started
+            tmp.unlink()
+        print(f"fidbench {command}: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _read(command: str, path: Path) -> dict | None:
     try:
         return provenance.read(path)
@@ -210,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         except plot.PlotError as e:
             print(f"fidbench plot: error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # the directory cannot be made or written
+            print(f"fidbench plot: error: cannot write to {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 2
         _print(f"wrote {len(paths)} files to {args.output}: open {args.output / 'index.html'}")
         return 0
     if args.command == "train-medusa":
@@ -241,8 +261,8 @@ def _compare(args) -> int:
     except compare.CompareError as e:
         print(f"fidbench compare: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    if args.json and not _write("compare", args.json, result):
+        return 2
     _print(compare.table(result))
     return 0 if result["passed"] else 1
 
@@ -261,9 +281,8 @@ def _merge(args) -> int:
     except merge.MergeError as e:
         print(f"fidbench merge: error: {e}", file=sys.stderr)
         return 2
-    tmp = args.output.with_name(f"{args.output.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, args.output)
+    if not _write("merge", args.output, merged):
+        return 2
     for note in notes:
         print(f"fidbench merge: {note}", file=sys.stderr)
     _print(f"wrote {args.output}: {len(merged['cases'])} case(s) from {len(docs)} reports")
