@@ -238,6 +238,22 @@ def test_per_head_scores_reach_the_record_the_report_and_the_table(tmp_path, tin
         report.read(tmp_path / "bad.json")
 
 
+def test_heads_with_nan_weights_fail_the_case_as_non_finite_logits(tmp_path, tiny_dir):
+    """NaN heads still have an argmax, and the pooled acc@1 counts the base's own predictions: without the check
+    the case passed ``acc1 >= 0.4`` with ``non_finite 0``."""
+    heads = medusa_heads(2, std=0.02)
+    heads[1][0].linear.weight.data[0, 0] = float("nan")
+    path = write_v2(tmp_path / "nan", heads)
+    bench, cases = suite_with(tmp_path, tiny_dir, {"medusa": {"path": str(path), "floors": {"acc1": 0.4}}})
+    record = bench.run(cases["medusa"])
+    assert record["scores"]["acc1"] >= 0.4  # the floor alone would pass
+    assert record["outcome"] == "failed" and record["non_finite"] == sum(s["n_tokens"] // 3 for s in record["samples"])
+    assert record["samples"][0]["first_non_finite"] == 0
+    assert record["failures"][0].startswith("method 'medusa' (variant 'medusa') gave non-finite logits (NaN or inf)")
+    good = score(bench.loaded.model, {"path": str(write_v2(tmp_path / "ok", medusa_heads(2)))}, bench.loaded.references[0])
+    assert good["non_finite"] == 0 and good["first_non_finite"] is None
+
+
 def test_trainer_reduces_its_loss_and_writes_medusa_v2_files(tmp_path, tiny_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"tell me about {w}"}]}) + "\n"
