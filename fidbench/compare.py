@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import metrics, provenance, stats
+from . import metrics, provenance, report, stats
 
 RULES = ("interval", "point")
 
@@ -95,17 +95,6 @@ def _key(sample: dict) -> tuple:
     return sample["dataset"], sample["index"]
 
 
-def unusable(record: dict) -> str | None:
-    """Why a case's scores cannot be compared (its run gave non-finite logits or no scores), or None."""
-    if record.get("outcome") in ("error", "skipped") or "scores" not in record:
-        return f"its run gave no scores (outcome {record.get('outcome')}: {record.get('error') or 'no record'})"
-    free = sum(s.get("free_non_finite") or 0 for s in record.get("samples") or [])
-    if record.get("non_finite") or free:
-        return (f"its run gave non-finite logits (NaN or inf) at {record.get('non_finite') or 0} teacher-forced "
-                f"position(s) and {free} free-running step(s)")
-    return None
-
-
 def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), allow: list[Allowance] = (),
             rule: str = "interval", allow_mismatch: bool = False, level: float = stats.LEVEL) -> dict:
     """The comparison document: per common case and metric the base, new, change and interval, and the gate's
@@ -142,7 +131,7 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
                          f"{len(n) - len(keys)} only in {names[1]}: compared on the common ones")
         entry = {"id": case_id, "n_samples": len(keys), "metrics": {}}
         broken = {name: why for name, r in zip(names, (base_cases[case_id], new_cases[case_id]))
-                  if (why := unusable(r))}
+                  if (why := report.unusable(r))}
         if broken:
             entry["unusable"] = [f"{name}: {why}" for name, why in broken.items()]
         own = new_cases[case_id].get("failures")
