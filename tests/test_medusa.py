@@ -270,6 +270,59 @@ def test_trainer_reduces_its_loss_and_writes_medusa_v2_files(tmp_path, tiny_dir)
     assert cli.main(argv) == 2  # heads already there: --force to overwrite
 
 
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("model,message", [
+    ("{tmp}/nowhere", "model '{tmp}/nowhere' is neither a model directory nor an embedded name"),
+    ("no-such-model", "model 'no-such-model' is neither a model directory nor an embedded name"),
+    ("{tmp}/empty", "model directory {tmp}/empty has no config.json"),
+])
+def test_train_medusa_names_a_model_it_cannot_find_before_loading(tmp_path, capsys, monkeypatch, model, message):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(medusa_train.models, "load", _no_load)
+    assert cli.main(["train-medusa", model.format(tmp=tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fidbench train-medusa: error: train-medusa: " + message.format(tmp=tmp_path))
+    assert "internet" not in err and "Traceback" not in err
+
+
+def test_train_medusa_checks_device_and_output_before_training(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(medusa_train.models, "load", _no_load)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "file" / "heads")]) == 2
+    assert f"train-medusa: cannot write to {tmp_path / 'file' / 'heads'}: " in capsys.readouterr().err
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device (cpu, cuda, cuda:N)" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out"), "--device", "cuda"]) == 2
+        assert "--device cuda: this torch" in capsys.readouterr().err
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo ran > pwned",)
+
+
+def test_a_model_with_code_in_its_pickled_weights_is_refused_in_one_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    (tiny_dir / "model.safetensors").unlink()
+    torch.save({**state, "evil": Evil()}, tiny_dir / "pytorch_model.bin")
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fidbench train-medusa: error: model {str(tiny_dir)!r}: its pickle-based weights "
+                          "(pytorch_model.bin or similar) are not a plain tensor checkpoint, refused by torch.load"
+                          "(weights_only=True), which runs no code: ")
+    assert "posix.system" in err and "weights_only=False" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_path_auto_trains_once_per_model_and_caches(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setattr(medusa_train.Settings, "__init__", _quick_settings(medusa_train.Settings.__init__))
     bench, cases = suite_with(tmp_path, tiny_dir, {"medusa": {"path": "auto", "heads": 2}})
