@@ -198,7 +198,7 @@ def _read(command: str, path: Path) -> dict | None:
         return None
 
 
-ERROR, CRASH = 2, 3  # exit statuses: 0 done (a gate passed), 1 a gate failed (compare), 2 an error in the input
+ERROR, CRASH = 2, 3  # exit statuses beside 0 (done) and 1 (compare's gate failed): see main
 
 
 def main(argv: list[str] | None = None) -> int:
