@@ -204,7 +204,8 @@ def _check_device(device: str) -> None:
         raise ValueError(f"train-medusa: --device {device}: this torch ({torch.__version__}) sees no CUDA device; "
                          f"use --device cpu")
     if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
-        raise ValueError(f"train-medusa: --device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"train-medusa: --device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
 
 
 def _check_model(path: str) -> None:

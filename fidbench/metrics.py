@@ -106,7 +106,8 @@ class PartialScores:
                 raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, not a finite number")
             low, high = floor_range(metric)
             if value is not None and not low <= value <= high:
-                raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, outside its range [{low:g}, {high:g}]")
+                raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, outside its range "
+                                 f"[{low:g}, {high:g}]")
         return cls(n_tokens, values, heads, non_finite, first)
 
     def summary(self) -> dict:

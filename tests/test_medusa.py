@@ -250,7 +250,8 @@ def test_heads_with_nan_weights_fail_the_case_as_non_finite_logits(tmp_path, tin
     assert record["outcome"] == "failed" and record["non_finite"] == sum(s["n_tokens"] // 3 for s in record["samples"])
     assert record["samples"][0]["first_non_finite"] == 0
     assert record["failures"][0].startswith("method 'medusa' (variant 'medusa') gave non-finite logits (NaN or inf)")
-    good = score(bench.loaded.model, {"path": str(write_v2(tmp_path / "ok", medusa_heads(2)))}, bench.loaded.references[0])
+    ok = write_v2(tmp_path / "ok", medusa_heads(2))
+    good = score(bench.loaded.model, {"path": str(ok)}, bench.loaded.references[0])
     assert good["non_finite"] == 0 and good["first_non_finite"] is None
 
 
