@@ -174,7 +174,7 @@ class Bench:
                     t0 = time.perf_counter()
                     s = metrics.PartialScores.of(method.score_sample(model, ref), f"method {method.name!r}")
                     timing["method_s"] += time.perf_counter() - t0
-                    bad = (0, None)  # its scores are checked finite by PartialScores
+                    bad = (s.non_finite, s.first_non_finite)  # as the method counted them in its own logits
                 else:
                     recorded = shared.get(model, ref.p_ids) if shared is not None else None
                     forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode, recorded)

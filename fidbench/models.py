@@ -161,7 +161,12 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
     source = resolve(path)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa", "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True too
+        raise ValueError(f"model {path!r}: its pickle-based weights (pytorch_model.bin or similar) are not a plain "
+                         f"tensor checkpoint, refused by torch.load(weights_only=True), which runs no code"
+                         f"{_refused(e)}; use safetensors weights from a source you trust") from None
     try:
         tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source, local_files_only=True)
     except OSError as e:  # transformers' message speaks of a connection fidbench never makes
@@ -202,7 +207,13 @@ def load_tensors(path, who: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
         raise ValueError(f"{who}: {path} holds more than tensors, refused (read with torch.load(weights_only=True), "
-                         f"which runs no code): {reason}") from None
+                         f"which runs no code){_refused(e)}") from None
+
+
+def _refused(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that says what the file holds (``: Unsupported global: posix.system``), without
+    the advice around it (which suggests ``weights_only=False``, running the file's code)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "WeightsUnpickler error" in line or "GLOBAL" in line), "")
+    return f": {reason}" if reason else ""

@@ -10,8 +10,9 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n, continued)``).
 - ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
-  and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
-  it did not give as None.
+  and returns metric means (each checked finite and in its range) and ``n_tokens``, and where it
+  computes logits, ``non_finite`` / ``first_non_finite`` (NaN or inf positions: the case then fails, as
+  a teacher-forced one does); the harness skips the engine and reports every metric it did not give as None.
 A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
 ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
 changed, for the report).
