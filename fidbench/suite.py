@@ -32,25 +32,44 @@ class SuiteError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error (YAML keeps the last
-    silently) and ``1e-3`` is a float as in YAML 1.2 (YAML 1.1, PyYAML's, reads it as the string '1e-3')."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue  # `<<: *defaults` merges keys that the mapping's own may override
-                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-                if key in seen:
-                    raise SuiteError(f"line {line}: key {_show(key)} is given twice in one mapping (first on line "
-                                     f"{seen[key]}); YAML would keep only the last, silently: remove or rename one")
-                seen[key] = line
-        return super().construct_mapping(node, deep)
+    """``yaml.safe_load``'s loader, except that ``1e-3`` is a float as in YAML 1.2 (YAML 1.1, PyYAML's, reads it as
+    the string '1e-3')."""
 
 
 _Loader.add_implicit_resolver(  # YAML 1.2's floats with an exponent and no dot, or no sign after e: 1e-3, 1.5e3
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _parse(text: str):
+    """The suite file's data, read as ``yaml.safe_load`` does, except that a key given twice in one mapping is an
+    error naming both lines (YAML keeps the last one, silently). Keys are compared on the composed document, before
+    ``<<`` merges (whose keys a mapping may override) are flattened into it."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        stack, visited = [root], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited:  # an alias is the node it names: each is checked once
+                continue
+            visited.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, value_node in node.value:
+                    stack.append(value_node)
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in seen:
+                        raise SuiteError(f"line {line}: key {_show(key)} is given twice in one mapping (first on "
+                                         f"line {seen[key]}); YAML would keep only the last, silently: remove or "
+                                         f"rename one")
+                    seen[key] = line
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+        return None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def _count(data) -> int:
@@ -215,7 +234,7 @@ def load(path: str | Path) -> Suite:
         raise SuiteError(f"suite file {path} does not exist")
     text = read(path)
     try:
-        raw = yaml.load(text, Loader=_Loader) or {}
+        raw = _parse(text) or {}
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: not valid YAML: {e}") from None
     except SuiteError as e:

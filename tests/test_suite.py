@@ -172,6 +172,10 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
     suite = load(write(tmp_path, GOOD.replace("topk-25: {method: topk, keep: 0.25",
                                               "topk-25: {<<: *t, keep: 0.25").replace("topk-10: {", "topk-10: &t {")))
     assert [v.params for v in suite.variants] == [{}, {"keep": 0.1}, {"keep": 0.25}]
+    # a mapping that merges and overrides, itself merged by a shallower mapping that PyYAML constructs first
+    from fidbench.suite import _parse
+
+    assert _parse("b: &b {x: 1}\ndefs:\n  mid: &m {<<: *b, x: 2}\ntop: {<<: *m, y: 3}\n")["defs"] == {"mid": {"x": 2}}
 
 
 @pytest.mark.parametrize("tag", ["xfail", "skip", "skipif", "usefixtures", "filterwarnings"])
