@@ -138,6 +138,22 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
     }
 
 
+def skip_notes(records: list[dict]) -> list[str]:
+    """A line per model whose cases left prompts out (``overlong: skip``), with the counts: the table shows only
+    what was scored, so a run that dropped half its prompts must say so where it is read."""
+    left: dict[str, tuple[set, set, str]] = {}  # model -> (skipped, every prompt, a reason)
+    for record in records:
+        skipped = record.get("skipped") or []
+        if not skipped:
+            continue
+        out, every, _ = left.setdefault(record["model"], (set(), set(), skipped[0]["reason"]))
+        out.update((s["dataset"], s["index"]) for s in skipped)
+        every.update((s["dataset"], s["index"]) for s in skipped + (record.get("samples") or []))
+    return [f"fidbench: warning: model {model}: {len(out)} of {len(every)} prompts were not scored (overlong: "
+            f"skip; e.g. {reason}); each case's report record lists them under 'skipped'"
+            for model, (out, every, reason) in left.items()]
+
+
 def stub(case, outcome: str, error: str | None) -> dict:
     """The record of a case that gave no scores (it errored, was skipped or never ran): what it was, and why."""
     return {"id": case.id, "model": case.model.name, "method": case.variant.method, "variant": case.variant.name,

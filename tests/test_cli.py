@@ -324,6 +324,18 @@ def test_import_runs_converts_medusa_and_checkpoint_runs(original):
     }
 
 
+def test_import_runs_keeps_paths_relative_to_the_scripts_meaning_the_same_beside_the_suite(original, tmp_path):
+    (original / "config" / "medusa-qwen2.5-7b.json").write_text(json.dumps({"checkpoint": "heads/qwen"}))
+    (original / "heads" / "qwen").mkdir(parents=True)  # the scripts read it from their root; the suite reads
+    (original / "models" / "qwen").mkdir(parents=True)  # its paths from its own directory, elsewhere
+    run_config(original / "runs" / "awq" / "qwen2.5-7b-instruct-awq.json", "awq", model_name="models/qwen",
+               max_length=32768)
+    suite = runs.convert(original, {"chat": "data/chat.jsonl"})
+    assert suite["methods"]["medusa"]["path"] == str(original / "heads" / "qwen")
+    assert suite["methods"]["awq"]["path"] == str(original / "models" / "qwen")
+    assert suite["models"]["llama-8b"]["path"] == "/models/Llama-3.1-8B-Instruct"  # not under the root: as written
+
+
 def test_import_runs_suite_runs_model_specific_variants_on_their_model_only(original, tmp_path):
     out = tmp_path / "suite.yaml"
     data = tmp_path / "chat.jsonl"

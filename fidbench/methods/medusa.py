@@ -8,11 +8,12 @@ and the base's own lm_head predicts t+1. A head is ``medusa_num_layers`` ResBloc
   ``{i}.{j}.linear.weight`` [H, H], ``{i}.{j}.linear.bias`` [H] for j < L, ``{i}.{L}.weight`` [V, H];
 - v2 (``medusa_model_legacy.py`` / ``train_legacy.py``, ``medusa_lm_head.safetensors``, what the original
   fidbench ran): the base model's lm_head, shared; keys ``{i}.{j}.linear.weight`` / ``.bias`` only.
-``path`` is such a file, a directory holding one (with Medusa's ``config.json``: ``medusa_num_heads``,
-``medusa_num_layers``, ``version``, checked against the keys), or ``auto``: heads trained for the loaded model
-by ``fidbench train-medusa``'s defaults on first use, cached under ``$FIDBENCH_CACHE/medusa`` by the model's
-fingerprint and the training settings. ``.pt`` files are read with ``torch.load(weights_only=True)``; a key,
-a count or a shape that does not fit is an error naming the file (Medusa loads with strict=False).
+``path`` (in a suite, relative to the suite file) is such a file, a directory holding one (with Medusa's
+``config.json``: ``medusa_num_heads``, ``medusa_num_layers``, ``version``, checked against the keys), or
+``auto``: heads trained for the loaded model by ``fidbench train-medusa``'s defaults on first use, cached under
+``$FIDBENCH_CACHE/medusa`` by the model's fingerprint and the training settings. ``.pt`` files are read with
+``torch.load(weights_only=True)``; a key, a count or a shape that does not fit is an error naming the file (Medusa
+loads with strict=False).
 
 Scoring is the original fidbench's ``Medusa.compute_accuracy`` (wenhaoli-xmu/fidbench
 ``fidbench/modifiers/medusa.py``): teacher forced over prompt + reference, at every reference position i in
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from .base import Method, register
+from .base import Method, beside, register
 
 FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 
@@ -149,6 +150,12 @@ class Medusa(Method):
     path: str = ""
     heads: int | None = None
     count_base: bool = True
+
+    @classmethod
+    def resolve_paths(cls, params: dict, root):
+        if params.get("path", "auto") == "auto":
+            return params
+        return {**params, "path": beside(root, params["path"])}  # a file or directory relative to the suite
 
     def validate(self):
         if not self.path:
