@@ -31,7 +31,8 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        mode = "parallel" if cls.parallel_exact else "stepwise"
+        # A property (sparge-attention) decides per instance, from its parameters.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel by default")
         # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
         shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
         lines.append(f"{name}  ({mode}{shared})  {cls.description}")
