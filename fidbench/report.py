@@ -344,6 +344,8 @@ def read(path) -> dict:
     for key in ("settings", "environment"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise ReportError(f"{path}: {key}: expected an object, got {json.dumps(doc[key])[:80]}")
+    if "errors" in doc and not (isinstance(doc["errors"], list) and all(isinstance(e, str) for e in doc["errors"])):
+        raise ReportError(f"{path}: errors: expected a list of messages, got {json.dumps(doc['errors'])[:80]}")
     if not isinstance(doc.get("cases"), list):
         got = "missing" if "cases" not in doc else f"expected a list of cases, got {json.dumps(doc['cases'])[:80]}"
         raise ReportError(f"{path}: cases: {got}")

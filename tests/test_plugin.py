@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, checkpoints_fixture, fill_project, origin_topk_suite
 
+from fidbench import cli
+
 SUITE = origin_topk_suite({"tiny-a": "a", "tiny-b": "b"}, max_new_tokens=12)
 
 
@@ -339,7 +341,7 @@ def test_ctrl_c_records_the_running_case_as_interrupted(small):
         ("tiny-a-after", "skipped", "not run: the session ended before this case")]
 
 
-def test_a_session_that_collects_nothing_or_fails_to_collect_replaces_the_report(small):
+def test_a_session_that_collects_nothing_or_fails_to_collect_replaces_the_report(small, capsys):
     (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n")
     report = small.path / "r.json"
     small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json").assert_outcomes(passed=1)
@@ -353,6 +355,8 @@ def test_a_session_that_collects_nothing_or_fails_to_collect_replaces_the_report
     assert result.ret == pytest.ExitCode.INTERRUPTED  # pytest's exit status for collection errors
     doc = strict_json(report)
     assert doc["cases"] == [] and len(doc["errors"]) == 1 and "acc9" in doc["errors"][0]
+    assert cli.main(["report", str(report)]) == 0  # a viewer: it shows what the file holds, and says why
+    assert f"fidbench report: {report}: the run collected no case: test_fidelity.py: fidbench: " in capsys.readouterr().err
 
 
 def test_a_full_disk_for_the_report_is_a_clear_error_not_an_internal_error(small, monkeypatch):
