@@ -232,7 +232,7 @@ class Store:
         except OSError as e:
             tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
             raise OSError(f"cannot write a reference to the cache {self.dir} ({e.strerror or e}); free "
-                                   f"space there or set FIDBENCH_CACHE to another directory") from None
+                          f"space there or set FIDBENCH_CACHE to another directory") from None
 
     def _make(self, model, prompt: Prompt) -> Reference:
         if prompt.g_ids is None:
