@@ -7,8 +7,8 @@ a bound that load can only raise."""
 import json
 import time
 
-import pytest
 import helpers
+import pytest
 from helpers import ROOT, save_tiny
 from transformers import LlamaForCausalLM
 
