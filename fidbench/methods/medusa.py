@@ -38,6 +38,7 @@ from .. import models
 from ._medusa_heads import FILES, Heads, decoder
 from .base import Method, register
 
+
 def read_state(path: Path) -> dict:
     """The tensors of a Medusa head file: safetensors, or a .pt state dict read without unpickling code."""
     if path.suffix == ".safetensors":
