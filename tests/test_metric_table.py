@@ -2,6 +2,8 @@
 one is scored, each by what its ``kind`` says; declared intervals and poolings are what the report computes; the
 README's metric table is the generated one."""
 
+import textwrap
+
 import pytest
 import torch
 from helpers import ROOT
@@ -38,9 +40,15 @@ def scored(summary: dict) -> list[str]:
     return [k for k, v in summary.items() if k not in ("n_samples", "n_tokens", "acc1_by_position") and v is not None]
 
 
+def disagreement() -> tuple[list[str], list[str]]:
+    """(declared but never scored, scored but not declared) on a sample that measures everything."""
+    got = scored(metrics.aggregate([sample([True, False, True], free=True, answers=True)]))
+    return [m for m in names() if m not in got], [m for m in got if m not in names()]
+
+
 def test_every_scored_metric_is_declared_and_every_declared_metric_is_scored_by_its_kind():
-    everything = metrics.aggregate([sample([True, False, True], free=True, answers=True)])
-    assert scored(everything) == list(names()), "metric_table.METRICS and metrics._summarize disagree"
+    assert disagreement() == ([], []), "metric_table.METRICS and metrics disagree: (declared only, scored only)"
+    assert scored(metrics.aggregate([sample([True, False, True], free=True, answers=True)])) == list(names())
     teacher = names(kind="teacher")
     assert scored(metrics.aggregate([sample([True, True], free=False, answers=False)])) == list(teacher)
     assert scored(metrics.aggregate([sample([True], free=True, answers=False)])) == [
@@ -75,6 +83,18 @@ def test_declared_poolings_and_intervals_are_what_the_report_computes():
 def test_a_declaration_with_an_unknown_field_value_is_an_error():
     with pytest.raises(ValueError, match="metric acc9: better must be one of"):
         Metric("acc9", "teacher", "up", metric_table.FRACTION, "tokens", "a typo")
+
+
+def test_the_readme_s_metric_example_is_a_declaration_the_tests_then_require_computed(monkeypatch):
+    """The README's "Adding a metric" example, as printed: a valid declaration, and one this file's check
+    reports as declared but never scored until metrics.py computes it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Adding a metric"):]
+    code = section[section.index("```python") + len("```python"):]
+    declared = eval(textwrap.dedent(code[: code.index("```")]), vars(metric_table))
+    assert isinstance(declared, Metric) and declared.name not in names()
+    monkeypatch.setattr(metric_table, "METRICS", (*metric_table.METRICS, declared))
+    assert disagreement() == ([declared.name], [])
 
 
 def test_the_readme_metric_table_is_the_generated_one():
