@@ -7,10 +7,12 @@ Fidelity runs themselves are pytest: ``pytest tests/methods -k "llama and topk"`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
@@ -29,7 +31,8 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        mode = "parallel" if cls.parallel_exact else "stepwise"
+        # A property (sparge-attention) decides per instance, from its parameters.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel by default")
         # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
         shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
         lines.append(f"{name}  ({mode}{shared})  {cls.description}")
@@ -172,6 +175,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(command: str, path: Path, doc: dict) -> bool:
+    """Write ``doc`` as strict JSON (a non-finite number as null) to ``path`` atomically, creating missing
+    parent directories; False, with the reason on stderr, when it cannot be written."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report.finite(doc), indent=1, allow_nan=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a partial file, if one was started
+            tmp.unlink()
+        print(f"fidbench {command}: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _read(command: str, path: Path) -> dict | None:
     try:
         return provenance.read(path)
@@ -180,7 +199,24 @@ def _read(command: str, path: Path) -> dict | None:
         return None
 
 
+ERROR, CRASH = 2, 3  # exit statuses beside 0 (done) and 1 (compare's gate failed): see main
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0: done (``compare``: the gate passed, or none was given); 1: ``compare``'s gate failed (no other
+    command returns 1); 2: a usage error, a report that cannot be read or is not as written, an output that
+    cannot be written, reports that cannot be compared or merged; 3: fidbench itself failed (a bug: the
+    traceback is printed), never read as a gate's verdict."""
+    try:
+        return _main(argv)
+    except Exception:
+        traceback.print_exc()
+        print(f"fidbench: internal error (exit status {CRASH}): please report it with the traceback above",
+              file=sys.stderr)
+        return CRASH
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
 
@@ -189,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         if (doc := _read("report", args.path)) is None:
-            return 2
+            return ERROR
         _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown))
         return 0
     if args.command == "compare":
@@ -198,18 +234,23 @@ def main(argv: list[str] | None = None) -> int:
         return _merge(args)
     if args.command == "floors":
         if (doc := _read("floors", args.path)) is None:
-            return 2
+            return ERROR
         proposals, warnings = floors.propose(doc, args.at_limit, args.level)
+        for warning in dict.fromkeys(warnings):  # also in the YAML's comments; here where a reader sees them
+            print(f"fidbench floors: warning: {warning}", file=sys.stderr)
         _print(floors.yaml(proposals, warnings, str(args.path), args.at_limit, args.level))
         return 0
     if args.command == "plot":
         if (doc := _read("plot", args.path)) is None:
-            return 2
+            return ERROR
         try:
             paths = plot.write(doc, args.output, args.path.name)
         except plot.PlotError as e:
             print(f"fidbench plot: error: {e}", file=sys.stderr)
-            return 2
+            return ERROR
+        except OSError as e:  # the directory cannot be made or written
+            print(f"fidbench plot: error: cannot write to {args.output}: {e.strerror or e}", file=sys.stderr)
+            return ERROR
         _print(f"wrote {len(paths)} files to {args.output}: open {args.output / 'index.html'}")
         return 0
     if args.command == "train-medusa":
@@ -217,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
             return medusa_train.main(args)
         except (ValueError, OSError) as e:
             print(f"fidbench train-medusa: error: {e}", file=sys.stderr)
-            return 2
+            return ERROR
     if args.output.exists() and not args.force:
         parser.error(f"{args.output} exists; use --force to overwrite it")
     try:
         suite = runs.write(args.dir, args.output, args.datasets)
     except runs.RunsError as e:
         print(f"fidbench import-runs: error: {e}", file=sys.stderr)
-        return 2
+        return ERROR
     _print(f"wrote {args.output}: {len(suite['models'])} model(s), {len(suite['methods'])} variant(s), "
            f"{len(suite['datasets'])} dataset(s)")
     return 0
@@ -234,15 +275,15 @@ def _compare(args) -> int:
     """Exit status 0: the gate passed (or none was given); 1: it failed; 2: the reports cannot be compared."""
     base, new = _read("compare", args.base), _read("compare", args.new)
     if base is None or new is None:
-        return 2
+        return ERROR
     try:
         result = compare.compare(base, new, (str(args.base), str(args.new)), args.max_drop + args.max_rise,
                                  args.gate, args.allow_mismatch, args.level)
     except compare.CompareError as e:
         print(f"fidbench compare: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        return ERROR
+    if args.json and not _write("compare", args.json, result):
+        return ERROR
     _print(compare.table(result))
     return 0 if result["passed"] else 1
 
@@ -251,19 +292,18 @@ def _merge(args) -> int:
     docs = {}
     for path in args.reports:
         if (doc := _read("merge", path)) is None:
-            return 2
+            return ERROR
         if str(path) in docs:
             print(f"fidbench merge: error: {path} is given twice", file=sys.stderr)
-            return 2
+            return ERROR
         docs[str(path)] = doc
     try:
         merged, notes = merge.merge(docs, args.force)
     except merge.MergeError as e:
         print(f"fidbench merge: error: {e}", file=sys.stderr)
-        return 2
-    tmp = args.output.with_name(f"{args.output.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, args.output)
+        return ERROR
+    if not _write("merge", args.output, merged):
+        return ERROR
     for note in notes:
         print(f"fidbench merge: {note}", file=sys.stderr)
     _print(f"wrote {args.output}: {len(merged['cases'])} case(s) from {len(docs)} reports")

@@ -9,7 +9,10 @@ interval lies beyond the allowed change: the change is then larger than allowed 
 confidence, not an accident of which prompts were drawn; a point beyond the allowance whose interval still
 reaches it is shown as ``warn``. Rule ``point`` fails whenever the measured change is beyond (stricter, and
 flaky on changes near the allowance). Below two matched samples there is no interval and both rules
-use the point. A gated metric that the new report lacks fails: a comparison that cannot be made never passes.
+use the point. A comparison that cannot be made never passes: with a gate, a gated metric that the new
+report lacks fails, a case of the base missing from the new report fails, and so does a case that either
+run could not score faithfully (non-finite logits, no scores: an error or a skip). A case that failed its own
+floors is compared as measured, with a note.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import metrics, provenance, stats
+from . import metrics, provenance, report, stats
 
 RULES = ("interval", "point")
 
@@ -127,6 +130,13 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
             notes.append(f"case {case_id}: {len(keys)} sample(s) in both, {len(b) - len(keys)} only in {names[0]}, "
                          f"{len(n) - len(keys)} only in {names[1]}: compared on the common ones")
         entry = {"id": case_id, "n_samples": len(keys), "metrics": {}}
+        broken = {name: why for name, r in zip(names, (base_cases[case_id], new_cases[case_id]))
+                  if (why := report.unusable(r))}
+        if broken:
+            entry["unusable"] = [f"{name}: {why}" for name, why in broken.items()]
+        own = new_cases[case_id].get("failures")
+        if own and not broken:
+            notes.append(f"case {case_id}: its run in {names[1]} failed: {'; '.join(own)}")
         # free-running scores where either report measured them for this case (a gated one missing on a side fails)
         free = [m for m in stats.FREE if any(s.get(m) is not None for s in (*b.values(), *n.values()))]
         for metric in (*stats.METRICS, *free):
@@ -134,18 +144,23 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
             if metric in gates:
                 change = {**(change or {"base": None, "new": None, "diff": None, "ci": None}),
                           "allowed": None if change is None else gates[metric].limit(change["base"]),
-                          "verdict": verdict(change, gates[metric], rule)}
+                          "verdict": "FAIL" if broken else verdict(change, gates[metric], rule)}
             entry["metrics"][metric] = change
         cases.append(entry)
     if problems and not allow_mismatch:
         raise CompareError("the reports are not comparable (--allow-mismatch compares them anyway):\n  "
                            + "\n  ".join(problems))
-    failed = [f"{c['id']} {m}" for c in cases for m, ch in c["metrics"].items() if ch and ch.get("verdict") == "FAIL"]
+    only_base = [c for c in base_cases if c not in new_cases]
+    failed = [f"{c['id']} {m}" for c in cases if "unusable" not in c
+              for m, ch in c["metrics"].items() if ch and ch.get("verdict") == "FAIL"]
+    if gates:  # a gated case must be measured, faithfully, by both runs
+        failed += [f"{c['id']} (cannot be compared: {'; '.join(c['unusable'])})" for c in cases if "unusable" in c]
+        failed += [f"{case_id} (missing from {names[1]})" for case_id in only_base]
     return {
         "base": names[0], "new": names[1], "level": level, "resamples": stats.RESAMPLES, "seed": stats.SEED,
         "rule": rule, "gate": {a.metric: str(a) for a in allow},
         "mismatches": problems, "notes": notes, "cases": cases,
-        "only_base": [c for c in base_cases if c not in new_cases],
+        "only_base": only_base,
         "only_new": [c for c in new_cases if c not in base_cases],
         "failed": failed, "passed": not failed,
     }
@@ -179,6 +194,7 @@ def table(result: dict) -> str:
     for side in ("base", "new"):
         if result[f"only_{side}"]:
             lines.append(f"only in {result[side]} (not compared): {', '.join(result[f'only_{side}'])}")
+    lines += [f"cannot be compared: case {c['id']}: {why}" for c in result["cases"] for why in c.get("unusable", [])]
     lines += [f"warning: {m}" for m in result["mismatches"]] + result["notes"]
     if gated:
         rule = ("the whole interval beyond the allowed change" if result["rule"] == "interval"

@@ -16,7 +16,7 @@ import textwrap
 
 import numpy as np
 
-from . import metrics, stats
+from . import metrics, report, stats
 
 LEVEL = 0.99
 KL_RESOLUTION = 1e-4  # a smaller KL ceiling would hold only the engine's own rounding noise (the table shows 0.0000)
@@ -49,9 +49,19 @@ def propose(doc: dict, limits: list[int | None] = (None,), level: float = LEVEL)
                             f"cannot show the spread of {limit} distinct prompts (use a report of the full set)")
     for record in doc["cases"]:
         samples = [s for s in record.get("samples") or [] if s.get("n_tokens")]
+        if (why := report.unusable(record)) is not None:  # e.g. NaN logits scored as acc@1 0.0: no floor to learn
+            warnings.append(f"{record['id']}: no floor proposed: {why}")
+            continue
         if not samples:
             warnings.append(f"{record['id']}: no scored sample, no floor proposed")
             continue
+        if not record.get("model") or not record.get("variant"):
+            warnings.append(f"{record['id']}: the record names no model or variant (an older report?), no floor "
+                            f"proposed")
+            continue
+        if record.get("failures"):
+            warnings.append(f"{record['id']}: failed in this run ({'; '.join(record['failures'])}): its floors are "
+                            f"proposed from what it measured")
         groups = _by_dataset(samples)
         lone = [name for name, group in groups.items() if len(group) < 2]
         if lone:

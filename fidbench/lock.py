@@ -4,14 +4,16 @@
 reliable on local disks, unreliable or refused on some network filesystems. ``FIDBENCH_LOCK=file``: a
 lock file created with ``O_CREAT | O_EXCL`` (atomic on local disks and NFS v3+) that holds its holder's
 pid, host and start time and is touched every ``HEARTBEAT_S`` while held; it is stale, and broken by a
-waiter, when its holder is a process of this host that has exited, or when it has not been touched for
-``FIDBENCH_LOCK_STALE`` seconds (default 300: above NFS attribute caching). Breaking a stale lock can race
-only with another waiter breaking the same lock, and the cache tolerates it: files are written atomically,
-so at worst a sample is generated twice.
+waiter, when its holder is a process of this host that has exited (or the file names no valid pid), or when
+it has not been touched for ``FIDBENCH_LOCK_STALE`` seconds (default 300: above NFS attribute caching).
+Breaking a stale lock can race only with another waiter breaking the same lock, and the cache tolerates it:
+files are written atomically, so at worst a sample is generated twice. A run waiting on a lock says so on
+the terminal (``tell``), also from inside a test that pytest captures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -31,6 +33,38 @@ HEARTBEAT_S = 15.0  # a held `file` lock is touched this often
 POLL_S = 0.1  # a `file` lock is retried this often while it is held by another
 
 __all__ = ["KINDS", "LockWarning", "Timeout", "kind", "new", "stale_after", "timeout"]
+
+
+def _terminal() -> int | None:
+    """A copy of stderr's descriptor as it is when fidbench loads: pytest loads its plugins (this module with
+    them) before it captures fd 2, and a test's fd 2 is then a capture file shown only if the test fails, so a
+    run waiting on a lock would look like a hang (an xdist worker's fd 2 is its controller's stderr alike)."""
+    try:
+        return os.dup(2)
+    except OSError:  # no stderr at all
+        return None
+
+
+_TERMINAL = _terminal()
+
+
+def _same(fd: int, other: int) -> bool:
+    try:
+        a, b = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def tell(message: str) -> None:
+    """``message`` on the stderr fidbench was loaded with (live, even under pytest's capture), and on the current
+    stderr where that is another file (a captured test's output then holds it too)."""
+    if _TERMINAL is not None:
+        with contextlib.suppress(OSError):
+            os.write(_TERMINAL, f"{message}\n".encode())
+        if _same(_TERMINAL, 2):
+            return
+    print(message, file=sys.__stderr__, flush=True)
 
 
 class LockWarning(UserWarning):
@@ -119,7 +153,7 @@ class _Lock:
                     f"(FIDBENCH_LOCK_TIMEOUT={limit:g}); if that process is stopped, resume or end it") from None
             if waited >= notice:
                 message = f"fidbench: waiting {waited:.0f} s for {self.label} {self.path}, held by {self.who()}"
-                print(message, file=sys.__stderr__, flush=True)
+                tell(message)
                 if notice == NOTICE_S:
                     warnings.warn(message, LockWarning, stacklevel=2)
                 notice = waited + 60
@@ -183,8 +217,11 @@ class LockFile(_Lock):
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return None
-        if h and h["host"] == socket.gethostname() and not _alive(h["pid"]):
-            return f"its holder, {_describe(h)}, has exited"
+        if h and h["host"] == socket.gethostname():
+            if not _pid(h["pid"]):  # a corrupt or hand-edited file: no process of this host can hold it
+                return f"it names pid {json.dumps(h['pid'])[:40]}, which is not a process id"
+            if not _alive(h["pid"]):
+                return f"its holder, {_describe(h)}, has exited"
         if age > stale_after():
             return f"its holder, {_describe(h)}, has not touched it for {age:.0f} s (FIDBENCH_LOCK_STALE={stale_after():g})"
         return None
@@ -212,14 +249,17 @@ class LockFile(_Lock):
         return _describe(_read(self.path))
 
 
-def _alive(pid) -> bool:
+def _pid(pid) -> bool:
+    """Whether ``pid`` can be a process id (``os.kill`` takes 0 and negative numbers as process groups)."""
+    return isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31
+
+
+def _alive(pid: int) -> bool:
     """Whether process ``pid`` of this host exists (one we may not signal exists too)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError as e:
         return e.errno == errno.EPERM
-    except (TypeError, ValueError):
-        return True  # not a pid we can check: trust the heartbeat instead
     return True

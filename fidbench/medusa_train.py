@@ -195,6 +195,45 @@ def cached_heads(context, n_heads: int) -> Path:
     return out
 
 
+def _check_device(device: str) -> None:
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"train-medusa: --device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train-medusa: --device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                         f"use --device cpu")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise ValueError(f"train-medusa: --device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+
+
+def _check_model(path: str) -> None:
+    """A model directory with a config, an embedded name or a hub id in the local cache (fidbench never downloads)."""
+    if path in models.EMBEDDED:
+        return
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"train-medusa: model directory {path} has no config.json (not a transformers model)")
+        return
+    try:
+        models.model_type(path)
+    except (OSError, ValueError):  # transformers speaks of an internet connection or of repo id syntax
+        raise ValueError(f"train-medusa: model {path!r} is neither a model directory nor an embedded name "
+                         f"({', '.join(models.EMBEDDED)}) nor a hub id in the local Hugging Face cache") from None
+
+
+def _check_writable(out: Path) -> None:
+    """Make ``out`` and write a file there now, not after the training."""
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"train-medusa: cannot write to {out}: {e.strerror or e}") from None
+
+
 def main(args) -> int:
     """``fidbench train-medusa MODEL OUT``: load the model, train, save; prints where."""
     settings = Settings(heads=args.heads, layers=args.layers, steps=args.steps, batch=args.batch, lr=args.lr,
@@ -203,6 +242,10 @@ def main(args) -> int:
     out = Path(args.out)
     if any((out / f).exists() for f in FILES) and not args.force:
         raise ValueError(f"train-medusa: {out} already holds Medusa heads; use --force to overwrite them")
+    # everything that can be checked before minutes of generation and training
+    _check_device(args.device)
+    _check_model(args.model)
+    _check_writable(out)
     model, tok = models.load(args.model, args.tokenizer, args.dtype, args.device)
     heads, first, last = train(model, tok, settings)
     save(heads, out, settings, args.model, models.fingerprint(model), first, last)

@@ -75,12 +75,19 @@ class PartialScores:
     n_tokens: int
     values: dict
     heads: list["PartialScores"] | None = None  # each of the method's own predictors (Medusa heads), scored alike
+    non_finite: int = 0  # positions where the method's own logits held NaN or inf (its scores are then not faithful)
+    first_non_finite: int | None = None
 
     @classmethod
     def of(cls, scores: dict, who: str, nested: bool = False) -> "PartialScores":
-        """Check a method's ``score_sample`` result: ``n_tokens``, known metrics, and optionally ``heads``,
-        a list of such results (without heads of their own), one per predictor."""
+        """Check a method's ``score_sample`` result: ``n_tokens``, known metrics, each a finite number in its
+        range (``floor_range``), optionally ``heads``, a list of such results (without heads of their own), one
+        per predictor, and ``non_finite`` / ``first_non_finite``: how many positions of the logits it scored
+        held NaN or inf, and the first (the case then fails, as a teacher-forced one does)."""
         values = dict(scores)
+        non_finite, first = values.pop("non_finite", 0), values.pop("first_non_finite", None)
+        if not isinstance(non_finite, int) or isinstance(non_finite, bool) or non_finite < 0:
+            raise ValueError(f"{who}: score_sample's non_finite must be a count of positions, got {non_finite!r}")
         heads = values.pop("heads", None)
         if heads is not None:
             if nested or not isinstance(heads, list) or not all(isinstance(h, dict) for h in heads):
@@ -96,7 +103,11 @@ class PartialScores:
         for metric, value in sorted(values.items()):
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
                 raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, not a finite number")
-        return cls(n_tokens, values, heads)
+            low, high = floor_range(metric)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, outside its range "
+                                 f"[{low:g}, {high:g}]")
+        return cls(n_tokens, values, heads, non_finite, first)
 
     def summary(self) -> dict:
         return _summarize([self])

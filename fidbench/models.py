@@ -116,15 +116,32 @@ def convert_embedded(name: str) -> Path:
     return out
 
 
+def local(root: Path, path):
+    """A suite's model path: a directory relative to ``root`` (the suite file's) when one exists there, made
+    absolute, else as written (a hub id or an embedded name)."""
+    if not isinstance(path, str) or not path or not (root / path).is_dir():
+        return path
+    return str((root / path).resolve())
+
+
 def resolve(path: str) -> str:
     """A model directory or hub id for ``from_pretrained``: embedded names are converted on demand."""
     return str(convert_embedded(path)) if path in EMBEDDED else path
+
+
+def check_directory(path: str) -> None:
+    """An OSError naming the directory when ``path`` is one without a config.json (transformers would say
+    "Unrecognized model ... should have a model_type key in its config.json" of a file that is not there)."""
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise OSError(f"model directory {path} has no config.json (a Hugging Face model directory holds "
+                      f"config.json, the weights and the tokenizer files)")
 
 
 def model_type(path: str) -> str:
     """``config.model_type`` without loading weights (used to mark pytest cases at collection)."""
     if path in EMBEDDED:
         return EMBEDDED[path].model_type
+    check_directory(path)
     from transformers import AutoConfig
 
     try:
@@ -159,9 +176,15 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
     source = resolve(path)
+    check_directory(source)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa", "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True too
+        raise ValueError(f"model {path!r}: its pickle-based weights (pytorch_model.bin or similar) are not a plain "
+                         f"tensor checkpoint, refused by torch.load(weights_only=True), which runs no code"
+                         f"{_refused(e)}; use safetensors weights from a source you trust") from None
     try:
         tok = AutoTokenizer.from_pretrained(resolve(tokenizer) if tokenizer else source, local_files_only=True)
     except OSError as e:  # transformers' message speaks of a connection fidbench never makes
@@ -202,7 +225,13 @@ def load_tensors(path, who: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
         raise ValueError(f"{who}: {path} holds more than tensors, refused (read with torch.load(weights_only=True), "
-                         f"which runs no code): {reason}") from None
+                         f"which runs no code){_refused(e)}") from None
+
+
+def _refused(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that says what the file holds (``: Unsupported global: posix.system``), without
+    the advice around it (which suggests ``weights_only=False``, running the file's code)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "WeightsUnpickler error" in line or "GLOBAL" in line), "")
+    return f": {reason}" if reason else ""

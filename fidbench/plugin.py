@@ -36,6 +36,7 @@ from .suite import Case, SuiteError, load
 
 _suite_key = pytest.StashKey()
 _path_key = pytest.StashKey()
+_model_errors_key = pytest.StashKey()  # model name -> why its type could not be read at collection
 CASE = "fidbench_case"  # user property naming an item's case, attached at collection: every phase's report carries it
 RECORD = "fidbench"  # user property carrying a case's record in its call report only
 PROGRESS = "fidbench_progress"  # user property carrying a worker's progress line in one report
@@ -198,10 +199,10 @@ def families(model_type: str) -> list[str]:
     return [model_type] if family == model_type else [model_type, family]
 
 
-def _marks(config, case: Case, model_type: str) -> list:
+def _marks(config, case: Case, model_type: str | None) -> list:
     """A case's markers (each registered, so ``pytest --markers`` lists it): fidbench, the model's families,
     the method and the variant's tags."""
-    names = [(f, "fidbench model family") for f in families(model_type)]
+    names = [(f, "fidbench model family") for f in (families(model_type) if model_type else [])]
     names += [(case.variant.method, "fidbench method"), *((t, "fidbench variant tag") for t in case.variant.tags)]
     known = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
     for name, what in names:
@@ -216,16 +217,15 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     suite = _suite(config)
-    types = {}
+    types, errors = {}, config.stash.setdefault(_model_errors_key, {})
     params = []
     for case in suite.cases():
         if case.model.name not in types:
             try:
-                types[case.model.name], error = model_type(case.model.path), None
-            except (OSError, ValueError) as e:
-                error = f"fidbench: {suite.path}: models.{case.model.name}: {e}"
-            if error:
-                pytest.fail(error, pytrace=False)
+                types[case.model.name] = model_type(case.model.path)
+            except (OSError, ValueError) as e:  # its cases error (fidbench_model); the suite's other models run
+                types[case.model.name] = None
+                errors[case.model.name] = f"fidbench: {suite.path}: models.{case.model.name}: {e}"
         params.append(pytest.param(case, id=case.id, marks=_marks(config, case, types[case.model.name])))
     metafunc.parametrize("fidbench_case", params)
 
@@ -375,12 +375,15 @@ def fidbench_bench(request):
 
 
 @pytest.fixture
-def fidbench_model(fidbench_case, fidbench_bench):
+def fidbench_model(request, fidbench_case, fidbench_bench):
     """The case's model with its prompts and references, loaded once per model per worker.
 
     A model that cannot be set up fails its first case with the reason, and its other cases at once
-    with a line that points there (never a reload and a traceback per case)."""
+    with a line that points there (never a reload and a traceback per case); one whose type could not be
+    read at collection (a missing directory) errors each of its cases with that reason."""
     model = fidbench_case.model
+    if model.name in request.config.stash.get(_model_errors_key, {}):
+        pytest.fail(request.config.stash[_model_errors_key][model.name], pytrace=False)
     try:
         return fidbench_bench.load(model, fidbench_case.id)
     except SetupError as e:
@@ -564,5 +567,7 @@ class Reporter:
         if records:
             terminalreporter.write_sep("=", "fidbench results")
             terminalreporter.write_line(report.table(records))
+            for line in report.skip_notes(records):
+                terminalreporter.write_line(line, yellow=True)
             if self.config.getoption("fidbench_report"):
                 terminalreporter.write_line(f"fidbench report: {self.config.getoption('fidbench_report')}")

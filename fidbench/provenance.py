@@ -8,15 +8,16 @@ import json
 from .report import ReportError, read  # noqa: F401  (the one reader of saved reports)
 
 # Settings that may differ between reports of one run: the suite's path (another checkout or machine) and a
-# shard's index (each shard has its own).
-LOCAL_SETTINGS = ("suite", "shard")
+# shard's index (each shard has its own; a merged report lists the shards it holds).
+LOCAL_SETTINGS = ("suite", "shard", "shards")
 
 
 def fingerprints(doc: dict) -> dict[str, set]:
-    """Model name -> the fingerprints its cases were measured on."""
+    """Model name -> the fingerprints its cases were measured on (a stub record, of a case that gave no scores,
+    has none)."""
     out: dict[str, set] = {}
     for record in doc["cases"]:
-        if record.get("model") is not None:
+        if record.get("model") is not None and record.get("fingerprint") is not None:
             out.setdefault(record["model"], set()).add(record.get("fingerprint"))
     return out
 

@@ -138,10 +138,38 @@ def case(case, loaded, method, mode: str, per_dataset: dict, samples: list, skip
     }
 
 
+def skip_notes(records: list[dict]) -> list[str]:
+    """A line per model whose cases left prompts out (``overlong: skip``), with the counts: the table shows only
+    what was scored, so a run that dropped half its prompts must say so where it is read."""
+    left: dict[str, tuple[set, set, str]] = {}  # model -> (skipped, every prompt, a reason)
+    for record in records:
+        skipped = record.get("skipped") or []
+        if not skipped:
+            continue
+        out, every, _ = left.setdefault(record["model"], (set(), set(), skipped[0]["reason"]))
+        out.update((s["dataset"], s["index"]) for s in skipped)
+        every.update((s["dataset"], s["index"]) for s in skipped + (record.get("samples") or []))
+    return [f"fidbench: warning: model {model}: {len(out)} of {len(every)} prompts were not scored (overlong: "
+            f"skip; e.g. {reason}); each case's report record lists them under 'skipped'"
+            for model, (out, every, reason) in left.items()]
+
+
 def stub(case, outcome: str, error: str | None) -> dict:
     """The record of a case that gave no scores (it errored, was skipped or never ran): what it was, and why."""
     return {"id": case.id, "model": case.model.name, "method": case.variant.method, "variant": case.variant.name,
             "outcome": outcome, "error": error}
+
+
+def unusable(record: dict) -> str | None:
+    """Why a case's scores are not to be trusted or compared (its run gave non-finite logits, or no scores), or
+    None. A case that failed its floors only has scores: they are what it measured."""
+    if record.get("outcome") in ("error", "skipped") or "scores" not in record:
+        return f"its run gave no scores (outcome {record.get('outcome')}: {record.get('error') or 'no record'})"
+    free = sum(s.get("free_non_finite") or 0 for s in record.get("samples") or [])
+    if record.get("non_finite") or free:
+        return (f"its run gave non-finite logits (NaN or inf) at {record.get('non_finite') or 0} teacher-forced "
+                f"position(s) and {free} free-running step(s)")
+    return None
 
 
 def finite(value):
@@ -214,6 +242,14 @@ def _check(where: str, data: dict, key: str, ok, expected: str):
     return data[key]
 
 
+def _in_range(where: str, metric: str, value) -> None:
+    """A known metric's finite value lies in its range (an older report's NaN is shown as a failure, not refused)."""
+    if metric in metrics.known_metrics() and isinstance(value, (int, float)) and math.isfinite(value):
+        low, high = metrics.floor_range(metric)
+        if not low <= value <= high:
+            raise ReportError(f"{where}.{metric}: {value} is outside its range [{low:g}, {high:g}]")
+
+
 def _scores(where: str, scores, nested: bool = False) -> None:
     if not isinstance(scores, dict):
         raise ReportError(f"{where}: expected an object of scores, got {json.dumps(scores)[:80]}")
@@ -225,6 +261,28 @@ def _scores(where: str, scores, nested: bool = False) -> None:
                 _scores(f"{where}.heads[{i}]", head, nested=True)
         elif metric != "acc1_by_position" and not _number(value):
             raise ReportError(f"{where}.{metric}: expected a number or null, got {json.dumps(value)[:80]}")
+        else:
+            _in_range(where, metric, value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _samples(where: str, samples) -> None:
+    """Per-sample rows: where each came from, and its scores (what compare and floors read)."""
+    if not isinstance(samples, list):
+        raise ReportError(f"{where}: expected a list of samples, got {json.dumps(samples)[:80]}")
+    for i, row in enumerate(samples):
+        at = f"{where}[{i}]"
+        if not isinstance(row, dict):
+            raise ReportError(f"{at}: expected an object, got {json.dumps(row)[:80]}")
+        _check(at, row, "dataset", lambda v: isinstance(v, str), "a string")
+        _check(at, row, "index", _count, "a count (an integer >= 0)")
+        _check(at, row, "n_tokens", _count, "a count (an integer >= 0)")
+        if "non_finite" in row:
+            _check(at, row, "non_finite", _count, "a count (an integer >= 0)")
+        _scores(at, {k: v for k, v in row.items() if k in metrics.known_metrics() or k == "heads"})
 
 
 def _check_case(where: str, case) -> None:
@@ -247,7 +305,12 @@ def _check_case(where: str, case) -> None:
         _check(where, case, "free_run", lambda v: isinstance(v, bool), "true or false")
     kept = _check(where, case, "kept", lambda v: isinstance(v, dict), "an object")
     if "kv_fraction" in kept:
-        _check(f"{where}.kept", kept, "kv_fraction", _number, "a number or null")
+        _check(f"{where}.kept", kept, "kv_fraction", lambda v: v is None or (_number(v) and 0 <= v <= 1),
+               "a fraction in [0, 1] or null")
+    if "non_finite" in case:
+        _check(where, case, "non_finite", _count, "a count (an integer >= 0)")
+    if "samples" in case:
+        _samples(f"{where}.samples", case["samples"])
     _check(where, case, "failures", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
            "a list of strings")
 
@@ -264,13 +327,26 @@ def read(path) -> dict:
         doc = json.loads(text)
     except ValueError as e:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: not a fidbench report (JSON nested too deeply to read)") from None
     if not isinstance(doc, dict):
         raise ReportError(f"{path} is not a fidbench report (expected a JSON object with 'cases')")
+    if "format" in doc and not (_count(doc["format"]) and 1 <= doc["format"] <= FORMAT):
+        raise ReportError(f"{path}: format: expected a report format 1 to {FORMAT} (this fidbench's), got "
+                          f"{json.dumps(doc['format'])[:80]}: written by a newer fidbench, or not by fidbench")
+    for key in ("settings", "environment"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise ReportError(f"{path}: {key}: expected an object, got {json.dumps(doc[key])[:80]}")
     if not isinstance(doc.get("cases"), list):
         got = "missing" if "cases" not in doc else f"expected a list of cases, got {json.dumps(doc['cases'])[:80]}"
         raise ReportError(f"{path}: cases: {got}")
+    seen = {}
     for i, case in enumerate(doc["cases"]):
         _check_case(f"{path}: cases[{i}]", case)
+        if case["id"] in seen:
+            raise ReportError(f"{path}: cases[{i}].id: {case['id']!r} is also cases[{seen[case['id']]}]'s: a case "
+                              f"appears once in a report")
+        seen[case["id"]] = i
     return doc
 
 

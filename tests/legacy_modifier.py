@@ -53,6 +53,14 @@ class Origin(Modifier):
         return acc1, acc5
 
 
+class Overcount(Origin):
+    """Counts a top-5 hit more than once: acc@5 above 1, a bug a floor alone lets through."""
+
+    def compute_accuracy(self, p_ids, g_ids):
+        acc1, _ = super().compute_accuracy(p_ids, g_ids)
+        return acc1, 1.5
+
+
 class NoisyNorm(Origin):
     """Perturbs the final norm's weights in place by the config's ``noise`` (a change that must not leak)."""
 

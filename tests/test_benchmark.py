@@ -37,7 +37,8 @@ def test_every_target_writes_its_records(tmp_path, cache):
     records = json.loads(out.read_text())
     assert sorted({(r["target"], r["method"], r["baseline"]) for r in records}) == [
         (1, "origin", "forward"), (1, "origin", "forwards"), (1, "origin", "stepwise"),
-        (1, "sage-attention", "origin step"), (1, "topk", "forward"), (1, "topk", "origin step"), (1, "topk", "stepwise"),
+        (1, "sage-attention", "forward"), (1, "sage-attention", "origin step"), (1, "sage-attention", "stepwise"),
+        (1, "topk", "forward"), (1, "topk", "origin step"), (1, "topk", "stepwise"),
         (2, "sage-attention", "origin"), (2, "topk", "origin"), (3, "sage-attention", "origin"), (3, "topk", "origin"),
         (4, "origin", "forward"), (4, "origin", "second case")]
     fields = {"target", "case", "baseline", "ours_s", "baseline_s", "ratio", "argmax_agreement", "device", "dtype",

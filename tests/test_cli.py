@@ -213,6 +213,55 @@ def test_report_names_the_file_and_the_field_of_a_malformed_report(tmp_path, cap
     assert capsys.readouterr().err == f"fidbench report: error: {path}: {message}\n"
 
 
+def _sampled(case: dict) -> dict:
+    return {**case, "samples": [{"dataset": "code", "index": i, "n_tokens": 5, "acc1": 0.5, "acc5": 1.0,
+                                 "kl_mean": 0.5} for i in range(2)]}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(format=99), "format: expected a report format 1 to 4 (this fidbench's), got 99: written by a "
+                                    "newer fidbench, or not by fidbench"),
+    (lambda d: d.update(format="4"), 'format: expected a report format 1 to 4 (this fidbench\'s), got "4"'),
+    (lambda d: d["cases"][1]["scores"].update(acc1=7.5), "cases[1].scores.acc1: 7.5 is outside its range [0, 1]"),
+    (lambda d: d["cases"][1]["datasets"]["math"].update(kl_mean=-0.5),
+     "cases[1].datasets.math.kl_mean: -0.5 is outside its range [0, inf]"),
+    (lambda d: d["cases"][1]["kept"].update(kv_fraction=-0.25),
+     "cases[1].kept.kv_fraction: expected a fraction in [0, 1] or null, got -0.25"),
+    (lambda d: d["cases"][1].update(id="m-origin"), "cases[1].id: 'm-origin' is also cases[0]'s: a case appears once"),
+    (lambda d: d["cases"][1].update(samples="oops"), 'cases[1].samples: expected a list of samples, got "oops"'),
+    (lambda d: d["cases"][1]["samples"].append(3), "cases[1].samples[2]: expected an object, got 3"),
+    (lambda d: d["cases"][1]["samples"][0].pop("dataset"), "cases[1].samples[0].dataset: missing"),
+    (lambda d: d["cases"][1]["samples"][1].update(index="1"),
+     'cases[1].samples[1].index: expected a count (an integer >= 0), got "1"'),
+    (lambda d: d["cases"][1]["samples"][1].update(acc5=1.5), "cases[1].samples[1].acc5: 1.5 is outside its range"),
+    (lambda d: d["cases"][1]["samples"][1].update(kl_mean="x"),
+     'cases[1].samples[1].kl_mean: expected a number or null, got "x"'),
+    (lambda d: d.update(settings=[1]), "settings: expected an object, got [1]"),
+])
+@pytest.mark.parametrize("command", ["report", "floors", "compare"])
+def test_a_report_out_of_its_format_is_refused_by_every_command_with_status_2(tmp_path, capsys, change, message,
+                                                                               command):
+    """Status 2 (cannot read the input), never 1 (compare: the gate failed) nor a traceback."""
+    doc = {"environment": {}, "cases": [_sampled(_case("m-origin", 1.0, [])), _sampled(_case("m-topk", 0.75, []))]}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(doc))
+    change(doc)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    extra = [str(good), "--max-drop", "acc1=0.1"] if command == "compare" else []
+    assert cli.main([command, *extra, str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"fidbench {command}: error: {path}: {message}")
+    assert cli.main([command, *extra, str(good)]) == 0  # the same document unchanged is read
+
+
+def test_a_deeply_nested_report_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text('{"cases": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert cli.main(["report", str(path)]) == 2
+    assert capsys.readouterr().err == f"fidbench report: error: {path}: not a fidbench report (JSON nested too " \
+                                      "deeply to read)\n"
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"cases": 5}', "{path}: cases: expected a list of cases, got 5"),
     (b'{"environment": {}}', "{path}: cases: missing"),
@@ -273,6 +322,18 @@ def test_import_runs_converts_medusa_and_checkpoint_runs(original):
         "sparsegpt": {"method": "checkpoint", "path": "/ckpt/Qwen2.5-7B-Instruct-SparseGPT/",
                       "tokenizer": "/models/Qwen2.5-7B-Instruct", "dtype": "fp16", "models": ["qwen2.5-7b-instruct"]},
     }
+
+
+def test_import_runs_keeps_paths_relative_to_the_scripts_meaning_the_same_beside_the_suite(original, tmp_path):
+    (original / "config" / "medusa-qwen2.5-7b.json").write_text(json.dumps({"checkpoint": "heads/qwen"}))
+    (original / "heads" / "qwen").mkdir(parents=True)  # the scripts read it from their root; the suite reads
+    (original / "models" / "qwen").mkdir(parents=True)  # its paths from its own directory, elsewhere
+    run_config(original / "runs" / "awq" / "qwen2.5-7b-instruct-awq.json", "awq", model_name="models/qwen",
+               max_length=32768)
+    suite = runs.convert(original, {"chat": "data/chat.jsonl"})
+    assert suite["methods"]["medusa"]["path"] == str(original / "heads" / "qwen")
+    assert suite["methods"]["awq"]["path"] == str(original / "models" / "qwen")
+    assert suite["models"]["llama-8b"]["path"] == "/models/Llama-3.1-8B-Instruct"  # not under the root: as written
 
 
 def test_import_runs_suite_runs_model_specific_variants_on_their_model_only(original, tmp_path):

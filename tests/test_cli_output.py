@@ -44,3 +44,12 @@ def test_a_closed_pipe_ends_the_output_not_the_exit_status(tmp_path):
     worse = [record("m", f"v{i}", [sample("code", 0, 0.4, 0.2)]) for i in range(600)]
     status, err = piped("compare", str(base), str(write(tmp_path / "worse.json", worse)), "--max-drop", "acc1=0.01")
     assert (status, err) == (1, "")  # the gate's verdict survives the reader leaving
+
+
+def test_a_crash_is_exit_status_3_never_the_gate_failing(tmp_path, capsys, monkeypatch):
+    """compare's 1 means "the gate failed": a bug must not read as a regression (nor as an input error, 2)."""
+    base = write(tmp_path / "base.json", [])
+    monkeypatch.setattr(cli.compare, "compare", lambda *a, **k: {}["boom"])
+    assert cli.main(["compare", str(base), str(base)]) == 3
+    err = capsys.readouterr().err
+    assert "KeyError: 'boom'" in err and "fidbench: internal error (exit status 3)" in err

@@ -125,15 +125,70 @@ def test_other_settings_are_refused_other_versions_noted(tmp_path, capsys):
     assert f"version of transformers: {base} 5.24.0, {upgraded} 5.25.0" in capsys.readouterr().out
 
 
-def test_cases_in_one_report_only_are_listed(tmp_path, capsys):
+def test_cases_in_one_report_only_are_listed_and_a_gated_case_missing_from_the_new_fails(tmp_path, capsys):
     base = write(tmp_path / "base.json", cases())
     new = write(tmp_path / "new.json", cases()[:1] + [record("m", "knorm-10", cases()[1]["samples"])])
-    assert cli.main(["compare", str(base), str(new), *GATE]) == 0
+    assert cli.main(["compare", str(base), str(new)]) == 0  # no gate: a table of what both have
     out = capsys.readouterr().out
     assert f"only in {base} (not compared): m-snapkv-10" in out and f"only in {new} (not compared): m-knorm-10" in out
+    assert cli.main(["compare", str(base), str(new), *GATE]) == 1  # the gate cannot be checked on m-snapkv-10
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].endswith(f"FAILED: m-snapkv-10 (missing from {new})")
+    assert cli.main(["compare", str(base), str(write(tmp_path / "more.json", [*cases(), *new_cases(new)])),
+                     *GATE]) == 0  # a case only in the new report is not gated
     other = write(tmp_path / "x.json", [record("x", "a", cases()[0]["samples"])])
     assert cli.main(["compare", str(base), str(other)]) == 2
     assert "no case is in both" in capsys.readouterr().err
+
+
+def new_cases(path) -> list[dict]:
+    return [c for c in json.loads(path.read_text())["cases"] if c["id"] == "m-knorm-10"]
+
+
+@pytest.mark.parametrize("broken,why", [
+    ({"non_finite": 3, "outcome": "failed"}, "its run gave non-finite logits (NaN or inf) at 3 teacher-forced"),
+    ({"outcome": "error", "error": "CUDA out of memory", "scores": None},
+     "its run gave no scores (outcome error: CUDA out of memory)"),
+])
+def test_a_case_whose_new_run_was_not_faithful_never_passes_a_gate(tmp_path, capsys, broken, why):
+    """A run that gave NaN logits (scored as argmax of NaN) or no scores cannot be compared: the gate fails it,
+    even when only acc1 is gated and its acc1 did not move."""
+    base = write(tmp_path / "base.json", cases())
+    new_doc = cases()
+    new_doc[0].update(broken)
+    if new_doc[0]["scores"] is None:  # a stub record: the case errored before any score
+        new_doc[0] = {k: new_doc[0][k] for k in ("id", "model", "method", "variant", "outcome", "error")}
+    new = write(tmp_path / "new.json", new_doc)
+    assert cli.main(["compare", str(base), str(new), "--max-drop", "acc1=0.02"]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot be compared: case m-topk-10: {new}: {why}" in out
+    assert f"FAILED: m-topk-10 (cannot be compared: {new}: {why}" in out.splitlines()[-1]
+    assert "m-snapkv-10" not in out.splitlines()[-1]
+    assert cli.main(["compare", str(new), str(base), "--max-drop", "acc1=0.02"]) == 1  # the base's run, alike
+
+
+def test_a_new_case_that_failed_its_floors_is_compared_with_a_note(tmp_path, capsys):
+    base = write(tmp_path / "base.json", cases())
+    new_doc = cases()
+    new_doc[0].update(outcome="failed", failures=["acc1 = 0.7417 is below its floor 0.9"])
+    new = write(tmp_path / "new.json", new_doc)
+    assert cli.main(["compare", str(base), str(new), *GATE]) == 0
+    assert f"case m-topk-10: its run in {new} failed: acc1 = 0.7417 is below its floor 0.9" in capsys.readouterr().out
+
+
+def test_compare_json_is_strict_and_its_directory_is_made(tmp_path, capsys):
+    """An older report holding NaN (json reads it) gives a NaN change: --json writes null, never a NaN literal."""
+    doc = reports.document(cases())
+    doc["cases"][1]["samples"][0]["kl_mean"] = float("nan")
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(doc))
+    out = tmp_path / "new" / "dir" / "c.json"
+    assert cli.main(["compare", str(base), str(write(tmp_path / "new.json", cases())), "--json", str(out)]) == 0
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert result["cases"][1]["metrics"]["kl_mean"]["diff"] is None
+    (tmp_path / "file").write_text("")
+    assert cli.main(["compare", str(base), str(base), "--json", str(tmp_path / "file" / "c.json")]) == 2
+    assert f"fidbench compare: error: cannot write {tmp_path / 'file' / 'c.json'}: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -83,6 +83,27 @@ def test_warnings_for_sizes_the_report_cannot_show_and_cases_without_samples(tmp
     assert set(floors["m"]) == {"x", "z"} and set(floors["m"]["z"]) == {"acc1", "acc5"}
 
 
+def test_cases_whose_run_gave_non_finite_logits_or_no_scores_propose_no_floor(tmp_path, capsys):
+    """A run on NaN logits scores acc@1 0.0 (the argmax of NaN): proposing acc1: 0.0 from it would wave any run
+    through. A case that failed only its floors is learnt from, with a warning."""
+    good = record("m", "x", [sample("code", i, 0.5, 0.2) for i in range(4)])
+    nan = {**record("m", "y", [sample("code", i, 0.0, 0.0) for i in range(4)]), "outcome": "failed", "non_finite": 64,
+           "failures": ["method 'topk' (variant 'y') gave non-finite logits (NaN or inf) at 64 position(s)"]}
+    stub = {"id": "m-z", "model": "m", "method": "topk", "variant": "z", "outcome": "error", "error": "OOM"}
+    floored = {**record("m", "w", [sample("code", i, 0.5, 0.2) for i in range(4)]), "outcome": "failed",
+               "failures": ["acc1 = 0.5000 is below its floor 0.9"]}
+    floors, text = proposed(tmp_path, capsys, [good, nan, stub, floored])
+    assert set(floors["m"]) == {"x", "w"}
+    text = " ".join(text.replace("\n#   ", " ").split())
+    assert ("# warning: m-y: no floor proposed: its run gave non-finite logits (NaN or inf) at 64 teacher-forced "
+            "position(s)") in text
+    assert "# warning: m-z: no floor proposed: its run gave no scores (outcome error: OOM)" in text
+    assert ("# warning: m-w: failed in this run (acc1 = 0.5000 is below its floor 0.9): its floors are proposed from "
+            "what it measured") in text
+    cli.main(["floors", str(tmp_path / "r.json")])
+    assert "fidbench floors: warning: m-y: no floor proposed: its run gave non-finite" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [(["--at-limit", "0"], "'0': give a positive number"),
                                           (["--level", "1.5"], "'1.5': a confidence level between 0 and 1")])
 def test_bad_options_are_usage_errors(tmp_path, capsys, args, message):

@@ -310,6 +310,6 @@ def test_compare_and_intervals_carry_free_run_scores(tmp_path, capsys):
     assert "rouge_l cannot be gated: no case of either report has it" in capsys.readouterr().err
     free = free_cases()[0]
     teacher_samples = [{k: v for k, v in s.items() if k not in metrics.FREE_RUN} for s in free["samples"]]
-    half = reports.write(tmp_path / "half.json", [free | {"samples": teacher_samples}])
+    half = reports.write(tmp_path / "half.json", [free | {"samples": teacher_samples}, free_cases()[1]])
     assert cli.main(["compare", str(base), str(half), "--max-drop", "rouge_l=0.05"]) == 1  # measured on one side
     assert capsys.readouterr().out.splitlines()[-1].endswith("FAILED: m-topk-10 rouge_l")

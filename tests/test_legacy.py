@@ -103,6 +103,17 @@ def test_legacy_errors_are_clear(tmp_path):
         engine.resolve_mode(build("legacy", {"module": MODULE, "cls": "Origin"}), "parallel")
 
 
+def test_a_modifier_scoring_out_of_range_fails_its_case(bench_for):
+    bench, cases = bench_for("llama", {"over": {"method": "legacy", "module": MODULE, "cls": "Overcount",
+                                                "floors": {"acc5": 0.9}}})
+    with pytest.raises(ValueError, match=r"method 'legacy': score_sample gave acc5 = 1.5, outside its range \[0, 1\]"):
+        bench.run(cases["over"])
+    for scores in ({"acc1": -0.1}, {"kl_mean": -1.0}, {"ppl": 0.5}):
+        with pytest.raises(ValueError, match="outside its range"):
+            metrics.PartialScores.of({**scores, "n_tokens": 1}, "m")
+    assert metrics.PartialScores.of({"acc1": 1.0, "acc5": 0.0, "n_tokens": 1}, "m").values["acc1"] == 1.0
+
+
 def test_partial_scores_aggregate_token_weighted_and_floors_on_unmeasured_metrics_fail():
     samples = [metrics.PartialScores.of({"acc1": 1.0, "acc5": 1.0, "n_tokens": 3}, "m"),
                metrics.PartialScores.of({"acc1": 0.0, "acc5": 0.5, "n_tokens": 1}, "m"),

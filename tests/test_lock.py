@@ -108,3 +108,44 @@ def test_a_held_lock_file_is_touched_while_held_and_released_only_if_still_its_o
     holder(held.path, 1, "elsewhere")  # broken as stale by another host and taken: not ours to remove
     held.release()
     assert json.loads(held.path.read_text())["host"] == "elsewhere"
+
+
+@pytest.mark.parametrize("pid", [2**40, -1, 0, "12", True])
+def test_a_lock_file_naming_no_valid_pid_of_this_host_is_broken_with_a_clear_message(tmp_path, pid):
+    """A pid out of range crashed every run with OverflowError; 0 and -1 are process groups os.kill would find
+    alive; a string is no process id."""
+    held = lock.LockFile(tmp_path / "s")
+    holder(held.path, pid, socket.gethostname())
+    with pytest.warns(lock.LockWarning, match=rf"broke the stale lock .*s.lock: it names pid {json.dumps(pid)}, "
+                                              "which is not a process id"):
+        held.acquire(0)
+    held.release()
+    holder(held.path, pid, "elsewhere")  # another host's: judged by its heartbeat only
+    with pytest.raises(lock.Timeout):
+        held.acquire(0.2)
+
+
+WAITER = """
+import pytest
+from fidbench import lock
+
+def test_waits(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, "NOTICE_S", 0.2)
+    monkeypatch.setenv("FIDBENCH_LOCK_TIMEOUT", "3")  # the notice comes after 0.2 s, however busy the machine
+    held = lock.Flock(tmp_path / "x", "reference lock")
+    held.acquire(0)
+    with pytest.raises(TimeoutError):
+        lock.new(tmp_path / "x", "reference lock").wait()
+    held.release()
+"""
+
+
+@pytest.mark.parametrize("args", [(), pytest.param(("-n", "1"), marks=pytest.mark.slow)])
+def test_the_waiting_notice_reaches_the_terminal_under_capture(pytester, args):
+    """Under pytest's default fd capture (and in an xdist worker) a test's stderr is a capture file shown only on
+    failure: the notice goes to the stderr fidbench found when pytest loaded it, so a blocked run does not look
+    like a hang."""
+    pytester.makepyfile(test_waiter=WAITER)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore::fidbench.lock.LockWarning", *args)
+    assert result.ret == 0, result.stdout.str()
+    result.stderr.re_match_lines([r"fidbench: waiting \d+ s for reference lock .*x\.lock, held by pid \d+"])

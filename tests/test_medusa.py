@@ -238,6 +238,23 @@ def test_per_head_scores_reach_the_record_the_report_and_the_table(tmp_path, tin
         report.read(tmp_path / "bad.json")
 
 
+def test_heads_with_nan_weights_fail_the_case_as_non_finite_logits(tmp_path, tiny_dir):
+    """NaN heads still have an argmax, and the pooled acc@1 counts the base's own predictions: without the check
+    the case passed ``acc1 >= 0.4`` with ``non_finite 0``."""
+    heads = medusa_heads(2, std=0.02)
+    heads[1][0].linear.weight.data[0, 0] = float("nan")
+    path = write_v2(tmp_path / "nan", heads)
+    bench, cases = suite_with(tmp_path, tiny_dir, {"medusa": {"path": str(path), "floors": {"acc1": 0.4}}})
+    record = bench.run(cases["medusa"])
+    assert record["scores"]["acc1"] >= 0.4  # the floor alone would pass
+    assert record["outcome"] == "failed" and record["non_finite"] == sum(s["n_tokens"] // 3 for s in record["samples"])
+    assert record["samples"][0]["first_non_finite"] == 0
+    assert record["failures"][0].startswith("method 'medusa' (variant 'medusa') gave non-finite logits (NaN or inf)")
+    ok = write_v2(tmp_path / "ok", medusa_heads(2))
+    good = score(bench.loaded.model, {"path": str(ok)}, bench.loaded.references[0])
+    assert good["non_finite"] == 0 and good["first_non_finite"] is None
+
+
 def test_trainer_reduces_its_loss_and_writes_medusa_v2_files(tmp_path, tiny_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"tell me about {w}"}]}) + "\n"
@@ -252,6 +269,59 @@ def test_trainer_reduces_its_loss_and_writes_medusa_v2_files(tmp_path, tiny_dir)
     assert all(b < 0.8 * a for a, b in zip(first, last)), (first, last)
     assert len(load_heads(out, H, V).heads) == 2
     assert cli.main(argv) == 2  # heads already there: --force to overwrite
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("model,message", [
+    ("{tmp}/nowhere", "model '{tmp}/nowhere' is neither a model directory nor an embedded name"),
+    ("no-such-model", "model 'no-such-model' is neither a model directory nor an embedded name"),
+    ("{tmp}/empty", "model directory {tmp}/empty has no config.json"),
+])
+def test_train_medusa_names_a_model_it_cannot_find_before_loading(tmp_path, capsys, monkeypatch, model, message):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(medusa_train.models, "load", _no_load)
+    assert cli.main(["train-medusa", model.format(tmp=tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fidbench train-medusa: error: train-medusa: " + message.format(tmp=tmp_path))
+    assert "internet" not in err and "Traceback" not in err
+
+
+def test_train_medusa_checks_device_and_output_before_training(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(medusa_train.models, "load", _no_load)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "file" / "heads")]) == 2
+    assert f"train-medusa: cannot write to {tmp_path / 'file' / 'heads'}: " in capsys.readouterr().err
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device (cpu, cuda, cuda:N)" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out"), "--device", "cuda"]) == 2
+        assert "--device cuda: this torch" in capsys.readouterr().err
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo ran > pwned",)
+
+
+def test_a_model_with_code_in_its_pickled_weights_is_refused_in_one_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    (tiny_dir / "model.safetensors").unlink()
+    torch.save({**state, "evil": Evil()}, tiny_dir / "pytorch_model.bin")
+    assert cli.main(["train-medusa", str(tiny_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fidbench train-medusa: error: model {str(tiny_dir)!r}: its pickle-based weights "
+                          "(pytorch_model.bin or similar) are not a plain tensor checkpoint, refused by torch.load"
+                          "(weights_only=True), which runs no code: ")
+    assert "posix.system" in err and "weights_only=False" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_path_auto_trains_once_per_model_and_caches(tmp_path, tiny_dir, monkeypatch):

@@ -30,6 +30,7 @@ def test_cases_are_unioned_in_suite_order(tmp_path, capsys):
     doc = merged(tmp_path, "b.json", "a.json")
     assert [c["id"] for c in doc["cases"]] == ["m-origin", "m-topk-10", "n-origin", "n-topk-10"]
     assert "shard" not in doc["settings"] and doc["settings"]["limit"] is None
+    assert doc["settings"]["shards"] == {"of": 2, "merged": [1, 2], "missing": []}
     assert [(m["report"].rsplit("/", 1)[1], m["settings"]["shard"], m["cases"]) for m in doc["merged_from"]] == [
         ("b.json", "2/2", ["n-topk-10", "m-origin"]), ("a.json", "1/2", ["m-topk-10", "n-origin"])]
     assert f"wrote {tmp_path / 'all.json'}: 4 case(s) from 2 reports" in capsys.readouterr().out
@@ -87,6 +88,46 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "is given twice" in capsys.readouterr().err
     assert cli.main(["merge", str(a), "-o", str(tmp_path / "o.json")]) == 2
     assert "at least two reports" in capsys.readouterr().err
+
+
+def test_the_same_shard_twice_is_an_error_and_missing_shards_are_recorded(tmp_path, capsys):
+    write(tmp_path / "a.json", [case("x")], shard="1/2")
+    write(tmp_path / "b.json", [case("y")], shard="1/2")  # shard 2's file overwritten by shard 1's, say
+    out = tmp_path / "all.json"
+    for args in ([], ["--force"]):
+        assert cli.main(["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(out), *args]) == 2
+        assert (f"{tmp_path / 'a.json'} and {tmp_path / 'b.json'} both hold shard 1/2: the same shard twice"
+                in capsys.readouterr().err) and not out.exists()
+    write(tmp_path / "c.json", [case("z")], shard="3/3")
+    write(tmp_path / "d.json", [case("y")], shard="1/3")
+    doc = merged(tmp_path, "c.json", "d.json")
+    assert doc["settings"]["shards"] == {"of": 3, "merged": [1, 3], "missing": [2]}
+    assert "shard(s) 2 of 3 missing: the merged report holds part of the run" in capsys.readouterr().err
+    write(tmp_path / "e.json", [case("w")], shard="2/3")  # the merged report and the missing shard: the whole run
+    assert merged(tmp_path, "all.json", "e.json")["settings"]["shards"] == {"of": 3, "merged": [1, 2, 3],
+                                                                            "missing": []}
+    assert cli.main(["merge", str(out), str(tmp_path / "d.json"), "-o", str(tmp_path / "x.json")]) == 2
+    assert "both hold shard 1/3" in capsys.readouterr().err
+    write(tmp_path / "f.json", [case("v")], shard="2/2")
+    assert cli.main(["merge", str(tmp_path / "d.json"), str(tmp_path / "f.json"), "-o", str(tmp_path / "x.json")]) == 2
+    assert f"shard counts: 1/3 in {tmp_path / 'd.json'}, 2/2 in {tmp_path / 'f.json'}" in capsys.readouterr().err
+
+
+def test_the_merged_report_is_strict_json_written_where_asked(tmp_path, capsys):
+    """An older shard's report holding NaN (json reads it) is merged with null; -o into a missing directory makes
+    it, into one that cannot be made is a clear error."""
+    doc = reports.document([case("x")])
+    doc["cases"][0]["scores"]["kl_mean"] = float("nan")
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    write(tmp_path / "b.json", [case("y")])
+    out = tmp_path / "new" / "all.json"
+    assert cli.main(["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert doc["cases"][0]["scores"]["kl_mean"] is None
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "all.json"
+    assert cli.main(["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(bad)]) == 2
+    assert f"fidbench merge: error: cannot write {bad}: " in capsys.readouterr().err
 
 
 SUITE = "methods:\n  origin: {}\n  topk: {keep: 0.3, min_keep: 2}\n  knorm: {ratio: 0.5}\n"

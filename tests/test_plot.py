@@ -97,6 +97,16 @@ def test_cli_writes_every_figure_and_the_page(tmp_path, capsys):
     assert "No case in this report measured" in (tmp_path / "w" / "index.html").read_text()
 
 
+def test_an_output_directory_that_cannot_be_made_is_a_clear_error(tmp_path, capsys):
+    path = write(tmp_path / "r.json", cases())
+    assert cli.main(["plot", str(path), "-o", str(tmp_path / "new" / "dirs")]) == 0  # missing parents are made
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "plots"):  # a file where the directory should be, or above it
+        assert cli.main(["plot", str(path), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fidbench plot: error: cannot write to {out}: ") and "Traceback" not in err
+
+
 def test_without_matplotlib_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if it were not installed
     assert cli.main(["plot", str(write(tmp_path / "r.json", cases())), "-o", str(tmp_path / "out")]) == 2

@@ -54,7 +54,6 @@ def test_floor_violation_fails_its_case_with_metric_value_and_floor(project):
     "old,new,message",
     [
         ("keep: 0.1", "kep: 0.1", "fidbench.yaml: methods.topk-10: unknown parameter(s) kep for method 'topk'"),
-        ("path: b,", "path: nowhere,", "fidbench.yaml: models.tiny-b: *nowhere*"),
     ],
 )
 def test_bad_suite_is_a_collection_error_naming_the_key(project, old, new, message):
@@ -63,6 +62,18 @@ def test_bad_suite_is_a_collection_error_naming_the_key(project, old, new, messa
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines([f"*{message}*"])
     assert "Traceback" not in result.stdout.str() and "plugin.py" not in result.stdout.str()
+
+
+def test_a_model_that_is_not_there_errors_its_own_cases_and_the_others_run(project):
+    (project.path / "fidbench.yaml").write_text(SUITE.replace("path: b,", "path: nowhere,"))
+    result = project.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    result.assert_outcomes(passed=2, errors=2)  # not a collection error that runs nothing and writes no report
+    cases = json.loads((project.path / "r.json").read_text())["cases"]
+    assert [(c["id"], c["outcome"]) for c in cases] == [("tiny-a-origin", "passed"), ("tiny-a-topk-10", "passed"),
+                                                        ("tiny-b-origin", "error"), ("tiny-b-topk-10", "error")]
+    assert {c["error"] for c in cases[2:]} == {f"fidbench: {project.path / 'fidbench.yaml'}: models.tiny-b: 'nowhere' "
+                                               f"is neither a model directory nor a hub id in the local Hugging Face "
+                                               f"cache"}
 
 
 def test_benchmark_json_holds_timings_and_scores(project, monkeypatch):
@@ -168,6 +179,9 @@ def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail
         assert record["outcome"] == "failed" and record["failures"][0].startswith("no prompt was scored: 1 skipped (prompt of ")
     result.stdout.fnmatch_lines(["*tiny-a-nan: method 'checkpoint' (variant 'nan') gave non-finite logits*",
                                  "*fidbench results*"])
+    result.stdout.fnmatch_lines(["fidbench: warning: model tiny-short: 1 of 1 prompts were not scored (overlong: "
+                                 "skip; e.g. prompt of * tokens + generation exceeds max_length 8); each case's "
+                                 "report record lists them under 'skipped'"])
     # The short test summary after the table repeats failure messages at the terminal's width: not the table.
     table = result.stdout.str().split("fidbench results")[1].split("short test summary info")[0]
     assert "nan" not in table.replace("tiny-a-nan", "").replace("tiny-short-nan", "")

@@ -119,7 +119,7 @@ def test_share_prefill_gib_must_be_a_number_of_gib(tmp_path, value):
     (tmp_path / "s.yaml").write_text(json.dumps({
         "generation": {"share_prefill_gib": value}, "models": {"m": {"path": "x"}},
         "datasets": {"d": "d.jsonl"}, "methods": {"origin": {}}}))
-    with pytest.raises(SuiteError, match="share_prefill_gib must be a number of GiB"):
+    with pytest.raises(SuiteError, match="share_prefill_gib must be a finite number of GiB"):
         load(tmp_path / "s.yaml")
 
 

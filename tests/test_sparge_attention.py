@@ -110,7 +110,7 @@ def test_no_self_similar_block_is_sage_attention():
     model = tiny_model("qwen2")
     p_ids, g_ids = random_ids(60), random_ids(12, seed=4)
     blocks = {"block_q": 16, "block_k": 8}
-    sage = force(model, build("sage-attention", blocks), p_ids, g_ids)
+    sage = force(model, build("sage-attention", blocks), p_ids, g_ids, "stepwise")  # as sparse decode runs
     method = build("sparge-attention", {**blocks, "simthreshd1": 2.0, "decode": "sparse"})
     assert torch.equal(force(model, method, p_ids, g_ids), sage)
     assert method.kept()["blocks_skipped"] == 0
@@ -132,7 +132,8 @@ def test_decode_dense_by_default_and_sparse_on_request():
 def test_defaults_are_the_original_call():
     method = build("sparge-attention", {})
     assert (method.block_q, method.block_k, method.simthreshd1, method.cdfthreshd) == (128, 64, 0.6, 0.98)
-    assert method.decode == "dense" and not method.parallel_exact
+    assert method.decode == "dense" and method.parallel_exact  # dense decode is sage-attention's, row by row
+    assert not build("sparge-attention", {"decode": "sparse"}).parallel_exact
 
 
 @pytest.mark.parametrize("params, message", [({"cdfthreshd": 1.5}, "cdfthreshd"), ({"block_k": 0}, "block_k"),

@@ -21,9 +21,14 @@ from .modifier import Modifier
 __all__ = ["Modifier", "load_class"]
 
 
+def is_file(module: str) -> bool:
+    """Whether a Modifier's ``module`` names a python file (else it is a dotted module name)."""
+    return module.endswith(".py") or "/" in module
+
+
 def load_class(module: str, name: str):
     """Class ``name`` from a python file path or a dotted module name."""
-    if module.endswith(".py") or "/" in module:
+    if is_file(module):
         path = Path(module).resolve()
         if not path.is_file():
             raise ValueError(f"legacy: module file {module!r} does not exist")

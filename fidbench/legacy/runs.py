@@ -193,6 +193,13 @@ def _checkpoint(conf: dict, method: str, model_name: str, models: dict, where: s
     return {**variant, "models": [model_name]}
 
 
+def _rooted(root: Path, spec: dict) -> dict:
+    """``spec`` with its model, tokenizer or heads paths made absolute where they name something under ``root``:
+    the scripts read them from there, a suite from its own directory. Anything else (a hub id) as written."""
+    return {k: str((root / v).resolve()) if k in ("path", "tokenizer") and isinstance(v, str) and v != "auto"
+            and (root / v).exists() else v for k, v in spec.items()}
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+:\[\]/-]", "-", name)
 
@@ -246,9 +253,9 @@ def convert(directory: Path, datasets: dict[str, dict | str]) -> dict:
         variants[vname] = variant
     return {
         "generation": {"max_new_tokens": MAX_NEW_TOKENS, "decode": "auto"},
-        "models": models,
+        "models": {name: _rooted(root, spec) for name, spec in models.items()},
         "datasets": datasets,
-        "methods": variants,
+        "methods": {name: _rooted(root, spec) for name, spec in variants.items()},
     }
 
 

@@ -295,11 +295,13 @@ class Calibrated(Method):
     sparsegpt). ``continued``: each prompt is followed by the base model's greedy continuation (its cached
     reference). The references calibrate on plain text (C4, pile-val), where every position is text like what
     is later evaluated; fidbench's calibration prompts are user turns only, while what it scores is the model's
-    own continuation, so ``continued`` calibrates on both (the default suites' convention)."""
+    own continuation, so ``continued`` calibrates on both (the default suites' convention). A suite refuses a
+    ``dataset`` that the variant also scores unless ``calibrate_on_scored`` (fidbench.suite)."""
 
     dataset: str = "chat"
     samples: int = 8
     continued: bool = False
+    calibrate_on_scored: bool = False  # the suite allows calibrating on prompts the variant is scored on
 
     def validate(self):
         if self.samples < 1:

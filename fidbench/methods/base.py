@@ -10,8 +10,9 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n, continued)``).
 - ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
-  and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
-  it did not give as None.
+  and returns metric means (each checked finite and in its range) and ``n_tokens``, and where it
+  computes logits, ``non_finite`` / ``first_non_finite`` (NaN or inf positions: the case then fails, as
+  a teacher-forced one does); the harness skips the engine and reports every metric it did not give as None.
 A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
 ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
 changed, for the report).
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import reprlib
 import types
 import typing
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -33,6 +36,11 @@ import torch
 from .. import attention
 
 REGISTRY: dict[str, type["Method"]] = {}
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
+_repr.maxlevel = 2
+show = _repr.repr  # a user's value in an error message, bounded: a suite's value may be huge (aliases of aliases)
 KINDS = ("none", "attention", "weights", "model", "own_loop")
 
 
@@ -80,6 +88,12 @@ class Method:
 
     def validate(self) -> None:
         """Raise ValueError naming the parameter when a value is out of range."""
+
+    @classmethod
+    def resolve_paths(cls, params: dict, root: Path) -> dict:
+        """``params`` with the files it names made absolute against ``root``, the suite file's directory, before
+        the method is built: a suite names the same files from whatever directory it runs in."""
+        return params
 
     def __post_init__(self):
         self.validate()
@@ -148,6 +162,12 @@ class Method:
         }
 
 
+def beside(root: Path, value):
+    """A relative file path ``value`` as seen from ``root``, made absolute; an absolute one or a non-string (left
+    to the parameter's type check) as given."""
+    return str((root / value).resolve()) if isinstance(value, str) and value else value
+
+
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))
@@ -201,9 +221,11 @@ def build(method: str, params: dict, where: str | None = None) -> Method:
         if not accepts(hints[key], value):
             raise ValueError(
                 f"{who}: parameter {key!r} of method {method!r} must be {_type_name(hints[key])}, "
-                f"got {value!r} ({type(value).__name__})"
+                f"got {show(value)} ({type(value).__name__})"
             )
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{who}: {e}") from None
+    except Exception as e:  # a method's validate() that fails otherwise: still one line naming the variant
+        raise ValueError(f"{who}: checking the parameters of method {method!r} raised {type(e).__name__}: {e}") from e

@@ -1,5 +1,6 @@
 """``checkpoint``: evaluate another checkpoint (GPTQ / AWQ / pruned / fine-tuned model directory or
-hub id) against the base model's references.
+hub id) against the base model's references. In a suite, ``path`` and ``tokenizer`` are found as a model's
+are: a directory relative to the suite file when one exists there, else a hub id.
 
 The checkpoint is loaded like a suite model (``fidbench.models.load``) on the base model's device,
 in ``dtype`` (default: the base model's), and must share the base model's vocabulary: the same
@@ -28,6 +29,10 @@ class Checkpoint(Method):
     path: str = ""
     tokenizer: str | None = None
     dtype: str | None = None
+
+    @classmethod
+    def resolve_paths(cls, params: dict, root):
+        return {k: models.local(root, v) if k in ("path", "tokenizer") else v for k, v in params.items()}
 
     def validate(self):
         if not self.path:

@@ -7,7 +7,10 @@ FA3 takes e4m3 Q, K, V with one descale per (batch, KV head) each (``flash_api.c
 business. Here each scale maps the absolute maximum over the call's tokens (and, for Q, over the query
 heads sharing the KV head) to 448, e4m3's largest finite value; values are rounded to the nearest
 e4m3 value and dequantized. Scales cover every token a call sees (the whole cache for K and V), so a
-step's rounding depends on the cache at that step: the method runs stepwise.
+decode step's rounding depends on the cache at that step. Teacher forcing several reference tokens in
+one forward gives each query row the scales its own step would have had: Q's over its token, K's and
+V's over the keys it sees (a step's call holds exactly those keys), so one forward computes what a
+token-by-token decode does (the same roundings; SDPA sums in another order).
 
 ``p_fp8``: False (default) runs dense attention on the dequantized Q, K, V, P in float32. True also
 converts P to e4m3 before P·V, as FA3's kernel does (``softmax.h``, ``Max_offset = 8``): keys are
@@ -32,21 +35,36 @@ from .base import Method, register
 
 E4M3_MAX = 448.0
 ROWS = 256  # query rows per explicit p_fp8 product: (rows x keys) scores per head, never (n x n)
+ROW_ELEMENTS = 1 << 22  # K (and V) values rounded per chunk of decode rows, each row with its own scales
 
 
-def fp8_e4m3(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_e4m3(x: torch.Tensor, groups: int = 1, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes, scale) of ``x`` (batch, heads, tokens, dim): x ≈ codes * scale, one scale per
-    (batch, group of ``groups`` consecutive heads), shape (batch, heads, 1, 1)."""
-    absmax = x.detach().float().abs().unflatten(1, (-1, groups)).amax(dim=(-3, -2, -1), keepdim=True)
-    scale = (absmax.clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX).expand(-1, -1, groups, 1, 1).flatten(1, 2)
+    (batch, group of ``groups`` consecutive heads), shape (batch, heads, 1, 1); with ``per_token``, one per
+    token too, shape (batch, heads, tokens, 1)."""
+    dims = (-3, -1) if per_token else (-3, -2, -1)
+    absmax = x.detach().float().abs().unflatten(1, (-1, groups)).amax(dim=dims, keepdim=True)
+    return _codes(x, absmax.expand(-1, -1, groups, -1, -1).flatten(1, 2))
+
+
+def _codes(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = absmax.clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
     # The clamp only catches float error at the top of the range: e4m3fn has no inf, overflow is NaN.
     codes = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, scale
 
 
-def fp8_round(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def fp8_round(x: torch.Tensor, groups: int = 1, per_token: bool = False) -> torch.Tensor:
     """``x`` quantized to e4m3 with a scale per group of heads (``fp8_e4m3``) and dequantized, in ``x``'s dtype."""
-    codes, scale = fp8_e4m3(x, groups)
+    codes, scale = fp8_e4m3(x, groups, per_token)
+    return (codes.float() * scale).to(x.dtype)
+
+
+def fp8_round_seen(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Keys or values ``x`` (batch, kv heads, kv, dim) rounded once per query row, each with the scale of the
+    keys that row sees: ``seen`` (batch|1, 1|kv heads, rows, kv) -> (batch, kv heads, rows, kv, dim)."""
+    absmax = torch.where(seen, x.detach().float().abs().amax(-1)[:, :, None], 0.0).amax(-1)
+    codes, scale = _codes(x[:, :, None], absmax[..., None, None])
     return (codes.float() * scale).to(x.dtype)
 
 
@@ -88,20 +106,48 @@ class FP8Attention(Method):
     name = "fp8-attention"
     description = "attention on Q, K, V rounded to float8 e4m3 with per-KV-head absmax scales (FA3's FP8 path)"
     test_params = {"degenerate": None, "why": "the e4m3 rounding is the method", "real": {}}
-    parallel_exact = False  # K/V scales span the whole cache of each step
     p_fp8: bool = False
 
     def attend(self, call: AttentionCall):
+        if call.phase.name == "decode" and call.query.shape[2] > 1:
+            return self._decode_rows(call)
         query, key, value = fp8_round(call.query, call.groups), fp8_round(call.key), fp8_round(call.value)
         if not self.p_fp8:
             return call.dense(query=query, key=key, value=value)
-        scaling = call.kwargs.get("scaling") or call.query.shape[-1] ** -0.5
-        visible, tile = call.visible(), block_n(call.query.shape[-1])
+        visible = call.visible()
         # Query rows are independent: slices of ROWS rows compute the same rows as one product.
         rows = range(0, query.shape[2], ROWS)
-        out = torch.cat([attention_p_fp8(query[:, :, i : i + ROWS], key, value, visible[..., i : i + ROWS, :],
-                                         scaling, tile) for i in rows], dim=2)
+        out = torch.cat([self._p_fp8(call, query[:, :, i : i + ROWS], key, value, visible[..., i : i + ROWS, :])
+                         for i in rows], dim=2)
         return out.to(call.query.dtype).transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout
+
+    def _p_fp8(self, call: AttentionCall, query, key, value, visible):
+        scaling = call.kwargs.get("scaling") or call.query.shape[-1] ** -0.5
+        return attention_p_fp8(query, key, value, visible, scaling, block_n(call.query.shape[-1]))
+
+    def _decode_rows(self, call: AttentionCall) -> torch.Tensor:
+        """Several decode queries in one call, each computed as its own decode step would: with the scales of
+        its token and of the keys it sees. Rows become batch entries, so each has its own rounded K and V."""
+        (b, h, n, d), (kvh, kv) = call.query.shape, call.key.shape[1:3]
+        visible = call.visible()
+        seen = visible if visible.shape[1] == 1 else visible.unflatten(1, (kvh, -1)).any(2)
+        query = fp8_round(call.query, call.groups, per_token=True)
+        step = max(1, ROW_ELEMENTS // (kvh * kv * d))
+        out = []
+        for i in range(0, n, step):
+            rows = slice(i, i + step)
+            key, value = fp8_round_seen(call.key, seen[..., rows, :]), fp8_round_seen(call.value, seen[..., rows, :])
+            r = key.shape[2]
+            # (batch, rows, ...) -> (batch * rows, ...): one query per batch entry.
+            q = query[:, :, rows].transpose(1, 2).reshape(b * r, h, 1, d)
+            key, value = (t.transpose(1, 2).reshape(b * r, kvh, kv, d) for t in (key, value))
+            mask = visible[..., rows, :].expand(b, -1, -1, -1).transpose(1, 2).reshape(b * r, -1, 1, kv)
+            if self.p_fp8:
+                o = self._p_fp8(call, q, key, value, mask).to(call.query.dtype).transpose(1, 2)
+            else:
+                o = call.dense(mask=mask, query=q, key=key, value=value)
+            out.append(o.reshape(b, r, h, d))
+        return torch.cat(out, dim=1)  # the (batch, q, heads, dim) layout
 
     def kept(self) -> dict:
         return {"qkv_format": "float8_e4m3fn", "qkv_scale": "per KV head, absmax/448 over the call's tokens",

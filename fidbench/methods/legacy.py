@@ -9,7 +9,8 @@ original one: it scores reference tokens 1..N-1 (the first, predicted by the pre
 so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
 measured (reported as None). Modifiers patch forwards and replace modules in place, so by default
 the Modifier gets a deep copy of the model (``copy: false`` saves the memory, at the price of
-leaving the Modifier's changes on the loaded model for later cases).
+leaving the Modifier's changes on the loaded model for later cases). In a suite, a ``module`` file, a ``config``
+file and ``load_ckp`` are relative to the suite file.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..legacy import load_class
-from .base import Method, register
+from ..legacy import is_file, load_class
+from .base import Method, beside, register
 
 
 @register
@@ -38,6 +39,14 @@ class Legacy(Method):
     config: str | dict | None = None
     load_ckp: str | None = None
     copy: bool = True
+
+    @classmethod
+    def resolve_paths(cls, params: dict, root):
+        """Files relative to the suite file: a module given as a file (a dotted module imports as Python does),
+        a config given as a file, the checkpoint."""
+        files = {k: v for k, v in params.items()
+                 if k in ("config", "load_ckp") or (k == "module" and isinstance(v, str) and is_file(v))}
+        return {**params, **{k: beside(root, v) for k, v in files.items()}}
 
     def validate(self):
         if not self.module or not self.cls:

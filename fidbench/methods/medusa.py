@@ -8,18 +8,21 @@ and the base's own lm_head predicts t+1. A head is ``medusa_num_layers`` ResBloc
   ``{i}.{j}.linear.weight`` [H, H], ``{i}.{j}.linear.bias`` [H] for j < L, ``{i}.{L}.weight`` [V, H];
 - v2 (``medusa_model_legacy.py`` / ``train_legacy.py``, ``medusa_lm_head.safetensors``, what the original
   fidbench ran): the base model's lm_head, shared; keys ``{i}.{j}.linear.weight`` / ``.bias`` only.
-``path`` is such a file, a directory holding one (with Medusa's ``config.json``: ``medusa_num_heads``,
-``medusa_num_layers``, ``version``, checked against the keys), or ``auto``: heads trained for the loaded model
-by ``fidbench train-medusa``'s defaults on first use, cached under ``$FIDBENCH_CACHE/medusa`` by the model's
-fingerprint and the training settings. ``.pt`` files are read with ``torch.load(weights_only=True)``; a key,
-a count or a shape that does not fit is an error naming the file (Medusa loads with strict=False).
+``path`` (in a suite, relative to the suite file) is such a file, a directory holding one (with Medusa's
+``config.json``: ``medusa_num_heads``, ``medusa_num_layers``, ``version``, checked against the keys), or
+``auto``: heads trained for the loaded model by ``fidbench train-medusa``'s defaults on first use, cached under
+``$FIDBENCH_CACHE/medusa`` by the model's fingerprint and the training settings. ``.pt`` files are read with
+``torch.load(weights_only=True)``; a key, a count or a shape that does not fit is an error naming the file (Medusa
+loads with strict=False).
 
 Scoring is the original fidbench's ``Medusa.compute_accuracy`` (wenhaoli-xmu/fidbench
 ``fidbench/modifiers/medusa.py``): teacher forced over prompt + reference, at every reference position i in
 0 .. N-heads-2 (the hidden state of reference token g[i]) the base predicts g[i+1] and head k g[i+1+k]; a
 head scores acc@1 / acc@5 over those N-heads-1 positions (``heads`` in the case record), and the overall
 acc@1 / acc@5 pool the base's prediction and every head's, as the original did (``count_base: false`` pools
-the heads only). KL and NLL are not measured (None). Differences from the original:
+the heads only). KL and NLL are not measured (None). A position where the base's or a head's logits hold NaN
+or inf counts as ``non_finite`` and fails the case (the original scored the argmax of NaN). Differences from
+the original:
 - one forward over prompt + reference instead of Medusa's static KV cache fed token by token: the same
   hidden states up to fp32 summation order;
 - heads run in the model's dtype on the lm_head's device (Medusa casts them to the base's dtype too).
@@ -36,7 +39,7 @@ import torch
 
 from .. import models
 from ._medusa_heads import FILES, Heads, decoder
-from .base import Method, register
+from .base import Method, beside, register
 
 
 def read_state(path: Path) -> dict:
@@ -116,6 +119,12 @@ class Medusa(Method):
     heads: int | None = None
     count_base: bool = True
 
+    @classmethod
+    def resolve_paths(cls, params: dict, root):
+        if params.get("path", "auto") == "auto":
+            return params
+        return {**params, "path": beside(root, params["path"])}  # a file or directory relative to the suite
+
     def validate(self):
         if not self.path:
             raise ValueError("medusa: path (a Medusa head file or directory, or auto) is required")
@@ -161,8 +170,11 @@ class Medusa(Method):
         gold = torch.tensor([ref.g_ids[1 + k : 1 + k + turns] for k in range(n_heads + 1)], device=logits.device)
         hit1 = (logits.argmax(-1) == gold).double().mean(-1).tolist()  # (heads + 1,): base, head 1, ...
         hit5 = (logits.topk(5, dim=-1).indices == gold[..., None]).any(-1).double().mean(-1).tolist()
+        # NaN heads still have an argmax: positions where the base's or any head's logits are not finite fail the case
+        bad = (~torch.isfinite(logits)).any(-1).any(0).nonzero()[:, 0].tolist()
         first = 0 if self.count_base else 1
         return {
+            "non_finite": len(bad), "first_non_finite": bad[0] if bad else None,
             "acc1": sum(hit1[first:]) / len(hit1[first:]),
             "acc5": sum(hit5[first:]) / len(hit5[first:]),
             "n_tokens": turns * (n_heads + 1 - first),

@@ -7,7 +7,14 @@ per block of tokens (``block_q`` queries, ``block_k`` keys; scale = absmax / 127
 product is dequantized with the two block scales, softmax runs in fp32, and P·V in fp16. The math
 is explicit, one chunk of ``block_q`` queries at a time, so memory grows with the prompt length, not
 its square. The paper's fp16 P·V accumulates in fp16 on some GPUs; here it accumulates in fp32.
-The mean and the last K block span the whole cache of each step: the method runs stepwise.
+
+Decode: each query is computed as a token-by-token decode's step computes it, the kernel called with
+one query over the cache: the K mean and K's blocks (aligned at the first key, the last one partial)
+are those of the keys that query sees, and the query is its own Q block. Several reference tokens in
+one forward get each row's own statistics (``sage_decode``), so one forward equals the token-by-token
+decode. A decode row sums the K mean, the softmax and P·V in float64 (exact or nearly so for these
+terms, where fp32's result would depend on how many masked keys a call holds) before rounding as the
+kernel does; integer Q·Kᵀ products are exact in fp32 anyway. The prefill keeps fp32 sums.
 """
 
 from __future__ import annotations
@@ -78,6 +85,58 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
     return torch.cat(out, dim=2).to(query.dtype)
 
 
+def quantize_seen_blocks(k: torch.Tensor, seen: torch.Tensor, block: int, bits: int):
+    """``quantize_blocks`` of each row's copy of ``k`` (b, kvh, rows, kv, d) over the keys it sees (``seen``,
+    (b|1, 1|kvh, rows, kv), a contiguous run per row), blocks starting at the row's first key.
+
+    Returns integer values and the scale of each key's block, (b, kvh, rows, kv, 1); unseen keys' values
+    are not used."""
+    qmax = 2 ** (bits - 1) - 1
+    kv = k.shape[-2]
+    first = seen.int().argmax(-1, keepdim=True)  # the row's first key
+    index = ((torch.arange(kv, device=k.device) - first) // block).clamp(min=0)
+    tokens = torch.where(seen, k.abs().amax(-1), 0.0)  # (b, kvh, rows, kv): unseen keys set no scale
+    index = index.expand_as(tokens)
+    absmax = tokens.new_zeros(*tokens.shape[:-1], -(-kv // block)).scatter_reduce(-1, index, tokens, "amax")
+    scale = (absmax.clamp(min=torch.finfo(torch.float32).tiny) / qmax).gather(-1, index)[..., None]
+    return torch.round(k / scale).clamp(-qmax, qmax), scale
+
+
+def sage_decode(query, key, value, visible: torch.Tensor, scaling: float, block_k: int = 64,
+                bits: int | None = 8, smooth_k: bool = True, pv_dtype: torch.dtype = torch.float16,
+                row_elements: int = 1 << 22, attend: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode queries (b, h, q, d), each with the statistics of the keys it sees (``visible``: (b|1, 1|h, q, kv),
+    every row sees a contiguous run of keys), as a one-query call over exactly those keys computes them.
+    ``attend`` (default ``visible``) narrows what the softmax covers without changing the statistics."""
+    attend = visible if attend is None else attend
+    (b, h, n, d), (kvh, kv) = query.shape, key.shape[1:3]
+    seen = visible if visible.shape[1] == 1 else visible.unflatten(1, (kvh, -1)).any(2)  # (b|1, 1|kvh, q, kv)
+    v = value.to(pv_dtype)[:, :, None]  # (b, kvh, 1, kv, d)
+    out, step = [], max(1, row_elements // (kvh * kv * d))  # each row holds its own copy of the keys
+    for i in range(0, n, step):
+        rows = slice(i, i + step)
+        s = seen[..., rows, :]
+        k = key.float()[:, :, None]  # (b, kvh, 1, kv, d), one copy per row below
+        if smooth_k:
+            w = s.double()
+            k = k - ((w @ key.double()) / w.sum(-1, keepdim=True)).float()[..., None, :]
+        q = query[:, :, rows].float().unflatten(1, (kvh, -1))  # (b, kvh, groups, r, d)
+        if bits is None:
+            scores = torch.einsum("bkgrd,bkrjd->bkgrj", q, k.expand(-1, -1, q.shape[3], -1, -1))
+        else:
+            k, k_scale = quantize_seen_blocks(k, s, block_k, bits)
+            q, q_scale = quantize_blocks(q, 1, bits)  # each query its own Q block
+            scores = torch.einsum("bkgrd,bkrjd->bkgrj", q, k) * q_scale * k_scale[..., 0][:, :, None]
+        mask = attend[..., rows, :]
+        mask = mask.unflatten(1, (kvh, -1)) if mask.shape[1] == h else mask[:, :, None]
+        scores = (scores * scaling).masked_fill(~mask, -math.inf)
+        e = torch.exp(scores - scores.amax(-1, keepdim=True))
+        p = e / e.double().sum(-1, keepdim=True).float()
+        pv = torch.einsum("bkgrj,bkxjd->bkgrd", p.to(pv_dtype).double(), v.double())
+        out.append(pv.to(pv_dtype).flatten(1, 2))
+    return torch.cat(out, dim=2).to(query.dtype)
+
+
 def needed_keys(q_len: int, kv_len: int, stop: int) -> int:
     """How many leading keys query rows up to ``stop`` need under a causal mask: up to the last row's own.
 
@@ -109,7 +168,6 @@ class SageAttention(Method):
     name = "sage-attention"
     description = "SageAttention: K smoothed, per-block INT8 Q·K, fp32 softmax, fp16 P·V"
     test_params = {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}}
-    parallel_exact = False  # the K mean and the last K block's scale span each step's cache
     block_q: int = 128
     block_k: int = 64
     bits: int = 8
@@ -127,8 +185,12 @@ class SageAttention(Method):
         scaling = call.kwargs.get("scaling")
         if scaling is None:
             scaling = call.query.shape[-1] ** -0.5
-        out = sage_attention(call.query, call.key, call.value, _visible_rows(call), scaling,
-                             self.block_q, self.block_k, self.bits, self.smooth_k)
+        if call.phase.name == "decode":
+            out = sage_decode(call.query, call.key, call.value, call.visible(), scaling, self.block_k, self.bits,
+                              self.smooth_k)
+        else:
+            out = sage_attention(call.query, call.key, call.value, _visible_rows(call), scaling,
+                                 self.block_q, self.block_k, self.bits, self.smooth_k)
         return out.transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout attention functions return
 
     def kept(self) -> dict:

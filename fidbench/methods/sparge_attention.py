@@ -22,7 +22,8 @@ predictor ran on.
 Decode: ``decode: "dense"`` (default) runs decode steps with sage-attention over every key, as the
 reference cannot do otherwise (its kernels assert at least 128 queries). ``decode: "sparse"`` runs the
 predictor on decode calls too, the queries present forming the query blocks (one query per block in
-a stepwise decode). The method runs stepwise, like sage-attention.
+a stepwise decode). With dense decode the method teacher-forces in one forward, as sage-attention does;
+sparse decode runs stepwise: its predictor makes blocks of the queries a call holds, one per step.
 
 Differences from the reference:
 - element-wise causal (and window, padding) masking inside kept blocks: the reference's Sage2 entry
@@ -52,7 +53,7 @@ import torch
 
 from ..attention import AttentionCall
 from .base import register
-from .sage_attention import SageAttention, _visible_rows, sage_attention
+from .sage_attention import SageAttention, _visible_rows, sage_attention, sage_decode
 
 
 def self_similar(x: torch.Tensor, block: int, threshold: float) -> torch.Tensor:
@@ -87,6 +88,10 @@ class SpargeAttention(SageAttention):
     simthreshd1: float = 0.6
     cdfthreshd: float = 0.98
     decode: Literal["dense", "sparse"] = "dense"
+
+    @property
+    def parallel_exact(self) -> bool:
+        return self.decode == "dense"
 
     def validate(self):
         super().validate()
@@ -131,8 +136,12 @@ class SpargeAttention(SageAttention):
             counts.append((keep.sum(), allowed.expand_as(keep).sum()))
             return visible & keep.repeat_interleave(self.block_k, dim=-1)[..., None, :kv]
 
-        out = sage_attention(query, key, call.value, rows, scaling, self.block_q, self.block_k, self.bits,
-                             self.smooth_k)
+        if call.phase.name == "decode":  # sage-attention's decode statistics, over the kept blocks only
+            out = sage_decode(query, key, call.value, call.visible(), scaling, self.block_k, self.bits, self.smooth_k,
+                              attend=rows(0, q_len))
+        else:
+            out = sage_attention(query, key, call.value, rows, scaling, self.block_q, self.block_k, self.bits,
+                                 self.smooth_k)
         self.record(call.layer_idx, sum(c[0] for c in counts), sum(c[1] for c in counts))
         return out.transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout attention functions return
 
