@@ -1,7 +1,7 @@
 """Aten operations the host issues per decoder layer, in one prefill and one decode step, per method.
 
 On a GPU a forward of a large model at short prompts is bound by the host issuing kernels, not by the
-kernels themselves (benchmarks/README.md, "8B table on the H200"), so a method's extra cost there is its
+kernels themselves (benchmarks/LOG.md, "8B table on the H200"), so a method's extra cost there is its
 extra operations per layer. Counted on a CPU with a TorchDispatchMode over every aten op, on tiny Llamas
 of 2 and 6 layers (the difference over 4 layers is per layer, the fixed costs cancel):
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""fidbench's performance benchmark (issues 5 and 11): each target measured side by side with its baseline.
+"""fidbench's performance benchmark: each target measured side by side with its baseline.
 
 1. engine: scoring a 1,024-token prompt's 128-token reference (``teacher_force`` + ``metrics.score``)
    vs one bare forward of the same tokens (``forward``), and origin's vs the two bare model calls the
@@ -68,7 +68,7 @@ PASSKEY = ("passkey", "What is the pass key? Answer with the number only.")
 
 
 def criterion(r: dict) -> tuple[str, bool]:
-    """What a record must meet (issue 5's targets, issue 11's goals on a GPU), and whether it does."""
+    """What a record must meet (the targets in benchmarks/README.md), and whether it does."""
     target, base, ratio = r["target"], r["baseline"], r["ratio"]
     if target == 1 and base == "forward":
         bound = 1.1 if r["method"] == "origin" else 1.3

@@ -5,7 +5,7 @@ Logits for the N reference tokens: the first comes from the prefill's last posit
 N-1 from feeding reference tokens 0..N-2 after the prompt.
 
 The host never waits for a GPU inside a sample: phases are timed with CUDA events read after the
-sample, so the host queues the decode while the GPU still runs the prefill (benchmarks/README.md).
+sample, so the host queues the decode while the GPU still runs the prefill (benchmarks/LOG.md).
 Stepper, timed from the host by pytest-benchmark, is the exception: it waits for the device after each step.
 """
 
@@ -163,7 +163,7 @@ def warm_up(model) -> None:
 
 def plans_per_shape(device: torch.device) -> bool:
     """Whether the first forward of each new sequence length pays one-time costs on ``device``: on a GPU,
-    SDPA on cuDNN builds an execution plan per shape (measured on the H200, benchmarks/README.md: the first
+    SDPA on cuDNN builds an execution plan per shape (measured on the H200, benchmarks/LOG.md: the first
     case of a fresh process took 2.7x its second, with the 64-token warm-up alone). On a CPU the first
     case costs what the second does (0.97-1.01x), so nothing is warmed per shape there."""
     return device.type == "cuda"

@@ -39,7 +39,7 @@ from filelock import FileLock
 from safetensors.torch import save_file
 
 from . import datasets, models, reference
-from .methods.medusa import FILES, Heads, decoder
+from .methods._medusa_heads import FILES, Heads, decoder
 from .suite import DatasetSpec
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "train.jsonl"

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 import torch
 from rapidfuzz.distance import LCSseq, Levenshtein, Prefix
 
-# Free-running scores of a sample; averaged over the samples that have them (like first_divergence, not
-# weighted by tokens). answer_recall_base describes the base, so it takes no floor (like nll_base).
-FREE_RUN = ("rouge_l", "rouge_l_ids", "edit_distance", "common_prefix", "answer_recall", "answer_recall_base")
-# Teacher-forced answer scores of a sample, averaged like FREE_RUN; answers_in_base describes the base (no floor).
-ANSWERS = ("answers_in_base", "answers_reproduced")
+from . import metric_table
+
+# Free-running and answer scores of a sample, averaged over the samples that have them; declared in metric_table.
+FREE_RUN = metric_table.names(kind="free_run")
+ANSWERS = metric_table.names(kind="answers")
 # Direction of each floor: a floor on these is a minimum, on every other metric a maximum.
-HIGHER_IS_BETTER = {"acc1", "acc5", "first_divergence", "exact_match", "rouge_l", "rouge_l_ids", "common_prefix",
-                    "answer_recall", "answers_reproduced"}
+HIGHER_IS_BETTER = set(metric_table.names(better="higher"))
 KL_PERCENTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p95": 0.95, "kl_p99": 0.99, "kl_p999": 0.999}
 POSITION_BUCKET = 16  # tokens per bin of the agreement-by-position curve
 
@@ -310,21 +309,14 @@ def check_floors(scores: dict, floors: dict) -> list[str]:
 
 
 def known_metrics() -> set[str]:
-    return HIGHER_IS_BETTER | {"kl_mean", "kl_max", "nll", "nll_ratio", "ppl", "ppl_ratio", "edit_distance",
-                               *KL_PERCENTILES}
-
-
-FRACTIONS = {"acc1", "acc5", "exact_match", "rouge_l", "rouge_l_ids", "edit_distance", "answer_recall",
-             "answers_reproduced"}
+    """The metrics a floor can bound: those with a better direction."""
+    return {m.name for m in metric_table.METRICS if m.better is not None}
 
 
 def floor_range(metric: str) -> tuple[float, float]:
-    """The values ``metric`` can take: fractions lie in [0, 1], a perplexity is at least 1, everything else is
-    non-negative."""
-    if metric in FRACTIONS:
-        return (0.0, 1.0)
-    return (1.0, math.inf) if metric == "ppl" else (0.0, math.inf)
+    """The values ``metric`` can take (a fraction lies in [0, 1], a perplexity is at least 1)."""
+    return metric_table.BY_NAME[metric].range
 
 
 # The per-sample scalars of a summary.
-_SCALARS = known_metrics() | {"nll_base", "ppl_base", "answer_recall_base", "answers_in_base"}
+_SCALARS = set(metric_table.names())

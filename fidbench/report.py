@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import metrics, stats
+from . import metric_table, metrics, stats
 
 # 1: records without "format"; 2: + format, kind; 3: + outcome, error, non_finite; stub records;
 # 4: + free_run, free-running scores (metrics.FREE_RUN), timing.free_run_s, free-running fields of samples
@@ -359,9 +359,7 @@ def read(path) -> dict:
     return doc
 
 
-COLUMNS = [("acc1", "acc@1", "{:.4f}"), ("acc5", "acc@5", "{:.4f}"), ("kl_mean", "KL", "{:.4f}"),
-           ("kl_p99", "KL p99", "{:.3f}"), ("nll_ratio", "NLL×", "{:.3f}"), ("ppl", "PPL", "{:.3f}"),
-           ("ppl_ratio", "PPL×", "{:.3f}"), ("first_divergence", "1st div", "{:.1f}")]
+COLUMNS = metric_table.columns("teacher")  # (metric, header, format)
 
 
 def _fmt(fmt: str, value) -> str:
@@ -378,8 +376,8 @@ def verdict(record: dict) -> str:
     return "FAIL" if outcome == "failed" or record.get("failures") or broken else "ok"
 
 
-FREE_COLUMNS = [("rouge_l", "ROUGE-L", "{:.3f}"), ("edit_distance", "edit", "{:.3f}")]
-ANSWER_COLUMNS = [("answers_in_base", "ans in base", "{:.2f}"), ("answers_reproduced", "ans reproduced", "{:.2f}")]
+FREE_COLUMNS = metric_table.columns("free_run")
+ANSWER_COLUMNS = metric_table.columns("answers")
 
 
 def _answers(scores: dict) -> str:

@@ -7,18 +7,18 @@ Samples are resampled regardless of their dataset: a design stratified by datase
 ``--fidbench-limit 1`` (one prompt per dataset), and pooling can only widen the interval. Percentile
 intervals, a fixed seed: the same record gives the same interval on every machine.
 
-Free-running scores (``FREE``) are plain means over the samples that measured them (a sample's ROUGE-L counts
-once, whatever its length), so each such sample weighs 1.
+Free-running scores (``FREE``: declared with an interval, pooled over samples) are plain means over the samples
+that measured them (a sample's ROUGE-L counts once, whatever its length), so each such sample weighs 1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import metrics
+from . import metric_table
 
-METRICS = ("acc1", "acc5", "kl_mean")  # the token-weighted means with intervals
-FREE = tuple(m for m in metrics.FREE_RUN if m != "answer_recall_base")  # per-sample means (see above)
+METRICS = metric_table.names(interval=True, pooled="tokens")  # the token-weighted means with intervals
+FREE = metric_table.names(interval=True, pooled="samples")  # per-sample means (see above)
 LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 0

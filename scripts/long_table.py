@@ -1,4 +1,4 @@
-"""Markdown tables of a long-context run (suites/README.md, "long.yaml"): per case acc@1, acc@5, KL, first
+"""Markdown tables of a long-context run (suites/LOG.md, "long.yaml"): per case acc@1, acc@5, KL, first
 divergence, kept fraction, acc@1 by quarter of the reference, answers reproduced, the case's prefill and
 decode seconds summed over its samples; then acc@1 per task. Cases sorted by acc@1.
 

@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fidbench import attention, engine
-from fidbench.methods import build
+from fidbench.methods import REGISTRY, build
 from fidbench.methods._weights import fake_quant
 
 P, N = 40, 21  # a 40-token prompt and 20 decode steps
@@ -40,6 +40,18 @@ CASES = {
     "tova": ("tova", {"budget": 12}),
     "kivi": ("kivi", {"bits": 2, "group": 4, "residual": 8}),
 }
+
+
+KV = sorted(name for name, cls in REGISTRY.items() if cls.full_attention_only)
+
+
+def test_every_kv_method_is_checked_here_or_says_why_not():
+    checked = {method for method, _ in CASES.values()}
+    for name in KV:
+        why = REGISTRY[name].not_physically_checked
+        assert (name in checked) != bool(why), (
+            f"KV method {name!r}: add a case to CASES or say why not in its not_physically_checked" if not why
+            else f"KV method {name!r} is in CASES yet says it is not checked here: {why}")
 
 
 def softmax_attend(q, keys, values, scale):

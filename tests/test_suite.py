@@ -110,7 +110,7 @@ def test_colliding_case_ids_are_refused_naming_both_cases(tmp_path):
     assert "model 'm' × variant 'a-origin' and model 'm-a' × variant 'origin' have the same case id 'm-a-origin'" in str(e.value)
 
 
-@pytest.mark.parametrize("old,new,message", [  # the examples, through a suite file
+@pytest.mark.parametrize("old,new,message", [  # wrong parameter types, through a suite file
     ("method: topk, keep: 0.1}", "method: rtn, symmetric: 'false'}",
      "methods.topk-10: parameter 'symmetric' of method 'rtn' must be bool, got 'false' (str)"),
     ("method: topk, keep: 0.1}", "method: topk, keep: true}",

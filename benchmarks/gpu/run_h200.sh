@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's table in one call on one GPU, in about 8.5 minutes: benchmarks/run.py on a random-weight Llama
+# The 8B table in one call on one GPU, in about 8.5 minutes: benchmarks/run.py on a random-weight Llama
 # of Llama-3.1-8B's shape (bf16, built in place), with the default model's tokenizer from
 # benchmarks/gpu/tokenizer (its GGUF cannot travel). Targets 1-4 in one process (the model is built
 # once), each method time-boxed, every record written to $OUT/bench.json as it is measured; a hard
@@ -17,8 +17,8 @@ py="${PYTHON:-python3}"
 export FIDBENCH_CACHE="${FIDBENCH_CACHE:-/tmp/fidbench-gpu-cache}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 
-# The H200 machine of this workplace has torch and transformers but not rapidfuzz (a fidbench dependency, imported
-# by fidbench.metrics), and no network: bring its wheel in the checkout and name the folder in WHEELS, e.g.
+# A GPU machine without network that lacks a fidbench dependency (e.g. rapidfuzz, imported by fidbench.metrics):
+# bring its wheel in the checkout and name the folder in WHEELS, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 rapidfuzz -d gpuwheels
 if [ -n "${WHEELS:-}" ]; then "$py" -m pip install -q --no-deps "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }; fi
 # Where fidbench is not installed yet: no dependencies and no build isolation, so pip takes the machine's
@@ -32,10 +32,10 @@ print(f"fidbench {fidbench.__file__}, torch {torch.__version__}, transformers {t
 PY
 
 # First origin's target-1 case under torch.profiler (CUDA activities: where the engine's time goes), then
-# target 1 for the engine and the methods of issue 11's rows, 2-3 for every method but the calibrating weight
+# target 1 for the engine and the methods of the 8B table's rows, 2-3 for every method but the calibrating weight
 # methods (gptq, awq, wanda: calibrating an 8B model takes minutes; their prefill and long-prompt rows are
 # origin's forward on other weights), 3 at 32,000 tokens, 4 with one prompt per dataset. Measured on the H200
-# (benchmarks/README.md): targets 1-2 with awq and wanda took 233 s, target 3 about 9 s a method (sage-attention
+# (benchmarks/LOG.md): targets 1-2 with awq and wanda took 233 s, target 3 about 9 s a method (sage-attention
 # 38 s, sparge-attention over 40 s: time-boxed), target 4 79 s.
 timeout "${BUDGET:-500}" "$py" benchmarks/run.py --shape 8b --tokenizer benchmarks/gpu/tokenizer --device cuda \
   --dtype bf16 --out "$OUT/bench.json" --targets 1,2,3,4 --repeats 3 --engine-methods origin,topk,snapkv,h2o,tova \

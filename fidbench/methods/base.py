@@ -69,6 +69,9 @@ class Method:
     # layers to the model's own window (fidbench.methods._kv), so a model without a full-attention
     # layer is refused rather than run unchanged.
     full_attention_only: ClassVar[bool] = False
+    # A KV method that tests/test_physical.py does not check against a physically pruned cache says why here
+    # (that test fails for a KV method neither checked there nor saying why).
+    not_physically_checked: ClassVar[str] = ""
     # True when the method's hook never changes a prefill attention call's output (it may look at it):
     # its prefill is the base model's, which a suite may then record once per prompt and replay for
     # every such case (fidbench.prefill; replaying a hook that does change it is an error).

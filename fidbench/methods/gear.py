@@ -104,6 +104,8 @@ class GEAR(Method):
                    "real": {"group_size": 4, "left": 0.2, "prefillrank": 2, "rank": 1, "prefillrankv": 2, "rankv": 1,
                             "streaming_gap": 8}}
     full_attention_only = True
+    not_physically_checked = ("it evicts nothing: each decode query reads a D + S + L reconstruction of the cache, "
+                              "checked against a direct implementation and stepwise decoding in tests/test_gear.py")
     base_prefill = True  # the prompt is attended in full precision; the cache is compressed for decode queries
     quantize_bit: int = 2
     group_size: int = 64

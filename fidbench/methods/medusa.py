@@ -38,40 +38,8 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ._medusa_heads import FILES, Heads, decoder
 from .base import Method, beside, register
-
-FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
-
-
-class ResBlock(torch.nn.Module):
-    """Medusa's residual block: x + SiLU(linear(x)), the linear with a bias."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.linear = torch.nn.Linear(hidden, hidden)
-
-    def forward(self, x):
-        return x + torch.nn.functional.silu(self.linear(x))
-
-
-class Heads(torch.nn.Module):
-    """Medusa heads with Medusa's state-dict layout (``{i}.{j}.linear.*``, v1's ``{i}.{L}.weight``).
-
-    ``lm_head`` is None for v1 (each head has its own) and the base's output layer for v2."""
-
-    def __init__(self, n: int, layers: int, hidden: int, vocab: int | None = None):
-        super().__init__()
-        own = (lambda: [torch.nn.Linear(hidden, vocab, bias=False)]) if vocab else list  # one per head
-        self.heads = torch.nn.ModuleList(
-            torch.nn.Sequential(*[ResBlock(hidden) for _ in range(layers)], *own()) for _ in range(n))
-        self.layers, self.version = layers, "1" if vocab else "2"
-
-    def forward(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
-        """(heads, ..., vocab) logits of every head for ``hidden`` (..., H)."""
-        return torch.stack([head(hidden) if lm_head is None else lm_head(head(hidden)) for head in self.heads])
-
-    def state_dict_medusa(self) -> dict:
-        return {k.removeprefix("heads."): v for k, v in self.state_dict().items()}
 
 
 def read_state(path: Path) -> dict:
@@ -215,9 +183,3 @@ class Medusa(Method):
 
     def kept(self) -> dict:
         return dict(getattr(self, "_info", {}), count_base=self.count_base)
-
-
-def decoder(model):
-    """The decoder stack under the LM head. transformers 4.56 returns None from ``get_decoder()`` on *ForCausalLM
-    models, and ``base_model`` is the whole model for some of them (Gemma 3), so ``.model`` there."""
-    return model.get_decoder() or model.model
