@@ -273,7 +273,8 @@ def test_a_crashed_xdist_worker_s_case_is_in_the_report(small):
     (small.path / "conftest.py").write_text(
         "import os\n\nimport pytest\n\n\n@pytest.fixture(autouse=True)\ndef crash(request):\n"
         "    if request.node.name.endswith('crash]'):\n        os._exit(1)\n")
-    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  crash: {method: origin}\n  after: {method: origin}\n"
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  crash: {method: origin}\n"
+                                                      "  after: {method: origin}\n"
                                                       "  a::crash: {method: origin}\n")  # :: as in a node id's path
     result = small.runpytest_subprocess("--fidbench-quiet", "-n", "2", "--fidbench-report", "r.json")
     result.assert_outcomes(passed=2, failed=2)
@@ -356,7 +357,8 @@ def test_a_session_that_collects_nothing_or_fails_to_collect_replaces_the_report
     doc = strict_json(report)
     assert doc["cases"] == [] and len(doc["errors"]) == 1 and "acc9" in doc["errors"][0]
     assert cli.main(["report", str(report)]) == 0  # a viewer: it shows what the file holds, and says why
-    assert f"fidbench report: {report}: the run collected no case: test_fidelity.py: fidbench: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"fidbench report: {report}: the run collected no case: test_fidelity.py: fidbench: " in err
 
 
 def test_a_full_disk_for_the_report_is_a_clear_error_not_an_internal_error(small, monkeypatch):

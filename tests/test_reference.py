@@ -217,7 +217,8 @@ def test_a_full_disk_for_the_cache_is_a_clear_error_and_leaves_no_partial_file(c
 
     monkeypatch.setattr(Path, "write_bytes", full)
     store = Store(cache, "tiny", "f" * 64, 4)
-    with pytest.raises(OSError, match=r"^cannot write a reference to the cache .*references/tiny-ffff.* \(No space left "
-                                      r"on device\); free space there or set FIDBENCH_CACHE to another directory$"):
+    message = (r"^cannot write a reference to the cache .*references/tiny-ffff.* \(No space left on device\); "
+               r"free space there or set FIDBENCH_CACHE to another directory$")
+    with pytest.raises(OSError, match=message):
         store.get(model, prompts(1), progress=False)
     assert [p.name for p in store.dir.iterdir() if not p.name.endswith(".lock")] == []
