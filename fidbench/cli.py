@@ -227,6 +227,8 @@ def _main(argv: list[str] | None) -> int:
         if (doc := _read("report", args.path)) is None:
             return ERROR
         _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown))
+        for error in doc.get("errors") or []:  # a run that could not collect its cases: its report says why
+            print(f"fidbench report: {args.path}: the run collected no case: {error}", file=sys.stderr)
         return 0
     if args.command == "compare":
         return _compare(args)

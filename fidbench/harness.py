@@ -3,6 +3,7 @@ score a method variant over every prompt and return the case's record for the re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -137,13 +138,25 @@ class Bench:
         shared = prefill.Prefills(int(self.suite.share_prefill_gib * 2**30)) if self.suite.share_prefill_gib else None
         return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress, shared)
 
+    @contextlib.contextmanager
+    def _reloaded_if_changed(self, loaded: Loaded, method):
+        """A method that raised may have left the weights changed: the next case then reloads the model."""
+        try:
+            yield
+        except Exception:
+            if method.leaves_model_changed or models.fingerprint(loaded.model) != loaded.fingerprint:
+                self.loaded = None
+            raise
+
     def run(self, case: Case, method=None, timer: Callable | None = None, on_sample=None) -> dict:
         """Evaluate one model × variant over every prompt; the returned dict is the report's case record.
 
         ``timer(model, method, reference, recorded)``, called with the method still applied, the first scored
         sample's reference and its shared prefill (None: prefilled live), times it apart from the evaluation;
         what it returns is the record's ``timing.timed``.
-        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring."""
+        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring.
+        The model's fingerprint is checked after the method's ``apply`` exits: a method that leaves the weights
+        changed fails its case, and the next case reloads the model rather than score the changed one."""
         method = method or build(case.variant.method, case.variant.params)
         own_loop = method.kind == "own_loop"  # a legacy Modifier's own loop replaces engine + metrics
         free = self.free_run or case.variant.free_run
@@ -168,7 +181,7 @@ class Bench:
         shared = loaded.prefills if method.base_prefill and not own_loop else None
         if shared is not None:
             timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
-        with method.apply(loaded.model, loaded) as model:
+        with self._reloaded_if_changed(loaded, method), method.apply(loaded.model, loaded) as model:
             for k, (prompt, ref) in enumerate(work):
                 if self.progress:
                     self.progress(f"{case.id}: prompts", k, len(work))
@@ -211,7 +224,16 @@ class Bench:
             first = next((r for r in loaded.references if r is not None), None)
             if timer is not None and first is not None:
                 timing["timed"] = timer(model, method, first, shared.get(model, first.p_ids) if shared else None)
-        return report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing, free)
+        record = report.case(case, loaded, method, mode, per_dataset, samples, skipped, timing, free)
+        if method.leaves_model_changed:
+            self.loaded = None  # changed by design (also forwards the fingerprint cannot see): reload for the next case
+        elif models.fingerprint(loaded.model) != loaded.fingerprint:  # one pass over the weights, once per case
+            self.loaded = None  # the next case reloads the model instead of scoring the changed one
+            record["outcome"] = "failed"
+            record["failures"].insert(0, f"method {method.name!r} (variant {case.variant.name!r}) left the model's "
+                                         f"weights changed after its apply() exited (it must restore them); the "
+                                         f"model is reloaded for the next case")
+        return record
 
 
 def non_finite(logits: torch.Tensor) -> tuple[int, int | None]:

@@ -105,6 +105,9 @@ def convert_embedded(name: str) -> Path:
         tokenizer.save_pretrained(tmp)
         # save_pretrained refuses a GGUF-loaded model; the weights are already dequantized to fp32.
         save_model(model, str(tmp / "model.safetensors"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the cache may be shared
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = "float32"

@@ -10,7 +10,10 @@ pytest-benchmark keeps its numbers only in its own JSON and switches itself off 
 fidbench carries each case's record to the controller in ``user_properties`` and writes its own
 report there, rewritten after every case so an interrupted run keeps what it measured. Every
 selected case gets an outcome in it (passed, failed, error, skipped), also one that errored in
-setup, raised, or whose xdist worker crashed.
+setup, raised, or whose xdist worker crashed; SIGTERM (what ``timeout`` and CI runners send) stops a
+session that writes a report as Ctrl-C does, so the case running then is an error ("interrupted") and
+the unrun ones are "not run". Every session writes the report at its end, also one that collected
+nothing or failed to collect: a previous run's report is never left behind to be read as this one's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +113,7 @@ def pytest_configure(config):
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
     config.stash[_path_key] = _suite_path(config)
+    _stop_on_sigterm(config)
     config.pluginmanager.register(Progress(config, os.environ.get("PYTEST_XDIST_WORKER")), "fidbench-progress")
     if config.option.markers:  # `pytest --markers` collects nothing: list the suite's markers from here
         with contextlib.suppress(SuiteError, OSError, ValueError):
@@ -121,6 +127,32 @@ def pytest_configure(config):
             except OSError as e:
                 raise pytest.UsageError(f"--fidbench-report {path}: cannot write the report there ({e.strerror or e})") from None
         config.pluginmanager.register(Reporter(config), "fidbench-reporter")
+
+
+_sigterm_key = pytest.StashKey()
+
+
+def _stop_on_sigterm(config) -> None:
+    """In a session that writes a report, SIGTERM (``timeout``, CI runners cancelling a job, ``kill``) interrupts
+    it as Ctrl-C does, in the controller and in each xdist worker (they get the same options), so the report gets
+    written; a second SIGTERM kills at once. Other sessions (fidbench is a plugin of every pytest run where it is
+    installed) keep SIGTERM's default, and so does one where someone else handles SIGTERM or pytest runs outside
+    the main thread."""
+    if not config.getoption("fidbench_report") or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    config.stash[_sigterm_key] = interrupt
+
+
+def pytest_unconfigure(config):
+    if signal.getsignal(signal.SIGTERM) is config.stash.get(_sigterm_key, None):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _looks_like_suite(path: Path) -> bool:
@@ -458,8 +490,8 @@ def _outcome(rep, recorded: bool) -> tuple[str, str | None] | None:
 
 def _param_id(nodeid: str) -> str:
     """The parametrize id of a node id: ``case-id`` of ``tests/x.py::test_fidelity[case-id]``, also with the
-    ``@group`` that ``--dist loadgroup`` appends (ids may hold [ ])."""
-    return nodeid.rpartition("::")[2].partition("[")[2].rpartition("]")[0]
+    ``@group`` that ``--dist loadgroup`` appends (ids may hold [ ] and ::, the path neither)."""
+    return nodeid.partition("::")[2].partition("[")[2].rpartition("]")[0]
 
 
 def _workers(config) -> int:
@@ -480,6 +512,11 @@ class Reporter:
         self.environment = report.environment(workers=_workers(config))
         self.nodes: dict[str, str] = {}  # node id -> case id, from the reports' user properties
         self.selected: dict[str, str] = {}  # node id -> case id of every selected fidelity case
+        self.running: set[str] = set()  # node ids started and not finished (under xdist, on any worker)
+        self.interrupted: str | None = None  # what stopped the session: "SIGTERM", "Ctrl-C", a worker's interrupt
+        self.interrupted_workers: set[str] = set()  # xdist workers that stopped on SIGTERM or Ctrl-C
+        self.collect_errors: list[str] = []  # what failed to collect: the report says so instead of holding no case
+        self.write_error: str | None = None  # why the report could not be written (a full disk), said once
 
     @property
     def report(self) -> report.Report:
@@ -532,6 +569,38 @@ class Reporter:
         if ids and self._active():  # ids: the workers read the suite, so it loads here too
             self.selected.update((i, _param_id(i)) for i in ids if _param_id(i) in self.cases)
 
+    def _save(self, change) -> None:
+        """Apply ``change`` to the report, which rewrites its file; a file that cannot be written (a full disk,
+        a read-only directory) is said once, in a line, and fails the session at its end: no INTERNALERROR."""
+        try:
+            change()
+        except OSError as e:
+            if self.write_error is None:
+                self.write_error = (f"fidbench: cannot write the report {self.report.path}: {e.strerror or e}; "
+                                    "the cases still run and gate, their scores are not saved")
+                terminal = self.config.pluginmanager.getplugin("terminalreporter")
+                if terminal is not None:
+                    terminal.write_line("\n" + self.write_error)
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.running.add(nodeid)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        self.running.discard(nodeid)
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        """Ctrl-C, or SIGTERM (raised as KeyboardInterrupt("SIGTERM")), or an xdist worker's interruption."""
+        message = str(excinfo.value)  # xdist's: "<WorkerController gw0> received keyboard-interrupt"
+        self.interrupted = message if message == "SIGTERM" or "keyboard-interrupt" in message else "Ctrl-C"
+
+    def pytest_testnodedown(self, node, error):
+        if error == "keyboard-interrupt":  # xdist then reports the case the worker ran as its crash
+            self.interrupted_workers.add(node.gateway.id)
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.collect_errors.append(f"{report.nodeid or 'collection'}: {(_message(report) or '')[:2000]}")
+
     @pytest.hookimpl(tryfirst=True)  # an xdist worker's progress shows before the report's outcome
     def pytest_runtest_logreport(self, report):
         terminal = self.config.pluginmanager.getplugin("terminalreporter")
@@ -545,18 +614,41 @@ class Reporter:
             return
         records = [value for name, value in report.user_properties if name == RECORD]
         for record in records:
-            self.report.add(record)
+            self._save(lambda record=record: self.report.add(record))
         outcome = _outcome(report, bool(records))
+        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+        if report.when == "???" and worker in self.interrupted_workers:  # xdist calls it a crash
+            outcome = ("error", f"interrupted (worker {worker} stopped by SIGTERM or Ctrl-C) while this case ran")
         if outcome is not None:
-            self.report.settle(case, *outcome)
+            self._save(lambda: self.report.settle(case, *outcome))
 
     def pytest_sessionfinish(self, session):
-        """Selected cases that never ran (-x, --maxfail, an interruption) are in the report too."""
-        if self.config.option.collectonly:
+        """The report is written at the end of every session: the case running when the session was interrupted
+        is an error that says so, selected cases that never ran (-x, --maxfail, an interruption) are "not run",
+        and a session that collected no case or failed to collect replaces a previous report (its ``errors``
+        say why), so nobody reads an earlier run's results as this one's."""
+        if self.config.option.collectonly or not self._active():
             return
+        try:
+            _ = self.report
+        except pytest.fail.Exception as e:  # the suite is not valid: a report of no case that says why
+            self._report = report.Report(self.config.getoption("fidbench_report"), {}, [], self.environment)
+            if not any(e.msg in error for error in self.collect_errors):  # said at collection already
+                self.report.errors.append(e.msg)
+        for nodeid in sorted(self.running):
+            case = self.cases.get(self.nodes.get(nodeid) or self.selected.get(nodeid) or _param_id(nodeid))
+            if case is not None and case.id not in self.report.records:
+                why = self.interrupted or "the session ended"
+                self._save(lambda case=case, why=why: self.report.settle(case, "error", f"interrupted ({why}) while "
+                                                                                        "this case ran"))
         for case_id in self.selected.values():
             if case_id in self.cases and case_id not in self.report.records:
-                self.report.settle(self.cases[case_id], "skipped", "not run: the session ended before this case")
+                self._save(lambda case_id=case_id: self.report.settle(
+                    self.cases[case_id], "skipped", "not run: the session ended before this case"))
+        self.report.errors.extend(self.collect_errors)
+        self._save(self.report.write)
+        if self.write_error is not None and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter):
         records = self.report.ordered() if self._report is not None else []
@@ -569,5 +661,7 @@ class Reporter:
             terminalreporter.write_line(report.table(records))
             for line in report.skip_notes(records):
                 terminalreporter.write_line(line, yellow=True)
-            if self.config.getoption("fidbench_report"):
+            if self.config.getoption("fidbench_report") and self.write_error is None:
                 terminalreporter.write_line(f"fidbench report: {self.config.getoption('fidbench_report')}")
+        if self.write_error is not None:
+            terminalreporter.write_line(self.write_error)

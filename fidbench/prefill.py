@@ -12,7 +12,11 @@ same ``update`` calls the layers made. The method sees the very tensors a live p
 so everything after is bit for bit what a live prefill gives (tests/test_prefill.py, six families).
 
 A hook that changes a prefill call's output while replayed is an error, never a silently different
-run. Statistics a method derives from a call independently of its own parameters (H2O's attention
+run; so is one that writes into a call's query, key, value or mask in place (live, the layer would then
+compute on what it wrote), and a method that writes into a record later (it kept a tensor of it), named
+by the record's next replay. Tensors' version counters say so, read on the host at no cost (records are
+made under ``no_grad``, not ``inference_mode``, to have them); a spoiled record is made again for the next
+case. Statistics a method derives from a call independently of its own parameters (H2O's attention
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the
@@ -47,6 +51,22 @@ class Recorded:
     calls: list[Call]  # in the order the layers ran
     first: torch.Tensor  # (1, V) float32 logits of the last prompt position
     prompt_len: int
+    versions: list[tuple[int, ...]] = field(init=False)  # each call's tensors' version counters (_versions)
+    spoiled: bool = False  # a method wrote into it: Prefills records the prompt again
+    last: str = ""  # the method that replayed it last
+
+    def __post_init__(self):
+        self.versions = self._versions()
+
+    def _versions(self) -> list[tuple[int, ...]]:
+        return [_versions(c.query, c.key, c.value, c.attention_mask) for c in self.calls]
+
+    def _spoiled(self, method: str, where: str, layer: int) -> RuntimeError:
+        self.spoiled = True
+        return RuntimeError(
+            f"method {method!r} wrote into a prefill attention call's query, key, value or mask in place ({where}, "
+            f"layer {layer}), so its prefill is not the base model's and it cannot replay a shared prefill: its class "
+            f"must not declare base_prefill, or it must leave those tensors alone")
 
     @property
     def nbytes(self) -> int:
@@ -58,18 +78,32 @@ class Recorded:
     def replay(self, model, method):
         """What a live prefill under ``method`` returns (last logits, cache): the method's hook sees each
         recorded call in layer order, and the cache gets each layer's keys and values as the layer gave them."""
+        for c, now, then in zip(self.calls, self._versions(), self.versions):
+            if now != then:  # the cache of a replay may hold the recorded tensors: written into while decoding
+                raise self._spoiled(self.last, "after its replay", c.module.layer_idx)
+        self.last = method.name
         cache = DynamicCache(config=model.config)
         phase = attention.Phase("prefill", self.prompt_len, 0)
-        for c in self.calls:
-            key, value = cache.update(c.key, c.value, c.module.layer_idx)
-            call = attention.AttentionCall(c.module, c.query, key, value, c.attention_mask, phase, c.kwargs, c.memo)
-            if method.attend(call) is not None:
-                raise RuntimeError(
-                    f"method {method.name!r} changed the output of a prefill attention call (layer "
-                    f"{c.module.layer_idx}), so its prefill is not the base model's and it cannot replay a "
-                    f"shared prefill: its class must not declare base_prefill"
-                )
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: inference tensors have no versions
+            for c in self.calls:
+                key, value = cache.update(c.key, c.value, c.module.layer_idx)
+                call = attention.AttentionCall(c.module, c.query, key, value, c.attention_mask, phase, c.kwargs, c.memo)
+                before = _versions(c.query, key, value, c.attention_mask)
+                out = method.attend(call)
+                if _versions(c.query, key, value, c.attention_mask) != before:  # live, it would compute on them
+                    raise self._spoiled(method.name, "in its prefill hook", c.module.layer_idx)
+                if out is not None:
+                    raise RuntimeError(
+                        f"method {method.name!r} changed the output of a prefill attention call (layer "
+                        f"{c.module.layer_idx}), so its prefill is not the base model's and it cannot replay a "
+                        f"shared prefill: its class must not declare base_prefill"
+                    )
         return self.first, cache
+
+
+def _versions(*tensors) -> tuple[int, ...]:
+    """Version counters, bumped by every in-place write (also through a view): host integers, no device sync."""
+    return tuple(t._version for t in tensors if t is not None)
 
 
 class _Recorder:
@@ -83,7 +117,7 @@ class _Recorder:
         return None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: inference tensors have no version counters (Recorded.versions)
 def record(model, p_ids: list[int]) -> Recorded | None:
     """The base model's prefill of ``p_ids``, recorded; None when its cache is not a plain ``DynamicCache``
     (the one type ``Recorded.replay`` rebuilds)."""
@@ -109,8 +143,10 @@ class Prefills:
         """The record of ``p_ids``, made on first use; kept for later cases while the cap allows (a record
         it cannot keep still serves the case that made it). None: prefill it live."""
         key = tuple(p_ids)
-        if key in self._records:
+        if key in self._records and not getattr(self._records[key], "spoiled", False):
             return self._records[key]
+        if key in self._records:  # a method wrote into it (and failed its case for it): record it again
+            self.used -= self._records.pop(key).nbytes
         if self.used >= self.max_bytes:
             return None
         rec = record(model, p_ids)

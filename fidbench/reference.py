@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import engine, lock
 from .datasets import Prompt
@@ -225,8 +225,14 @@ class Store:
             "gold_logp": ref.gold_logp.contiguous(), "rest_logp": ref.rest_logp.contiguous(),
         }
         settings = json.dumps(self.settings, sort_keys=True)
-        save_file(tensors, str(tmp), metadata={"settings": settings, "sha256": _checksum(settings, tensors)})
-        os.replace(tmp, path)
+        data = save(tensors, metadata={"settings": settings, "sha256": _checksum(settings, tensors)})
+        try:  # written as any file is (umask: group- and world-readable by default), not 0600: caches are shared
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
+            raise OSError(f"cannot write a reference to the cache {self.dir} ({e.strerror or e}); free "
+                          f"space there or set FIDBENCH_CACHE to another directory") from None
 
     def _make(self, model, prompt: Prompt) -> Reference:
         if prompt.g_ids is None:

@@ -201,6 +201,7 @@ class Report:
         self.order = order
         self.records: dict[str, dict] = {}
         self.environment = env or environment()
+        self.errors: list[str] = []  # what kept cases from being collected (a bad suite): written as "errors"
 
     def add(self, record: dict) -> None:
         self.records[record["id"]] = finite(record)  # the table shows what the file holds
@@ -221,9 +222,15 @@ class Report:
         if not self.path:
             return
         doc = {"format": FORMAT, "environment": self.environment, "settings": self.settings, "cases": self.ordered()}
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        Path(tmp).write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
-        os.replace(tmp, self.path)
+        if self.errors:
+            doc["errors"] = self.errors
+        tmp = Path(f"{self.path}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(finite(doc), indent=1, allow_nan=False))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
+            raise
 
 
 class ReportError(ValueError):
@@ -337,6 +344,8 @@ def read(path) -> dict:
     for key in ("settings", "environment"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise ReportError(f"{path}: {key}: expected an object, got {json.dumps(doc[key])[:80]}")
+    if "errors" in doc and not (isinstance(doc["errors"], list) and all(isinstance(e, str) for e in doc["errors"])):
+        raise ReportError(f"{path}: errors: expected a list of messages, got {json.dumps(doc['errors'])[:80]}")
     if not isinstance(doc.get("cases"), list):
         got = "missing" if "cases" not in doc else f"expected a list of cases, got {json.dumps(doc['cases'])[:80]}"
         raise ReportError(f"{path}: cases: {got}")

@@ -47,6 +47,14 @@ CHATML = (
 WORDS = "the a cat dog sat on mat ran far home red blue green tree sky sun moon one two three".split()
 
 
+PLANTED = [0.0]  # seconds on the planted clock, advanced by tests that plant a speed
+
+
+def planted_clock() -> float:
+    """A clock for pytest-benchmark (``--benchmark-timer helpers.planted_clock``) that only planted work advances."""
+    return PLANTED[0]
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A randomly initialised model of ``family`` (fp32, SDPA attention, eval mode)."""
     torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """The harness end to end on a tiny checkpoint: overlong policy in the results, cached references,
 imported reference files."""
 
+import contextlib
 import json
 import math
 
@@ -245,3 +246,31 @@ def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache
     seen = []
     record = Bench(s, progress=False).run(s.cases()[0], on_sample=seen.append)
     assert [f.logits.shape[0] for f in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2
+
+
+def test_a_method_that_does_not_restore_the_weights_fails_its_case_and_later_cases_score_the_base(
+        tmp_path, checkpoint, cache):
+    saved = dict(REGISTRY)
+
+    @register
+    class Careless(Method):
+        name = "careless-test"
+        kind = "weights"
+
+        @contextlib.contextmanager
+        def apply(self, model, context=None):
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(-1)  # never undone
+            yield model
+
+    try:
+        s = suite(tmp_path, checkpoint, methods="methods:\n  careless: {method: careless-test}\n  origin: {}\n")
+        bench = Bench(s, progress=False)
+        careless, origin = (bench.run(case) for case in s.cases())
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(saved)
+    assert careless["outcome"] == "failed" and careless["failures"][0] == (
+        "method 'careless-test' (variant 'careless') left the model's weights changed after its apply() exited (it "
+        "must restore them); the model is reloaded for the next case")
+    assert origin["outcome"] == "passed" and origin["scores"]["acc1"] == 1.0 and origin["failures"] == []

@@ -84,10 +84,12 @@ def test_legacy_inline_config_and_no_copy(bench_for):
         "in-place": {"method": "legacy", "module": MODULE, "cls": "NoisyNorm", "config": NOISE, "copy": False},
     })
     inline = bench.run(cases["inline"])
-    before = models.fingerprint(bench.loaded.model)
+    loaded = bench.loaded
+    before = models.fingerprint(loaded.model)
     in_place = bench.run(cases["in-place"])
-    assert inline["scores"] == in_place["scores"]
-    assert models.fingerprint(bench.loaded.model) != before  # copy: false leaves the Modifier's change behind
+    assert inline["scores"] == in_place["scores"] and in_place["failures"] == []
+    assert models.fingerprint(loaded.model) != before  # copy: false leaves the Modifier's change behind
+    assert bench.loaded is None and bench.run(cases["inline"])["scores"] == inline["scores"]  # so the model reloads
 
 
 def test_legacy_errors_are_clear(tmp_path):

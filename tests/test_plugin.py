@@ -1,10 +1,16 @@
 """The pytest plugin end to end, on tiny checkpoints: ids and -k selection, floors, reports, xdist."""
 
+import errno
 import json
 import shutil
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT, checkpoints_fixture, fill_project, origin_topk_suite
+
+from fidbench import cli
 
 SUITE = origin_topk_suite({"tiny-a": "a", "tiny-b": "b"}, max_new_tokens=12)
 
@@ -266,11 +272,128 @@ def test_a_model_that_cannot_be_set_up_fails_its_first_case_clearly_and_the_othe
 def test_a_crashed_xdist_worker_s_case_is_in_the_report(small):
     (small.path / "conftest.py").write_text(
         "import os\n\nimport pytest\n\n\n@pytest.fixture(autouse=True)\ndef crash(request):\n"
-        "    if request.node.name.endswith('-crash]'):\n        os._exit(1)\n")
-    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  crash: {method: origin}\n  after: {method: origin}\n")
+        "    if request.node.name.endswith('crash]'):\n        os._exit(1)\n")
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  crash: {method: origin}\n"
+                                                      "  after: {method: origin}\n"
+                                                      "  a::crash: {method: origin}\n")  # :: as in a node id's path
     result = small.runpytest_subprocess("--fidbench-quiet", "-n", "2", "--fidbench-report", "r.json")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=2, failed=2)
     cases = strict_json(small.path / "r.json")["cases"]
     assert [(c["id"], c["outcome"]) for c in cases] == [("tiny-a-origin", "passed"), ("tiny-a-crash", "error"),
-                                                        ("tiny-a-after", "passed")]
-    assert "crashed while running" in cases[1]["error"]
+                                                        ("tiny-a-after", "passed"), ("tiny-a-a::crash", "error")]
+    assert "crashed while running" in cases[1]["error"] and "crashed while running" in cases[3]["error"]
+
+
+THREE = "  origin: {}\n  hang: {method: origin}\n  after: {method: origin}\n"
+HANG = """import os, signal, time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def hang(request):
+    if request.node.name.endswith('-hang]'):
+        {stop}
+        time.sleep(120)
+"""
+# As if `timeout` ran out: SIGALRM to the `timeout` process above this one, which sends SIGTERM to its whole
+# process group (the session and its xdist workers).
+EXPIRE = """pid = os.getppid()
+        while Path(f"/proc/{pid}/comm").read_text().strip() != "timeout":
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        os.kill(pid, signal.SIGALRM)"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("timeout") or not Path("/proc/self/stat").exists(), reason="needs timeout, /proc")
+@pytest.mark.parametrize("xdist", [[], ["-n", "2", "--dist", "loadgroup"]], ids=["alone", "xdist"])
+def test_sigterm_from_timeout_writes_the_report_with_the_running_case_interrupted(small, xdist):
+    (small.path / "conftest.py").write_text(HANG.replace("{stop}", EXPIRE))
+    (small.path / "fidbench.yaml").write_text(SMALL + THREE)
+    result = small.run("timeout", "300", sys.executable, "-m", "pytest", "--fidbench-quiet", "-p", "no:cacheprovider",
+                       "--fidbench-report", "r.json", *xdist, timeout=280)
+    assert result.ret == 124  # timeout's "it timed out", after the session wrote its report
+    cases = strict_json(small.path / "r.json")["cases"]
+    assert [(c["id"], c["outcome"]) for c in cases] == [("tiny-a-origin", "passed"), ("tiny-a-hang", "error"),
+                                                        ("tiny-a-after", "skipped")]
+    assert cases[1]["error"].startswith("interrupted (") and "SIGTERM" in cases[1]["error"]
+    assert cases[2]["error"] == "not run: the session ended before this case"
+
+
+def test_sigterm_is_taken_over_only_by_sessions_that_write_a_report(pytester):
+    pytester.makepyfile("import signal\n\n\ndef test_handler():\n"
+                        "    print('SIGTERM default:', signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    pytester.runpytest("-s", "-p", "no:cacheprovider").stdout.fnmatch_lines(["*SIGTERM default: True*"])
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider", "--fidbench-report", "r.json")
+    result.stdout.fnmatch_lines(["*SIGTERM default: False*"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back when the session ends
+
+
+def test_ctrl_c_records_the_running_case_as_interrupted(small):
+    (small.path / "conftest.py").write_text(HANG.replace("{stop}", "raise KeyboardInterrupt"))
+    (small.path / "fidbench.yaml").write_text(SMALL + THREE)
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json",
+                             no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    cases = strict_json(small.path / "r.json")["cases"]
+    assert [(c["id"], c["outcome"], c["error"]) for c in cases] == [
+        ("tiny-a-origin", "passed", None), ("tiny-a-hang", "error", "interrupted (Ctrl-C) while this case ran"),
+        ("tiny-a-after", "skipped", "not run: the session ended before this case")]
+
+
+def test_a_session_that_collects_nothing_or_fails_to_collect_replaces_the_report(small, capsys):
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n")
+    report = small.path / "r.json"
+    small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json").assert_outcomes(passed=1)
+    assert [c["id"] for c in strict_json(report)["cases"]] == ["tiny-a-origin"]
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", "-k", "nomatch")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    doc = strict_json(report)
+    assert doc["cases"] == [] and "errors" not in doc and doc["settings"]["suite"].endswith("fidbench.yaml")
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {floors: {acc9: 0.5}}\n")
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # pytest's exit status for collection errors
+    doc = strict_json(report)
+    assert doc["cases"] == [] and len(doc["errors"]) == 1 and "acc9" in doc["errors"][0]
+    assert cli.main(["report", str(report)]) == 0  # a viewer: it shows what the file holds, and says why
+    err = capsys.readouterr().err
+    assert f"fidbench report: {report}: the run collected no case: test_fidelity.py: fidbench: " in err
+
+
+def test_a_full_disk_for_the_report_is_a_clear_error_not_an_internal_error(small, monkeypatch):
+    from fidbench import report
+
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n")
+    writes = []
+
+    class FullDisk(type(Path())):
+        def write_text(self, *args, **kwargs):
+            writes.append(self.name)
+            if len(writes) > 1:  # the check before the run passes: the disk fills up during it
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write_text(*args, **kwargs)
+
+    monkeypatch.setattr(report, "Path", FullDisk)
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and len(writes) > 2
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "Traceback" not in out
+    assert out.count("fidbench: cannot write the report r.json: No space left on device; the cases still run") == 2
+    assert sorted(p.name for p in small.path.iterdir() if p.name.startswith("r.json")) == []  # no half-written file
+
+
+def test_a_full_disk_for_the_cache_fails_the_model_s_cases_in_a_line_each(small, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {}\n  topk: {}\n")
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json")
+    result.assert_outcomes(errors=2)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "Traceback" not in out and "reference.py" not in out
+    assert out.count("models.tiny-a could not be set up: OSError: cannot write a reference to the cache ") == 1
+    assert "(No space left on device); free space there or set FIDBENCH_CACHE to another directory" in out
+    assert [c["outcome"] for c in strict_json(small.path / "r.json")["cases"]] == ["error", "error"]

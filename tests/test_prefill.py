@@ -74,6 +74,57 @@ def test_a_method_that_changes_the_prefill_cannot_replay_one():
         engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, "parallel", prefill.record(model, ref.p_ids))
 
 
+@pytest.mark.parametrize("tensor", ["key", "query", "value"])
+def test_a_method_that_writes_into_a_replayed_prefill_call_fails_and_the_prompt_is_recorded_again(tensor):
+    class Writes(Method):
+        name, kind, base_prefill = "writes", "attention", True
+
+        def attend(self, call):
+            if call.phase.name == "prefill" and call.layer_idx == 1:
+                getattr(call, tensor)[:, :, :3].mul_(0.5)  # in place, through a view: live, the layer computes on it
+            return None
+
+    model = tiny_model("llama")
+    ref = reference(model, random_ids(20), n=4)
+    shared = prefill.Prefills(max_bytes=2**30)
+    recorded = shared.get(model, ref.p_ids)
+    method = Writes()
+    with method.apply(model) as applied, pytest.raises(RuntimeError, match=r"method 'writes' wrote into a prefill "
+                                                       r"attention call's query, key, value or mask in place \(in its "
+                                                       r"prefill hook, layer 1\)"):
+        engine.teacher_force(applied, method, ref.p_ids, ref.g_ids, "stepwise", recorded)
+    again = shared.get(model, ref.p_ids)  # the next case replays the base model's prefill, recorded again
+    assert again is not recorded and shared.used == again.nbytes
+    origin = build("origin", {})
+    with origin.apply(model) as applied:
+        live = engine.teacher_force(applied, origin, ref.p_ids, ref.g_ids, "stepwise").logits
+        replayed = engine.teacher_force(applied, origin, ref.p_ids, ref.g_ids, "stepwise", again).logits
+    assert torch.equal(replayed, live)
+
+
+def test_a_method_that_writes_into_a_record_after_its_replay_is_named_by_the_next_replay():
+    class Later(Method):
+        name, kind, base_prefill = "later", "attention", True
+
+        def attend(self, call):
+            if call.phase.name == "prefill" and call.layer_idx == 0:
+                self.kept = call.query  # the record's own tensor
+            elif call.phase.name == "decode" and call.layer_idx == 0:
+                self.kept.zero_()
+            return None
+
+    model = tiny_model("llama")
+    ref = reference(model, random_ids(20), n=4)
+    shared = prefill.Prefills(max_bytes=2**30)
+    later, origin = Later(), build("origin", {})
+    with later.apply(model) as applied:
+        engine.teacher_force(applied, later, ref.p_ids, ref.g_ids, "stepwise", shared.get(model, ref.p_ids))
+    with origin.apply(model) as applied, pytest.raises(RuntimeError, match=r"method 'later' wrote into a prefill "
+                                                       r"attention call's .* in place \(after its replay, layer 0\)"):
+        engine.teacher_force(applied, origin, ref.p_ids, ref.g_ids, "stepwise", shared.get(model, ref.p_ids))
+    assert shared.get(model, ref.p_ids).spoiled is False  # recorded again for the cases after
+
+
 def test_records_are_kept_up_to_the_cap_and_still_serve_the_case_that_made_them():
     model = tiny_model("llama")
     one = prefill.record(model, random_ids(30)).nbytes

@@ -1,8 +1,11 @@
 """The reference store: cached, keyed, shared safely, nothing lost on interruption."""
 
+import errno
 import json
+import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +197,28 @@ def test_a_run_waiting_on_a_lock_says_who_holds_it_and_can_time_out(cache, model
     monkeypatch.setenv("FIDBENCH_LOCK_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="FIDBENCH_LOCK_TIMEOUT must be a number of seconds"):
         lock.timeout()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_references_are_written_with_the_umask_s_mode_for_a_shared_cache(cache, model, umask, mode):
+    old = os.umask(umask)
+    try:
+        Store(cache, "tiny", "f" * 64, 4).get(model, prompts(1), progress=False)
+    finally:
+        os.umask(old)
+    [path] = (cache / "references").glob("*/*.safetensors")
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_full_disk_for_the_cache_is_a_clear_error_and_leaves_no_partial_file(cache, model, monkeypatch):
+    def full(self, data):
+        Path.write_text(self, "part")  # a file the disk filled up in the middle of
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    store = Store(cache, "tiny", "f" * 64, 4)
+    message = (r"^cannot write a reference to the cache .*references/tiny-ffff.* \(No space left on device\); "
+               r"free space there or set FIDBENCH_CACHE to another directory$")
+    with pytest.raises(OSError, match=message):
+        store.get(model, prompts(1), progress=False)
+    assert [p.name for p in store.dir.iterdir() if not p.name.endswith(".lock")] == []

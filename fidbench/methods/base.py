@@ -76,6 +76,9 @@ class Method:
     # its prefill is the base model's, which a suite may then record once per prompt and replay for
     # every such case (fidbench.prefill; replaying a hook that does change it is an error).
     base_prefill: ClassVar[bool] = False
+    # True when apply() leaves the model changed by design (legacy's ``copy: false``): the next case then
+    # reloads the model. Any other method that leaves the weights changed fails its case.
+    leaves_model_changed: ClassVar[bool] = False
     # Parameters for the family matrix (tests/test_families.py) on tiny models with a 40-token prompt
     # and a 24-token reference: "degenerate" must reproduce origin, "real" must change the logits.
     # Either may be None with a "why"; "covered_by" names the test that covers a method needing

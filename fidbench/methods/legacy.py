@@ -9,8 +9,8 @@ original one: it scores reference tokens 1..N-1 (the first, predicted by the pre
 so acc@1 / acc@5 are over N-1 positions per sample, and KL, NLL and first divergence are not
 measured (reported as None). Modifiers patch forwards and replace modules in place, so by default
 the Modifier gets a deep copy of the model (``copy: false`` saves the memory, at the price of
-leaving the Modifier's changes on the loaded model for later cases). In a suite, a ``module`` file, a ``config``
-file and ``load_ckp`` are relative to the suite file.
+reloading the model for the next case: the Modifier's changes stay on the loaded one). In a suite, a
+``module`` file, a ``config`` file and ``load_ckp`` are relative to the suite file.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class Legacy(Method):
     config: str | dict | None = None
     load_ckp: str | None = None
     copy: bool = True
+
+    @property
+    def leaves_model_changed(self) -> bool:  # the Modifier patched the loaded model itself: the next case reloads it
+        return not self.copy
 
     @classmethod
     def resolve_paths(cls, params: dict, root):
