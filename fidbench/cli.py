@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
 from .legacy import runs
-from .methods import REGISTRY
+from .methods import REGISTRY, kvpress
 from .suite import DatasetSpec
 
 
@@ -29,7 +29,8 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        mode = "parallel" if cls.parallel_exact else "stepwise"
+        # A property (kvpress) decides per instance: a decoding press steps.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel or stepwise by parameters")
         # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
         shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
         lines.append(f"{name}  ({mode}{shared})  {cls.description}")
@@ -39,6 +40,8 @@ def describe_methods() -> str:
             lines.append(f"    {f.name}: {_type(f.type)} = {default!r}")
         if not fields:
             lines.append("    (no parameters)")
+        if name == "kvpress":  # its presses are parameters too
+            lines.append(kvpress.describe())
     return "\n".join(lines)
 
 
