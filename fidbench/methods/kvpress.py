@@ -17,9 +17,12 @@ whole prompt is compressed (kvpress's pipeline would leave a separate question u
 none). Teacher forcing then feeds the reference over that cache with logical position ids (the prompt length
 plus the tokens fed, or the compressed length for presses that re-rotate keys, as kvpress's pipeline does), with
 the press's hooks installed again only for decoding presses (DecodingPress, PrefillDecodingPress, DMSPress with
-``decoding``). A prefill-only press leaves a fixed cache, so the reference goes in one forward; when its layers
-keep different lengths (PyramidKV), transformers builds one causal mask from the first layer's length, so the
-wrapper feeds those tokens one at a time instead. Decoding presses run stepwise (``parallel_exact`` False).
+``decoding``), once from the first decode step to the next prefill (a decoding press counts steps and resets
+when its context exits). A prefill-only press leaves a fixed cache, so the reference goes in one forward; when its layers
+keep different lengths (PyramidKV), transformers builds one causal mask from the first layer's length, and where
+a press hides keys, kvpress searches one fake key that draws no attention from every query of the forward (a
+search that fails for many queries in few dimensions: 46 queries of a 16-dimensional head did): for those the
+wrapper feeds the tokens one at a time, exactly what a stepwise decode does. Decoding presses run stepwise (``parallel_exact`` False).
 Every sample gets a fresh press (presses keep per-run buffers). After the method, the attributes kvpress's hooks
 left on the attention modules (``masked_key_indices``, ``rotary_emb``) are removed, so later cases run the model
 unchanged.
@@ -226,9 +229,11 @@ class KVPress(Method):
     def apply(self, model, context=None):
         modules = _attention_modules(model)
         had_rotary = [hasattr(m, "rotary_emb") for m in modules]
+        pressed = Pressed(model, self)
         try:
-            yield Pressed(model, self)
+            yield pressed
         finally:  # what kvpress's hooks leave on the modules would change later cases
+            pressed.decoding.close()
             for module, had in zip(modules, had_rotary):
                 module.__dict__.pop("masked_key_indices", None)
                 if not had and hasattr(module, "rotary_emb"):
@@ -271,6 +276,7 @@ class Pressed(torch.nn.Module):
         self.model, self.method = model, method
         self.config = model.config
         self.position = self.prompt = self.fed = 0  # the next token's logical position, the prompt, tokens fed
+        self.decoding = contextlib.ExitStack()  # a decoding press's hooks, from the first decode step to the next prefill
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -288,6 +294,7 @@ class Pressed(torch.nn.Module):
         method, press = self.method, self.method.current
         decoding = method.is_decoding(press)
         if past_key_values is None:  # the prefill
+            self.decoding.close()  # the last sample's decode is over (a decoding press resets on exit)
             cache = DynamicCache()
             with contextlib.nullcontext() if isinstance(press, kvpress.DecodingPress) else press(self.model):
                 logits, cache = self._run(input_ids, cache, logits_to_keep=logits_to_keep)
@@ -302,12 +309,14 @@ class Pressed(torch.nn.Module):
         n = input_ids.shape[1]
         positions = torch.arange(self.position, self.position + n, device=input_ids.device)[None]
         ragged = len({layer.keys.shape[2] for layer in past_key_values.layers}) > 1
-        with press(self.model) if decoding else contextlib.nullcontext():
-            if n > 1 and ragged:  # one causal mask would not fit every layer: token by token
-                rows = [self._run(input_ids[:, t : t + 1], past_key_values, positions[:, t : t + 1])[0] for t in range(n)]
-                logits, cache = torch.cat(rows, 1), past_key_values
-            else:
-                logits, cache = self._run(input_ids, past_key_values, positions, logits_to_keep)
+        hides = any(getattr(m, "masked_key_indices", None) is not None for m in _attention_modules(self.model))
+        if decoding and self.fed == 0:  # installed once for the whole decode, as kvpress's pipeline does
+            self.decoding.enter_context(press(self.model))
+        if n > 1 and (ragged or hides):  # see the module doc: token by token
+            rows = [self._run(input_ids[:, t : t + 1], past_key_values, positions[:, t : t + 1])[0] for t in range(n)]
+            logits, cache = torch.cat(rows, 1), past_key_values
+        else:
+            logits, cache = self._run(input_ids, past_key_values, positions, logits_to_keep)
         self.position += n
         self.fed += n
         if decoding:
