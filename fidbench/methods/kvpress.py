@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import types
 import typing
 from typing import Any
@@ -84,10 +85,12 @@ def _press_types(hint) -> bool:
 
 
 def fields(cls: type) -> dict[str, tuple[Any, bool]]:
-    """A press class's parameters: name -> (annotation, required)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints.get(f.name, Any), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}  # _: kvpress's internals
+    """A press class's parameters: name -> (annotation, required). From its ``__init__``: a few presses
+    (CriticalKVPress) write their own instead of the dataclass's."""
+    hints = typing.get_type_hints(cls.__init__)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: (hints.get(p.name, Any), p.default is inspect.Parameter.empty)
+            for p in params if not p.name.startswith("_")}  # _: kvpress's internals
 
 
 def make(spec: dict, who: str):
