@@ -29,9 +29,11 @@ PEERS = {
     "streamingllm": ({"press": "StreamingLLMPress", "press_params": {"n_sink": 4}}, "streamingllm", {"sink": 4}),
     "snapkv": ({"press": "SnapKVPress", "press_params": SNAP}, "snapkv", SNAP_FIDBENCH),
     "adakv": ({"press": "AdaKVPress", "inner": {"press": "SnapKVPress", "press_params": SNAP},
-               "press_params": {"alpha_safeguard": 0.2}}, "adakv", {"scorer_params": SNAP_FIDBENCH, "alpha_safeguard": 0.2}),
+               "press_params": {"alpha_safeguard": 0.2}},
+              "adakv", {"scorer_params": SNAP_FIDBENCH, "alpha_safeguard": 0.2}),
     "adakv-knorm": ({"press": "AdaKVPress", "inner": {"press": "KnormPress"}, "press_params": {"alpha_safeguard": 0.5}},
                     "adakv", {"scorer": "knorm", "alpha_safeguard": 0.5}),
+    "random": ({"press": "RandomPress", "press_params": {"seed": 3}}, "random", {"seed": 3, "reseed": "layer"}),
     "pyramidkv": ({"press": "PyramidKVPress", "press_params": {**SNAP, "beta": 2}}, "pyramidkv",
                   {**SNAP_FIDBENCH, "beta": 2, "allocation": "kvpress"}),
 }
@@ -124,12 +126,45 @@ def test_fidbench_method_equals_its_press(case, peer, ratio):
 
 
 @needs_kvpress
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_tova_prefill_equals_tovapress(case, ratio):
+    """TOVAPress is TOVA's prefill cut only; fidbench's tova then evicts one position per decode step. Both keep the
+    positions the last prompt query attends to most (mean over every head), so they agree on the kept positions
+    and on the first two rows (the prefill's and the first decode query's, which sees the cut cache); later rows
+    differ by design. kvpress always keeps the last prompt position (its score is max + 1): ``keep_last``."""
+    model, p_ids, g_ids = case
+    spec = {"press": "TOVAPress", "compression_ratio": ratio}
+    fid = build("tova", {"budget": int(P * (1 - ratio)), "keep_last": True})
+    kept = press_keeps(model, spec, p_ids)
+    assert all(torch.equal(a, b) for a, b in zip(kept, fidbench_keeps(model, fid, p_ids)))
+    pressed, own = force(model, build("kvpress", spec), p_ids, g_ids), force(model, fid, p_ids, g_ids)
+    assert (pressed[:2] - own[:2]).abs().max() <= 1e-5
+    assert (pressed[2:] - own[2:]).abs().max() > 1e-3  # fidbench's tova goes on evicting
+
+
+@needs_kvpress
+def test_observed_attention_runs_eager_and_differs_from_h2o_by_normalisation(case):
+    """ObservedAttentionPress reads the prefill's attention weights (attn_implementation: eager, restored after).
+    Its score is H2O's column sum divided by the number of queries that see each key, without a recent window:
+    not fidbench's h2o (which sums and keeps a recent window), so the two are not claimed equal; both run."""
+    model, p_ids, g_ids = case
+    spec = {"press": "ObservedAttentionPress", "compression_ratio": 0.5}
+    with pytest.raises(AssertionError, match="eager"):  # kvpress's own assertion
+        force(model, build("kvpress", spec), p_ids, g_ids)
+    logits = force(model, build("kvpress", {**spec, "attn_implementation": "eager"}), p_ids, g_ids)
+    assert model.config._attn_implementation == "sdpa"
+    assert not torch.equal(logits, force(model, build("origin", {}), p_ids, g_ids))
+
+
+@needs_kvpress
 def test_pyramid_sizes_differ_between_kvcache_factory_and_kvpress(case):
     """The convention the ``allocation`` parameter names: the two rules keep different numbers per layer."""
     model, p_ids, _ = case
     params = {**SNAP_FIDBENCH, "beta": 2, "budget": 20}
-    sizes = {rule: [int(k.sum(-1)[0]) for k in fidbench_keeps(model, build("pyramidkv", {**params, "allocation": rule}), p_ids)]
-             for rule in ("kvcache_factory", "kvpress")}
+    sizes = {}
+    for rule in ("kvcache_factory", "kvpress"):
+        fid = build("pyramidkv", {**params, "allocation": rule})
+        sizes[rule] = [int(k.sum(-1)[0]) for k in fidbench_keeps(model, fid, p_ids)]
     assert sizes["kvpress"] == [30, 23, 17, 10]  # kvpress: mean 20, the window inside every layer's share
     assert sizes["kvcache_factory"] == [28, 23, 18, 13]
 
@@ -194,7 +229,8 @@ def test_without_kvpress_the_variant_fails_with_the_install_command(monkeypatch)
     monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress raises ImportError
     method.presses.cache_clear()
     try:
-        with pytest.raises(ValueError, match=r"^variant 'kv': kvpress is not installed .*pip install 'fidbench\[kvpress\]'"):
+        install = r"pip install 'fidbench\[kvpress\]'"
+        with pytest.raises(ValueError, match=rf"^variant 'kv': kvpress is not installed .*{install}"):
             build("kvpress", {"press": "KnormPress", "compression_ratio": 0.5}, "variant 'kv'")
     finally:
         method.presses.cache_clear()

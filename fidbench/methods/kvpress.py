@@ -18,11 +18,12 @@ none). Teacher forcing then feeds the reference over that cache with logical pos
 plus the tokens fed, or the compressed length for presses that re-rotate keys, as kvpress's pipeline does), with
 the press's hooks installed again only for decoding presses (DecodingPress, PrefillDecodingPress, DMSPress with
 ``decoding``), once from the first decode step to the next prefill (a decoding press counts steps and resets
-when its context exits). A prefill-only press leaves a fixed cache, so the reference goes in one forward; when its layers
-keep different lengths (PyramidKV), transformers builds one causal mask from the first layer's length, and where
+when its context exits). A prefill-only press leaves a fixed cache, so the reference goes in one forward; when its
+layers keep different lengths (PyramidKV), transformers builds one causal mask from the first layer's length, and where
 a press hides keys, kvpress searches one fake key that draws no attention from every query of the forward (a
 search that fails for many queries in few dimensions: 46 queries of a 16-dimensional head did): for those the
-wrapper feeds the tokens one at a time, exactly what a stepwise decode does. Decoding presses run stepwise (``parallel_exact`` False).
+wrapper feeds the tokens one at a time, exactly what a stepwise decode does. Decoding presses run stepwise
+(``parallel_exact`` False).
 Every sample gets a fresh press (presses keep per-run buffers). After the method, the attributes kvpress's hooks
 left on the attention modules (``masked_key_indices``, ``rotary_emb``) are removed, so later cases run the model
 unchanged.
@@ -94,7 +95,7 @@ def fields(cls: type) -> dict[str, tuple[Any, bool]]:
 
 
 def make(spec: dict, who: str):
-    """A press instance from ``{press, compression_ratio?, press_params?, inner?, path?}``; errors start with ``who``."""
+    """A press from ``{press, compression_ratio?, press_params?, inner?, path?}``; errors start with ``who``."""
     spec = dict(spec)
     name = spec.pop("press", None)
     catalogue = presses()
@@ -119,7 +120,8 @@ def make(spec: dict, who: str):
         if key in nested:
             raise ValueError(f"{who}: {key} is a press: give it as inner")
         if not accepts(hint, value):
-            raise ValueError(f"{who}: parameter {key!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+            raise ValueError(f"{who}: parameter {key!r} must be {_type_name(hint)}, "
+                             f"got {value!r} ({type(value).__name__})")
     if inner is not None:
         if not nested:
             raise ValueError(f"{who}: it wraps no press, so it takes no inner")
@@ -200,6 +202,9 @@ class KVPress(Method):
     press_params: dict = dataclasses.field(default_factory=dict)
     inner: dict | list | None = None
     path: str | None = None
+    # The attention the press runs with, as a kvpress user loads the model: "eager" for presses that read the
+    # attention weights (ObservedAttentionPress); restored afterwards. None: the model's own (SDPA).
+    attn_implementation: str | None = None
 
     def spec(self) -> dict:
         spec = {"press": self.press, "compression_ratio": self.compression_ratio, "press_params": self.press_params,
@@ -209,6 +214,8 @@ class KVPress(Method):
     def validate(self):
         if not self.press:
             raise ValueError(f"kvpress: press (a kvpress class name) is required; {INSTALL} provides them")
+        if self.attn_implementation not in (None, "eager", "sdpa"):
+            raise ValueError(f"kvpress: attn_implementation must be eager or sdpa, got {self.attn_implementation!r}")
         self._decoding = self.is_decoding(make(self.spec(), "kvpress"))
 
     @staticmethod
@@ -232,11 +239,15 @@ class KVPress(Method):
     def apply(self, model, context=None):
         modules = _attention_modules(model)
         had_rotary = [hasattr(m, "rotary_emb") for m in modules]
+        previous = model.config._attn_implementation
+        if self.attn_implementation:
+            model.set_attn_implementation(self.attn_implementation)
         pressed = Pressed(model, self)
         try:
             yield pressed
         finally:  # what kvpress's hooks leave on the modules would change later cases
             pressed.decoding.close()
+            model.set_attn_implementation(previous)
             for module, had in zip(modules, had_rotary):
                 module.__dict__.pop("masked_key_indices", None)
                 if not had and hasattr(module, "rotary_emb"):
@@ -279,7 +290,7 @@ class Pressed(torch.nn.Module):
         self.model, self.method = model, method
         self.config = model.config
         self.position = self.prompt = self.fed = 0  # the next token's logical position, the prompt, tokens fed
-        self.decoding = contextlib.ExitStack()  # a decoding press's hooks, from the first decode step to the next prefill
+        self.decoding = contextlib.ExitStack()  # a decoding press's hooks: first decode step to next prefill
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

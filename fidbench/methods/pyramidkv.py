@@ -75,9 +75,11 @@ class PyramidKV(SnapKV):
     def validate(self):
         super().validate()
         if self.beta < 1:
-            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer keeps 1/beta of the budget), got {self.beta}")
+            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer keeps 1/beta of the budget), "
+                             f"got {self.beta}")
 
     def layer_budget(self, call: AttentionCall) -> int:
         p = call.phase.prompt_len
         rule = pyramid_budget if self.allocation == "kvcache_factory" else kvpress_budget
-        return rule(self.tokens(p), p, self.window_for(p), call.module.config.num_hidden_layers, self.beta, call.layer_idx)
+        layers = call.module.config.num_hidden_layers
+        return rule(self.tokens(p), p, self.window_for(p), layers, self.beta, call.layer_idx)
