@@ -243,3 +243,28 @@ def test_fidbench_methods_lists_the_presses_and_their_parameters():
     text = describe_methods()
     assert "SnapKVPress(compression_ratio: float, window_size: int, kernel_size: int)" in text
     assert "AdaKVPress(press: ScorerPress, alpha_safeguard: float)" in text
+
+
+@needs_kvpress
+def test_the_kvpress_suite_loads_and_builds_every_press():
+    from helpers import ROOT
+
+    from fidbench.suite import load
+
+    suite = load(ROOT / "suites" / "kvpress.yaml")
+    presses = {v.params["press"] for v in suite.variants if v.method == "kvpress"}
+    assert len(presses) >= 35 and all(ds.path.exists() for ds in suite.datasets)
+
+
+def test_the_kvpress_suite_without_kvpress_names_a_variant_and_the_install_command(monkeypatch):
+    from helpers import ROOT
+
+    from fidbench.suite import SuiteError, load
+
+    monkeypatch.setitem(sys.modules, "kvpress", None)
+    method.presses.cache_clear()
+    try:
+        with pytest.raises(SuiteError, match=r"methods\.kv-knorm-90.*pip install 'fidbench\[kvpress\]'"):
+            load(ROOT / "suites" / "kvpress.yaml")
+    finally:
+        method.presses.cache_clear()
