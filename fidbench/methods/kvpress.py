@@ -6,10 +6,11 @@ take their inner press as a spec of the same form: ``inner: {press: SnapKVPress,
 the wrapper's one press field (AdaKVPress's ``press``, DecodingPress's ``base_press``), a list fills ComposedPress's
 ``presses``, and a mapping of field names to specs fills a press with several (PrefillDecodingPress). The top-level
 ``compression_ratio`` is set on the outer press (a wrapper passes it to its inner press, as kvpress's properties
-do). Names, parameters and their types are checked against the press dataclasses before any model loads.
+do). Names, parameters and their types are checked against the presses' signatures before any model loads.
 
-How it runs (kind ``"model"``: ``apply`` yields the model wrapped as kvpress's pipeline drives it, and no fidbench
-attention hook runs). The prefill is ``with press(model): model(prompt, DynamicCache())``: kvpress's forward hooks
+How it runs (kind ``"model"``: ``apply`` yields the model wrapped as kvpress's pipeline drives it). No fidbench
+attention hook runs, so fidbench masks nothing on top of the press: what decode queries see is the cache the press
+left, physically. The prefill is ``with press(model): model(prompt, DynamicCache())``: kvpress's forward hooks
 compress each layer's cache physically after its attention (the prefill's own logits are those of the dense
 layers, as in kvpress), or record keys to hide per head (``masked_key_indices``: AdaKV, DuoAttention, DMS), which
 kvpress's patch of transformers' attention functions replaces by keys drawing no attention while decoding. The
@@ -18,15 +19,14 @@ none). Teacher forcing then feeds the reference over that cache with logical pos
 plus the tokens fed, or the compressed length for presses that re-rotate keys, as kvpress's pipeline does), with
 the press's hooks installed again only for decoding presses (DecodingPress, PrefillDecodingPress, DMSPress with
 ``decoding``), once from the first decode step to the next prefill (a decoding press counts steps and resets
-when its context exits). A prefill-only press leaves a fixed cache, so the reference goes in one forward; when its
-layers keep different lengths (PyramidKV), transformers builds one causal mask from the first layer's length, and where
-a press hides keys, kvpress searches one fake key that draws no attention from every query of the forward (a
-search that fails for many queries in few dimensions: 46 queries of a 16-dimensional head did): for those the
-wrapper feeds the tokens one at a time, exactly what a stepwise decode does. Decoding presses run stepwise
-(``parallel_exact`` False).
-Every sample gets a fresh press (presses keep per-run buffers). After the method, the attributes kvpress's hooks
-left on the attention modules (``masked_key_indices``, ``rotary_emb``) are removed, so later cases run the model
-unchanged.
+when its context exits). Decoding presses run stepwise (``parallel_exact`` False). A prefill-only press leaves a
+fixed cache, so the reference goes in one forward, except where one forward cannot be exact: when layers keep
+different lengths (PyramidKV), transformers builds one causal mask from the first layer's length; where a press
+hides keys, kvpress searches one fake key that draws no attention from every query of the forward (a search that
+fails for many queries in few dimensions: 46 queries of a 16-dimensional head did). There the wrapper feeds the
+tokens one at a time, exactly what a stepwise decode does. Every sample gets a fresh press (presses keep per-run
+buffers). After the method, the attributes kvpress's hooks left on the attention modules (``masked_key_indices``,
+``rotary_emb``) are removed, so later cases run the model unchanged.
 
 ``kept()``: per layer, the cache entries a KV head holds (minus the keys it hides) over the positions fed so
 far, read once per sample from the cache the press left: after the prefill for prefill-only presses (the prompt
