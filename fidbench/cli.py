@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
 from .legacy import runs
-from .methods import REGISTRY
+from .methods import REGISTRY, kvpress
 from .suite import DatasetSpec
 
 
@@ -31,8 +31,8 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        # A property (sparge-attention) decides per instance, from its parameters.
-        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel by default")
+        # A property (sparge-attention, kvpress) decides per instance, from its parameters.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel or stepwise by parameters")
         # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
         shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
         lines.append(f"{name}  ({mode}{shared})  {cls.description}")
@@ -42,6 +42,8 @@ def describe_methods() -> str:
             lines.append(f"    {f.name}: {_type(f.type)} = {default!r}")
         if not fields:
             lines.append("    (no parameters)")
+        if name == "kvpress":  # its presses are parameters too
+            lines.append(kvpress.describe())
     return "\n".join(lines)
 
 

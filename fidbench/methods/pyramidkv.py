@@ -17,10 +17,20 @@ window, L the prompt length, beta 20 and layer i of ``num_hidden_layers``:
   up to 1.5 B at fidbench's smallest budgets (B = 8, w = 4), so pyramidkv then runs above the nominal
   budget (``kept()["budget_per_head"]`` against ``kept()["budget"]``).
 
+``allocation: kvpress`` sizes the pyramid as kvpress's PyramidKVPress does (``get_layer_budget``), in its float
+arithmetic, with B the budget including the window: ``min = B / beta``, ``max = 2 B - min``; if ``max >= L - w``
+then ``max = L - w`` and ``min = 2 B - max``; unless ``L >= max >= min >= w`` every layer keeps B (SnapKV), else
+layer i keeps ``round(max - i (max - min) / (layers - 1))`` positions, window included, Python's rounding. The
+layers keep B on average, where KVCache-Factory's rule above adds the window to every layer's share. kvpress's B is
+``L × (1 - compression_ratio)``, a float: fidbench's is its integer budget, so ``budget: int(L × (1 -
+compression_ratio))`` matches it when that product is whole (tests/test_kvpress.py checks both equal).
+
 Differences: the window rule and budget rounding are snapkv's (see there). On models with
 sliding-window layers (Gemma 3) only the full-attention layers are compressed (``_kv``), each with
 its depth's budget in the pyramid over all layers, so their mean budget is not the nominal one.
 """
+
+from typing import Literal
 
 from ..attention import AttentionCall
 from .base import register
@@ -42,19 +52,34 @@ def pyramid_budget(budget: int, prompt_len: int, window: int, layers: int, beta:
     return high - layer * steps + window
 
 
+def kvpress_budget(budget: int, prompt_len: int, window: int, layers: int, beta: int, layer: int) -> int:
+    """Prompt positions (window included) that ``layer`` of ``layers`` keeps per head: kvpress's rule."""
+    low = budget / beta
+    high = 2 * budget - low
+    if high >= prompt_len - window:
+        high = prompt_len - window
+        low = 2 * budget - high
+    if layers == 1 or not prompt_len >= high >= low >= window:
+        return budget
+    return round(high - layer * (high - low) / (layers - 1))
+
+
 @register
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-    description = "SnapKV scoring with per-layer budgets shrinking linearly with depth (KVCache-Factory's rule)"
+    description = "SnapKV scoring with per-layer budgets shrinking linearly with depth (KVCache-Factory's or kvpress's)"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12, "window": 4, "kernel": 3}}
     beta: int = 20
+    allocation: Literal["kvcache_factory", "kvpress"] = "kvcache_factory"
 
     def validate(self):
         super().validate()
         if self.beta < 1:
-            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer keeps 1/beta of the budget), got {self.beta}")
+            raise ValueError(f"{self.name}: beta must be >= 1 (the top layer keeps 1/beta of the budget), "
+                             f"got {self.beta}")
 
     def layer_budget(self, call: AttentionCall) -> int:
         p = call.phase.prompt_len
-        return pyramid_budget(self.tokens(p), p, self.window_for(p), call.module.config.num_hidden_layers,
-                              self.beta, call.layer_idx)
+        rule = pyramid_budget if self.allocation == "kvcache_factory" else kvpress_budget
+        layers = call.module.config.num_hidden_layers
+        return rule(self.tokens(p), p, self.window_for(p), layers, self.beta, call.layer_idx)
