@@ -118,7 +118,7 @@ def prefill(model, method, prompt: torch.Tensor, recorded=None):
     if recorded is not None:
         return recorded.replay(model, method)
     with attention.running(method, attention.Phase("prefill", prompt.shape[1], 0)):
-        return forward(model, prompt, last_only=True)
+        return forward(model, prompt, method.new_cache(model), last_only=True)
 
 
 @torch.inference_mode()

@@ -9,6 +9,8 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   model to evaluate and restores the weights on exit. ``context`` is the harness's loaded model
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n, continued)``).
 - ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
+- ``"cache"``: ``new_cache(model)`` gives the cache object every prefill starts from (a transformers
+  ``Cache`` subclass, e.g. its ``QuantizedCache``); the model computes through it unchanged.
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
   it did not give as None.
@@ -33,7 +35,7 @@ import torch
 from .. import attention
 
 REGISTRY: dict[str, type["Method"]] = {}
-KINDS = ("none", "attention", "weights", "model", "own_loop")
+KINDS = ("none", "attention", "weights", "model", "cache", "own_loop")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -98,6 +100,10 @@ class Method:
         else:
             with attention.installed(model, self.name):
                 yield model
+
+    def new_cache(self, model):
+        """The cache a prefill starts from; None: the model's own (a DynamicCache)."""
+        return None
 
     def begin(self, prompt_len: int) -> None:
         """Called before each sample's prefill."""
