@@ -4,13 +4,21 @@ transformers' quantization configs (``hf-quant``), and checkpoints written by re
 ``fidbench[quant]`` installed."""
 
 import importlib.metadata
+import json
 
 import pytest
 import torch
-from helpers import FULL, force, random_ids, tiny_model
+from helpers import FULL, force, random_ids, save_words, tiny_model, words_suite
 
 from fidbench import engine
+from fidbench.harness import Bench
 from fidbench.methods import build
+from fidbench.suite import load
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / "cache"))
 
 
 def installed(package: str) -> bool:
@@ -29,8 +37,8 @@ CACHE_BACKENDS = [
     pytest.param({"backend": "fp8"}, id="fp8"),
     pytest.param({"backend": "quanto", "nbits": 2, "residual_length": 8, "q_group_size": 16}, id="quanto-2",
                  marks=needs("optimum-quanto")),
-    pytest.param({"backend": "quanto", "nbits": 4, "residual_length": 5, "q_group_size": 16, "axis_key": -1},
-                 id="quanto-4-axis", marks=needs("optimum-quanto")),
+    pytest.param({"backend": "quanto", "nbits": 4, "residual_length": 5, "q_group_size": 16},
+                 id="quanto-4", marks=needs("optimum-quanto")),
     pytest.param({"backend": "hqq", "nbits": 2, "residual_length": 8, "q_group_size": 16}, id="hqq-2",
                  marks=needs("hqq")),
     pytest.param({"backend": "hqq", "nbits": 4, "residual_length": 5, "q_group_size": 16, "axis_value": 1},
@@ -82,3 +90,24 @@ def test_quantized_cache_without_its_backend_names_the_package(backend, package)
     method = build("quantized-cache", {"backend": backend})
     with pytest.raises(RuntimeError, match=f"needs the package {package}: pip install {package}"):
         force(tiny_model("llama"), method, random_ids(8), random_ids(3))
+
+
+def run_suite(tmp_path, base, methods):
+    suite = load(words_suite(tmp_path, base, methods))
+    bench = Bench(suite, progress=False)
+    return {case.variant.name: bench.run(case) for case in suite.cases()}
+
+
+@pytest.mark.parametrize("quant_method, package", [("hqq", "hqq"), ("compressed-tensors", "compressed-tensors"),
+                                                    ("quanto", "optimum-quanto")])
+def test_checkpoint_needing_a_missing_backend_names_the_package(tmp_path, cache, quant_method, package):
+    if installed(package):
+        pytest.skip(f"{package} is installed")
+    base = save_words(tmp_path / "base", "llama")
+    quantized = save_words(tmp_path / "quantized", "llama")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": quant_method}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match=f"quantized with {quant_method}; loading it needs the package {package}: "
+                                           f"pip install {package}"):
+        run_suite(tmp_path, base, {"q": {"method": "checkpoint", "path": str(quantized)}})

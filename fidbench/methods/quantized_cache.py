@@ -24,23 +24,12 @@ transformers.
 
 from __future__ import annotations
 
-import importlib.util
-
+from ._optional import require
 from .base import Method, register
 
 PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq"), "fp8": (None, None)}
 NBITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}  # what transformers' layers accept
 AXES = {"quanto": (0, -1), "hqq": (0, 1)}
-
-
-def require(who: str, module: str | None, package: str | None) -> None:
-    """Fail with the install command when ``module`` (of the PyPI ``package``) cannot be imported."""
-    try:
-        found = module is None or importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # the parent of a dotted name (optimum of optimum.quanto) is missing
-        found = False
-    if not found:
-        raise RuntimeError(f"{who} needs the package {package}: pip install {package} (or pip install 'fidbench[quant]')")
 
 
 @register
