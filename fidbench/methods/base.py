@@ -67,6 +67,9 @@ class Method:
     # its prefill is the base model's, which a suite may then record once per prompt and replay for
     # every such case (fidbench.prefill; replaying a hook that does change it is an error).
     base_prefill: ClassVar[bool] = False
+    # False when the method's library cannot compute on inference tensors (optimum-quanto's quantized linears):
+    # the engine then runs its forwards under torch.no_grad instead of torch.inference_mode.
+    inference_mode: ClassVar[bool] = True
     # Parameters for the family matrix (tests/test_families.py) on tiny models with a 40-token prompt
     # and a 24-token reference: "degenerate" must reproduce origin, "real" must change the logits.
     # Either may be None with a "why"; "covered_by" names the test that covers a method needing
