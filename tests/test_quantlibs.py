@@ -238,3 +238,50 @@ def test_hqq_round_to_nearest_equals_rtn(bits, group):
         theirs = Quantizer.dequantize(codes, meta).reshape(w.shape)
         torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-7)
         assert not torch.equal(mine, w)
+
+
+@needs("compressed-tensors")
+def test_checkpoint_scores_a_compressed_tensors_w4a16_checkpoint(tmp_path, cache):
+    """A W4A16 checkpoint (int4 symmetric weights in groups of 16, pack-quantized) written by compressed-tensors as
+    llm-compressor writes one after its round-to-nearest QuantizationModifier: scales and zero points from
+    compressed-tensors' calculate_qparams on each group's min and max (llm-compressor's min-max observer), packed by
+    its ModelCompressor. `checkpoint` loads it through transformers and scores exactly the weights it holds."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    from fidbench.methods import _weights as weights
+
+    base = save_words(tmp_path / "base", "llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    expected = []
+    for lin in weights.decoder_linears(model):
+        w = lin.weight.detach()
+        groups = w.reshape(w.shape[0], -1, 16)
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        lin.weight_scale.data.copy_(scale)
+        lin.weight_zero_point.data.copy_(zero)
+        expected.append(fake_quantize(w, scale, zero, args))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path / "w4a16")
+    compressor.update_config(tmp_path / "w4a16")
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w4a16")
+    with torch.no_grad():
+        loaded(input_ids=torch.tensor([[1, 2, 3]]))  # compressed-tensors unpacks the weights on the first forward
+    for lin, want in zip(weights.decoder_linears(loaded), expected, strict=True):
+        torch.testing.assert_close(lin.weight, want, rtol=0, atol=0)
+    runs = run_suite(tmp_path, base, {"origin": {},
+                                      "w4a16": {"method": "checkpoint", "path": str(tmp_path / "w4a16"),
+                                                "tokenizer": str(base)}})
+    kept = runs["w4a16"]["kept"]
+    assert kept["quantization"] == "compressed-tensors"
+    assert kept["library"] == f"compressed-tensors {importlib.metadata.version('compressed-tensors')}"
+    assert runs["w4a16"]["scores"]["kl_mean"] > 10 * runs["origin"]["scores"]["kl_mean"]

@@ -10,6 +10,7 @@ tokens. Nothing of the base model changes.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 
 from .. import models
 from ._optional import require
@@ -92,6 +93,9 @@ class Checkpoint(Method):
         self._loaded = {"checkpoint": self.path, "dtype": dtype, "model_type": other.config.model_type}
         if quantized:
             self._loaded["quantization"] = quantized
+            if quantized in BACKENDS:  # the library that loads it, and its version, for the report
+                package = BACKENDS[quantized][1]
+                self._loaded["library"] = f"{package} {importlib.metadata.version(package)}"
         yield other
 
     def kept(self) -> dict:
