@@ -11,6 +11,7 @@ Stepper, timed from the host by pytest-benchmark, is the exception: it waits for
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -99,6 +100,21 @@ class Forced:
         return self._phases()[1]
 
 
+def grad_off(fn):
+    """Run ``fn`` in inference mode, or under plain no_grad when its method (argument ``method``, or ``self.method``)
+    cannot compute on inference tensors (``Method.inference_mode`` False: optimum-quanto's quantized linears)."""
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = {**dict(zip(names, args)), **kwargs}
+        method = bound["method"] if "method" in bound else bound["self"].method
+        with torch.inference_mode() if method.inference_mode else torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def resolve_mode(method, mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
@@ -118,10 +134,10 @@ def prefill(model, method, prompt: torch.Tensor, recorded=None):
     if recorded is not None:
         return recorded.replay(model, method)
     with attention.running(method, attention.Phase("prefill", prompt.shape[1], 0)):
-        return forward(model, prompt, last_only=True)
+        return forward(model, prompt, method.new_cache(model), last_only=True)
 
 
-@torch.inference_mode()
+@grad_off
 def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str, recorded=None) -> Forced:
     """Score positions of ``g_ids`` after ``p_ids`` under ``method`` (already applied to ``model``), prefilled
     live or from ``recorded`` (then ``prefill_s`` is the method's own work on the recorded calls)."""
@@ -197,7 +213,7 @@ class Stepper:
         self.ref = torch.tensor([g_ids], device=self.device)
         self.cache, self.t = None, 0
 
-    @torch.inference_mode()
+    @grad_off
     def prefill(self) -> float:
         self.method.begin(self.p)
         self.cache, self.t = None, 0  # free the last round's cache before the next
@@ -207,7 +223,7 @@ class Stepper:
         _sync(self.device)
         return time.perf_counter() - t0
 
-    @torch.inference_mode()
+    @grad_off
     def step(self) -> None:
         t = self.t
         with attention.running(self.method, attention.Phase("decode", self.p, self.p + t)):
@@ -224,7 +240,7 @@ class Generated:
     decode_s: float
 
 
-@torch.inference_mode()
+@grad_off
 def free_run(model, method, p_ids: list[int], n: int, eos_ids: set[int], recorded=None) -> Generated:
     """The greedy continuation of ``p_ids`` under ``method`` (already applied to ``model``), prefilled live or
     from ``recorded``: each token it picks is fed back, through the same hooks and phases as stepwise teacher

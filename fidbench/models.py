@@ -170,8 +170,9 @@ def worker_device(device: str, worker: str | None, devices: list[str] | None = N
     return f"cuda:{n % count}" if worker is not None and count > 1 else device
 
 
-def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu"):
-    """Load (model, tokenizer). ``device='auto'`` spreads a model larger than one GPU with accelerate."""
+def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu", quantization_config=None):
+    """Load (model, tokenizer). ``device='auto'`` spreads a model larger than one GPU with accelerate;
+    ``quantization_config`` (a transformers one) quantizes the weights as they load (``hf-quant``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -182,6 +183,8 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
     check_directory(source)
     kwargs = {"dtype": DTYPES[dtype], "attn_implementation": "sdpa", "local_files_only": True}
     kwargs["device_map"] = "auto" if device == "auto" else torch.device(device)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
     except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True too

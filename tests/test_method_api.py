@@ -76,4 +76,4 @@ def test_kinds_are_declared_and_attention_methods_have_a_hook(scratch_registry):
             name = "odd-test"
             kind = "magic"
 
-    assert {cls.kind for cls in REGISTRY.values()} <= {"none", "attention", "weights", "model", "own_loop"}
+    assert {cls.kind for cls in REGISTRY.values()} <= {"none", "attention", "weights", "model", "cache", "own_loop"}

@@ -9,6 +9,8 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   model to evaluate and restores the weights on exit. ``context`` is the harness's loaded model
   (``fidbench.harness.Loaded``: tokenizer, prompts, ``calibration(dataset, n, continued)``).
 - ``"model"``: ``apply`` yields another model to evaluate (``checkpoint``).
+- ``"cache"``: ``new_cache(model)`` gives the cache object every prefill starts from (a transformers
+  ``Cache`` subclass, e.g. its ``QuantizedCache``); the model computes through it unchanged.
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means (each checked finite and in its range) and ``n_tokens``, and where it
   computes logits, ``non_finite`` / ``first_non_finite`` (NaN or inf positions: the case then fails, as
@@ -41,7 +43,7 @@ _repr.maxstring = _repr.maxother = 60
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
 _repr.maxlevel = 2
 show = _repr.repr  # a user's value in an error message, bounded: a suite's value may be huge (aliases of aliases)
-KINDS = ("none", "attention", "weights", "model", "own_loop")
+KINDS = ("none", "attention", "weights", "model", "cache", "own_loop")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -79,6 +81,9 @@ class Method:
     # True when apply() leaves the model changed by design (legacy's ``copy: false``): the next case then
     # reloads the model. Any other method that leaves the weights changed fails its case.
     leaves_model_changed: ClassVar[bool] = False
+    # False when the method's library cannot compute on inference tensors (optimum-quanto's quantized linears):
+    # the engine then runs its forwards under torch.no_grad instead of torch.inference_mode.
+    inference_mode: ClassVar[bool] = True
     # Parameters for the family matrix (tests/test_families.py) on tiny models with a 40-token prompt
     # and a 24-token reference: "degenerate" must reproduce origin, "real" must change the logits.
     # Either may be None with a "why"; "covered_by" names the test that covers a method needing
@@ -118,6 +123,10 @@ class Method:
         else:
             with attention.installed(model, self.name):
                 yield model
+
+    def new_cache(self, model):
+        """The cache a prefill starts from; None: the model's own (a DynamicCache)."""
+        return None
 
     def begin(self, prompt_len: int) -> None:
         """Called before each sample's prefill."""

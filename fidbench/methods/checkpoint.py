@@ -11,9 +11,39 @@ tokens. Nothing of the base model changes.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 
 from .. import models
+from ._optional import require
 from .base import Method, register
+
+
+# quant_method of a checkpoint's quantization_config: (module transformers imports to load it, PyPI package)
+BACKENDS = {
+    "compressed-tensors": ("compressed_tensors", "compressed-tensors"), "hqq": ("hqq", "hqq"),
+    "quanto": ("optimum.quanto", "optimum-quanto"), "bitsandbytes": ("bitsandbytes", "bitsandbytes"),
+    "torchao": ("torchao", "torchao"), "gptq": ("gptqmodel", "gptqmodel"), "awq": ("gptqmodel", "gptqmodel"),
+    "auto-round": ("auto_round", "auto-round"),
+}
+
+
+def _require_backend(path: str) -> str | None:
+    """The checkpoint's quantization method (None: not quantized); refuses one whose backend is not installed,
+    naming the package, where transformers' own message would not say what to install."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(models.resolve(path), local_files_only=True)
+    except (OSError, ValueError):
+        return None  # models.load reports what is wrong with the directory
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = str(getattr(method, "value", method))
+    if method in BACKENDS:
+        require(f"checkpoint: {path!r} is quantized with {method}; loading it", *BACKENDS[method])
+    return method
 
 
 def _vocab_size(model) -> int:
@@ -45,6 +75,7 @@ class Checkpoint(Method):
         if context is None:
             raise ValueError("checkpoint: needs the harness's loaded context (base tokenizer and model spec)")
         dtype = self.dtype or context.spec.dtype
+        quantized = _require_backend(self.path)
         try:
             other, tok = models.load(self.path, self.tokenizer, dtype, context.spec.device)
         except OSError as e:
@@ -65,6 +96,11 @@ class Checkpoint(Method):
                 f"base model's ({len(differ)} differ, e.g. {differ[:3]}): the references' token ids would mean other text"
             )
         self._loaded = {"checkpoint": self.path, "dtype": dtype, "model_type": other.config.model_type}
+        if quantized:
+            self._loaded["quantization"] = quantized
+            if quantized in BACKENDS:  # the library that loads it, and its version, for the report
+                package = BACKENDS[quantized][1]
+                self._loaded["library"] = f"{package} {importlib.metadata.version(package)}"
         yield other
 
     def kept(self) -> dict:
