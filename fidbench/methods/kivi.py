@@ -16,7 +16,10 @@ the full-precision cache the model holds, exactly what a query of a stepwise KIV
 - prompt queries (prefill) read full-precision K/V: KIVI quantizes what the cache keeps for later tokens.
 
 Follows KIVI's code (jy-yuan/KIVI ``models/llama_kivi.py``, ``LlamaAttention_KIVI.forward``, and
-``quant/new_pack.py``); defaults group 32, residual 32 as in its ``example.py``. Differences: the quantizer
+``quant/new_pack.py``); defaults group 32, residual 128, the setting of the paper's experiments and of its
+repository's LongBench results (``docs/long_bench.md``: "a 32 group size and 128 residual length for both
+KIVI-2 and KIVI-4"; ``mem_spd_test.py``); ``example.py`` and ``long_context_example.py`` use residual 32
+(``residual: 32``). Differences: the quantizer
 is fidbench's (``_weights.fake_quant``: min/max asymmetric like KIVI's, in float32, not fp16).
 
 What a query reads depends only on its position and the K/V of tokens before it, which are the same
@@ -45,7 +48,7 @@ class KIVI(Method):
     base_prefill = True  # prompt queries read full-precision K/V
     bits: int = 2
     group: int = 32
-    residual: int = 32
+    residual: int = 128
 
     def validate(self):
         if self.bits not in (2, 4, 8, 16):

@@ -47,6 +47,7 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     description = "SnapKV scoring with per-layer budgets shrinking linearly with depth (KVCache-Factory's rule)"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12, "window": 4, "kernel": 3}}
+    window: int = 8  # KVCache-Factory's LongBench scripts (PyramidKV's own); snapkv's default is SnapKV's 32
     beta: int = 20
 
     def validate(self):

@@ -7,18 +7,23 @@ per block of tokens (``block_q`` queries, ``block_k`` keys; scale = absmax / 127
 product is dequantized with the two block scales, softmax runs in fp32, and P·V in fp16. The math
 is explicit, one chunk of ``block_q`` queries at a time, so memory grows with the prompt length, not
 its square. The paper's fp16 P·V accumulates in fp16 on some GPUs; here it accumulates in fp32.
+``pv: fp8`` is SageAttention2's P·V on sm89/sm90 instead (``sage_attention``'s ``v_fp8_max``); this
+method's default stays the SageAttention (1) paper's fp16, ``sparge-attention``'s is fp8.
 The mean and the last K block span the whole cache of each step: the method runs stepwise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from ..attention import AttentionCall
 from .base import Method, register
+from .fp8_attention import fp8_softmax
+
+S_FP8_OFFSET = 8.807  # SageAttention's csrc/qattn/attn_utils.cuh: P scaled by 2^8.807 = 448, e4m3's largest
 
 
 def quantize_blocks(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,12 +43,18 @@ def quantize_blocks(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tenso
 
 def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.Tensor], scaling: float,
                    block_q: int = 128, block_k: int = 64, bits: int | None = 8, smooth_k: bool = True,
-                   pv_dtype: torch.dtype = torch.float16, causal: bool = True) -> torch.Tensor:
+                   pv_dtype: torch.dtype = torch.float16, causal: bool = True,
+                   v_fp8_max: float | None = None) -> torch.Tensor:
     """Attention output (batch, heads, q, dim) of query (b, h, q, d) over key/value (b, kvh, kv, d).
 
     ``visible_rows(start, stop)`` gives the bool mask (b|1, 1|h, stop - start, kv) of those query rows.
     ``bits=None`` skips quantization (then only the chunking, smoothing and ``pv_dtype`` remain).
     ``causal``: the queries are the last q of the kv positions and see no later key (every model mask).
+    ``v_fp8_max``: SageAttention2's FP8 P·V (its ``qk_int8_sv_f8`` kernels, sm89/sm90) instead of ``pv_dtype``'s:
+    V quantized to e4m3 per (batch, KV head, channel) with scale absmax over the tokens / ``v_fp8_max``
+    (SageAttention2's ``per_channel_fp8``: 448; SpargeAttn's ``scale_fuse_quant_cuda``: 2.25); P per key
+    tile of ``block_k``, in order, as 2^(s - m + 8.807) against the running row max m, rounded to e4m3,
+    the row sum over the unrounded P (``fp8_attention.fp8_softmax``); an fp16 output.
     """
     h, q_len = query.shape[1:3]
     kvh = key.shape[1]
@@ -56,7 +67,12 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
         k_scale = k_scale.transpose(-1, -2)[:, :, None]  # (b, kvh, 1, 1, kv)
     # P·V on fp16 inputs with an fp32 accumulator and an fp16 result: rounding P and V to fp16 and
     # multiplying in fp32 computes that, without CPU fp16 matmuls (several times slower than fp32).
-    k, v = k[:, :, None], value.to(pv_dtype).float()[:, :, None]  # broadcast over the query heads of a KV head
+    if v_fp8_max is None:
+        v = value.to(pv_dtype).float()
+    else:
+        v_scale = value.float().abs().amax(-2, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / v_fp8_max
+        v = (value.float() / v_scale).to(torch.float8_e4m3fn).float() * v_scale
+    k, v = k[:, :, None], v[:, :, None]  # broadcast over the query heads of a KV head
     out = []
     for start in range(0, q_len, block_q):
         stop = min(start + block_q, q_len)
@@ -70,7 +86,13 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
             scores = (q @ k[..., :n, :].transpose(-1, -2)) * q_scale * k_scale[..., :n]
         mask = mask[..., :n]
         mask = mask.unflatten(1, (kvh, h // kvh)) if mask.shape[1] == h else mask[:, :, None]
-        p = torch.softmax((scores * scaling).masked_fill(~mask, -math.inf), dim=-1)
+        scores = (scores * scaling).masked_fill(~mask, -math.inf)
+        if v_fp8_max is not None:
+            weights, total = fp8_softmax(scores * math.log2(math.e), block_k, S_FP8_OFFSET, last_first=False)
+            weights = torch.nn.functional.pad(weights, (0, v.shape[-2] - n))
+            out.append(torch.where(total > 0, (weights @ v) / total, 0.0).to(torch.float16).flatten(1, 2))
+            continue
+        p = torch.softmax(scores, dim=-1)
         # The skipped keys' probabilities are exact zeros: pad them back so that P·V keeps its full
         # shape, whose fp32 accumulation order (and so the result, bitwise) a shorter product would change.
         p = torch.nn.functional.pad(p, (0, v.shape[-2] - n))
@@ -114,6 +136,8 @@ class SageAttention(Method):
     block_k: int = 64
     bits: int = 8
     smooth_k: bool = True
+    pv: Literal["fp16", "fp8"] = "fp16"
+    v_fp8_max = 448.0  # SageAttention2 sageattention/quant.py per_channel_fp8 (a class constant, not a parameter)
 
     def validate(self):
         if self.block_q < 1:
@@ -128,8 +152,13 @@ class SageAttention(Method):
         if scaling is None:
             scaling = call.query.shape[-1] ** -0.5
         out = sage_attention(call.query, call.key, call.value, _visible_rows(call), scaling,
-                             self.block_q, self.block_k, self.bits, self.smooth_k)
+                             self.block_q, self.block_k, self.bits, self.smooth_k, v_fp8_max=self.fp8_max)
         return out.transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout attention functions return
 
+    @property
+    def fp8_max(self) -> float | None:
+        """V's e4m3 range for ``sage_attention`` (None: fp16 P·V)."""
+        return self.v_fp8_max if self.pv == "fp8" else None
+
     def kept(self) -> dict:
-        return {"qk_bits": self.bits, "pv_dtype": "float16"}
+        return {"qk_bits": self.bits, "pv_dtype": "float8_e4m3fn" if self.pv == "fp8" else "float16"}
