@@ -50,6 +50,8 @@ BUDGET = ("ratio", "budget", "min_budget")
 class AdaKV(Evicting):
     name = "adakv"
     description = "Ada-KV: a layer keeps its best (head, position) pairs by any scorer, each head >= alpha of its share"
+    defaults_from = ("FFY0/AdaKV experiments/LongBench/GQA_eval_longbench.sh (--floor_alpha 0.2, c*_w32_k7_maxpool.json, "
+                     "its own allocation; scorer snapkv: Ada-SnapKV); budget: fidbench's rule (_kv)")
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "scorer_params": {"window": 4, "kernel": 3}}}
     scorer: str = "snapkv"
     scorer_params: dict = dataclasses.field(default_factory=dict)

@@ -88,6 +88,8 @@ def clipped(w: torch.Tensor, bounds: torch.Tensor, group: int) -> torch.Tensor:
 class AWQ(weights.Calibrated):
     name = "awq"
     description = "AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest in groups of `group`"
+    defaults_from = ("llm-awq scripts (w_bit 4, q_group_size 128, zero point, auto_scale + auto_clip: n_grid 20, "
+                     "max_shrink 0.5); calibration (dataset, samples, continued): fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3, "group": 32}}
     bits: int = 4

@@ -100,6 +100,8 @@ def attention_p_fp8(query, key, value, visible: torch.Tensor, scaling: float, ti
 class FP8Attention(Method):
     name = "fp8-attention"
     description = "attention on Q, K, V rounded to float8 e4m3 with per-KV-head absmax scales (FA3's FP8 path)"
+    defaults_from = ("FlashAttention-3 hopper/ FP8 forward: e4m3 Q/K/V with per-KV-head descales, P rounded to e4m3 "
+                     "(softmax.h Max_offset 8)")
     test_params = {"degenerate": None, "why": "the e4m3 rounding is the method", "real": {}}
     parallel_exact = False  # K/V scales span the whole cache of each step
     p_fp8: bool = True

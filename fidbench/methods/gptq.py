@@ -56,6 +56,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 class GPTQ(weights.Calibrated):
     name = "gptq"
     description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
+    defaults_from = ("IST-DASLab/gptq llama.py/quant.py (wbits 4, percdamp 0.01, act_order off, asymmetric with an integer "
+                     "zero point); group 128 as the paper's grouped results (its code's default is one group per row); "
+                     "calibration: fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}}
     bits: int = 4

@@ -37,6 +37,8 @@ from .base import register
 class SnapKV(Evicting):
     name = "snapkv"
     description = "after prefill, keep per head the window plus the positions the window's queries attend to most"
+    defaults_from = ("FasterDecoding/SnapKV experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json: window 32, "
+                     "kernel 7, max pooling; granularity query_head as its code; budget: fidbench's rule (_kv)")
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "window": 4, "kernel": 3}}
     window: int = 32
     kernel: int = 7
