@@ -255,7 +255,8 @@ def test_adakv_own_allocation_by_hand(alpha, expected):
 def test_adakv_kvpress_counts_the_window_in_the_safeguard():
     """The same scores under kvpress's rule: the safeguard's int(0.5 * 5) = 2 are the window's two inf scores,
     so head 1 keeps nothing beyond its window, where Ada-KV's own rule keeps its best position."""
-    keep = build("adakv", dict(budget=5, scorer="knorm", alpha_safeguard=0.5, allocation="kvpress")).allocate(WINDOWED, 5)
+    method = build("adakv", dict(budget=5, scorer="knorm", alpha_safeguard=0.5, allocation="kvpress"))
+    keep = method.allocate(WINDOWED, 5)
     assert keep.int().tolist() == [[[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]]]
 
 

@@ -80,7 +80,8 @@ def test_rtn_within_half_a_step_on_a_grid(tiny, bits, group, symmetric):
                 if symmetric:
                     step = wg.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
                 else:  # the integer zero point's range holds 0 (GPTQ's quant.py)
-                    step = (wg.amax(1, keepdim=True).clamp(min=0) - wg.amin(1, keepdim=True).clamp(max=0)) / (2**bits - 1)
+                    hi, lo = wg.amax(1, keepdim=True).clamp(min=0), wg.amin(1, keepdim=True).clamp(max=0)
+                    step = (hi - lo) / (2**bits - 1)
                 assert ((qg - wg).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
                 levels = max(len(torch.unique(row)) for row in qg)
                 assert 2 <= levels <= 2**bits - symmetric

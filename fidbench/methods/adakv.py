@@ -16,12 +16,13 @@ StreamingLLM's sinks) score inf and are always kept. ``allocation``:
 - ``"kvpress"``: kvpress's AdaKVPress (NVIDIA/kvpress ``presses/adakv_press.py``): each head's top
   ``int(n × alpha_safeguard)`` scores are raised to the dtype's maximum, then the ``heads × (L - n)``
   lowest scores of the layer are evicted; forced positions count in the safeguard (kvpress's max + 1
-  scores), so at small budgets where the window fills ``alpha × n``, no other position is safeguarded. The budget ``n`` (``ratio``/``budget``) is
-this method's and drives the scorer too (kvpress: the wrapped press's compression ratio); a pyramidkv
-scorer keeps its per-layer budget, shared adaptively among the heads of each layer. Heads are those of
-the scorer's granularity: snapkv's default chooses per query head (as Ada-KV's own code and
-KVCache-Factory's AdaKV do); ``scorer_params: {granularity: kv_head, pooling: avg, window: 64,
-kernel: 5}`` is kvpress's ``AdaKVPress(SnapKVPress())`` under fidbench's budget and window rules.
+  scores), so at small budgets where the window fills ``alpha × n``, no other position is safeguarded.
+The budget ``n`` (``ratio``/``budget``) is this method's and drives the scorer too (kvpress: the wrapped
+press's compression ratio); a pyramidkv scorer keeps its per-layer budget, shared adaptively among the
+heads of each layer. Heads are those of the scorer's granularity: snapkv's default chooses per query head
+(as Ada-KV's own code and KVCache-Factory's AdaKV do); ``allocation: kvpress, scorer_params:
+{granularity: kv_head, pooling: avg, window: 64, kernel: 5}`` is kvpress's ``AdaKVPress(SnapKVPress())``
+under fidbench's budget and window rules.
 
 Why a wrapper method and not a parameter of every eviction method: the allocation is one idea with its
 own parameter (the safeguard), applied on top of a score, as kvpress composes presses; a wrapper keeps
@@ -50,8 +51,9 @@ BUDGET = ("ratio", "budget", "min_budget")
 class AdaKV(Evicting):
     name = "adakv"
     description = "Ada-KV: a layer keeps its best (head, position) pairs by any scorer, each head >= alpha of its share"
-    defaults_from = ("FFY0/AdaKV experiments/LongBench/GQA_eval_longbench.sh (--floor_alpha 0.2, c*_w32_k7_maxpool.json, "
-                     "its own allocation; scorer snapkv: Ada-SnapKV); budget: fidbench's rule (_kv)")
+    defaults_from = ("FFY0/AdaKV experiments/LongBench/GQA_eval_longbench.sh (--floor_alpha 0.2, "
+                     "c*_w32_k7_maxpool.json, its own allocation; scorer snapkv: Ada-SnapKV); budget: fidbench's "
+                     "rule (_kv)")
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "scorer_params": {"window": 4, "kernel": 3}}}
     scorer: str = "snapkv"
     scorer_params: dict = dataclasses.field(default_factory=dict)
@@ -116,7 +118,8 @@ def adakv_allocation(scores: torch.Tensor, n: int, alpha: float) -> torch.Tensor
     base = n - int(forced[0, 0].sum())  # every scorer forces the same positions in every head
     free = scores.masked_fill(forced, -torch.inf)
     best = free.reshape(b, heads * p).topk(heads * base, dim=-1).indices // p
-    counts = torch.zeros(b, heads, device=scores.device).scatter_add_(-1, best, torch.ones_like(best, dtype=torch.float))
+    counts = torch.zeros(b, heads, device=scores.device)
+    counts.scatter_add_(-1, best, torch.ones_like(best, dtype=counts.dtype))
     capacity = torch.round(counts * (1 - alpha) + int(base * alpha))
     rank = free.argsort(-1, descending=True).argsort(-1)  # each position's rank in its head
     return forced | (rank < capacity[..., None])

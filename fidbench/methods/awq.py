@@ -118,7 +118,8 @@ class AWQ(weights.Calibrated):
                         w = lin.weight.float() * s
                         if bounds is not None:
                             w = clipped(w, bounds, self.group)
-                        lin.weight.copy_((weights.fake_quant(w, self.bits, self.group, False, self.integer_zero) / s).to(lin.weight.dtype))
+                        q = weights.fake_quant(w, self.bits, self.group, False, self.integer_zero)
+                        lin.weight.copy_((q / s).to(lin.weight.dtype))
             self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, False),
                             "scaled_layers": sum(bool((s != 1).any()) for s, _ in plan.values()),
                             "clipped_layers": sum(b is not None for _, b in plan.values()),
@@ -161,7 +162,8 @@ class AWQ(weights.Calibrated):
                     if not any(k in names[lin] for k in UNCLIPPED):
                         s = plan[lin][0]
                         x = torch.cat(inputs[lin]).float() / s  # what the scaled weights will read
-                        plan[lin] = (s, clip_search(lin.weight.float() * s, x, self.bits, self.group, self.integer_zero))
+                        bounds = clip_search(lin.weight.float() * s, x, self.bits, self.group, self.integer_zero)
+                        plan[lin] = (s, bounds)
             inputs.clear()
             calls.clear()
 

@@ -65,7 +65,8 @@ def fp8_softmax(s: torch.Tensor, tile: int, offset: float, last_first: bool,
     """(weights, total) of an FP8 flash-attention softmax over log2-domain scores ``s`` (..., kv), -inf where a
     query does not see a key: keys in tiles of ``tile`` (``last_first``: the last tile first, as FA3; else in
     order, as SageAttention2), each tile's P = 2^(s - (m - offset)) against the running row max m, rounded to
-    ``p_dtype`` (e4m3: round to nearest even, saturating), rescaled to the final max; ``total`` (..., 1) sums the unrounded P.
+    ``p_dtype`` (e4m3: round to nearest even, saturating), rescaled to the final max; ``total`` (..., 1) sums the
+    unrounded P.
     The attention output is ``weights @ V / total`` (0 where total is 0: a row that sees no key)."""
     kv = s.shape[-1]
     tiles = math.ceil(kv / tile)

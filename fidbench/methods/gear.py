@@ -108,8 +108,8 @@ class GEAR(Method):
     name = "gear"
     description = "GEAR: KV cache quantized to `quantize_bit` with `left` outliers exact and a rank-`rank` residual, streamed in blocks of `streaming_gap`"
     defaults_from = ("GEAR GenerationBench/GenerationTest/run_template_*.sh (--compress_method GEAR --quantize_bit 2 "
-                     "--group_size 64 --left 0.02 --rank 2 --rankv 2 --prefillrank 4 --prefillrankv 4 --loop 3 --streaming "
-                     "--streaming_gap 64, no --stream_grouping: schedule reference)")
+                     "--group_size 64 --left 0.02 --rank 2 --rankv 2 --prefillrank 4 --prefillrankv 4 --loop 3 "
+                     "--streaming --streaming_gap 64, no --stream_grouping: schedule reference)")
     test_params = {"degenerate": {"quantize_bit": 16},
                    "real": {"group_size": 4, "left": 0.2, "prefillrank": 2, "rank": 1, "prefillrankv": 2, "rankv": 1,
                             "streaming_gap": 8}}

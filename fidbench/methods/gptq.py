@@ -1,16 +1,15 @@
 """``gptq``: GPTQ weight quantization (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization
 for Generative Pre-trained Transformers").
 
-Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``, ``zero_point``: ``"integer"`` by default, as
-GPTQ's ``quant.py`` rounds the zero point; ``"float"``, the group's minimum), but each linear layer's columns are quantized
-one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
-Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset
-``dataset`` (``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score:
-false``), each followed by the base model's greedy continuation when ``continued`` (``_weights.Calibrated``).
-Decoder layers are processed in order, each calibrated on the outputs of the already quantized ones, as the
-paper does; ``damp`` adds that
-fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups then
-follow that order). Weights are restored on exit.
+Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``, ``zero_point``: ``"integer"`` by default, as GPTQ's
+``quant.py`` rounds the zero point; ``"float"``, the group's minimum), but each linear layer's columns are
+quantized one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
+Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset ``dataset``
+(``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score: false``), each followed
+by the base model's greedy continuation when ``continued`` (``_weights.Calibrated``). Decoder layers are
+processed in order, each calibrated on the outputs of the already quantized ones, as the paper does; ``damp``
+adds that fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups
+then follow that order). Weights are restored on exit.
 """
 
 import contextlib
@@ -56,9 +55,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 class GPTQ(weights.Calibrated):
     name = "gptq"
     description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
-    defaults_from = ("IST-DASLab/gptq llama.py/quant.py (wbits 4, percdamp 0.01, act_order off, asymmetric with an integer "
-                     "zero point); group 128 as the paper's grouped results (its code's default is one group per row); "
-                     "calibration: fidbench's suite settings")
+    defaults_from = ("IST-DASLab/gptq llama.py/quant.py (wbits 4, percdamp 0.01, act_order off, asymmetric with an "
+                     "integer zero point); group 128 as the paper's grouped results (its code's default is one group "
+                     "per row); calibration: fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}}
     bits: int = 4

@@ -144,8 +144,8 @@ def load_heads(path: str | Path, hidden: int, vocab: int) -> Heads:
 class Medusa(Method):
     name = "medusa"
     description = "Medusa draft heads: per-head acc@1/acc@5 of the tokens 2, 3, ... ahead (own loop)"
-    defaults_from = ("FasterDecoding/Medusa: 3 heads of 1 ResBlock (medusa_num_heads, medusa_num_layers in its training "
-                     "README); headline = each head's top-k accuracy, their mean (count_base false)")
+    defaults_from = ("FasterDecoding/Medusa: 3 heads of 1 ResBlock (medusa_num_heads, medusa_num_layers in its "
+                     "training README); headline = each head's top-k accuracy, their mean (count_base false)")
     kind = "own_loop"
     test_params = {"covered_by": "tests/test_medusa.py::test_medusa_on_every_family"}
     path: str = ""

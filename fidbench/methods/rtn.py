@@ -23,8 +23,8 @@ from .base import Method, register
 class RTN(Method):
     name = "rtn"
     description = "round-to-nearest `bits` weight quantization of the decoder's linear layers, in groups of `group` inputs"
-    defaults_from = ("IST-DASLab/gptq's RTN baseline (quant.py: asymmetric, integer zero point); group 128 as GPTQ's and "
-                     "AWQ's grouped results; embeddings and lm_head full precision as there")
+    defaults_from = ("IST-DASLab/gptq's RTN baseline (quant.py: asymmetric, integer zero point); group 128 as GPTQ's "
+                     "and AWQ's grouped results; embeddings and lm_head full precision as there")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3}}
     bits: int = 4

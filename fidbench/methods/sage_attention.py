@@ -130,8 +130,8 @@ def _visible_rows(call: AttentionCall) -> Callable[[int, int], torch.Tensor]:
 class SageAttention(Method):
     name = "sage-attention"
     description = "SageAttention: K smoothed, per-block INT8 Q·K, fp32 softmax, fp16 P·V"
-    defaults_from = ("SageAttention (1) paper and thu-ml/SageAttention sageattn_qk_int8_pv_fp16: INT8 Q·K per block of 128 "
-                     "queries x 64 keys, K smoothed, fp16 P·V")
+    defaults_from = ("SageAttention (1) paper and thu-ml/SageAttention sageattn_qk_int8_pv_fp16: INT8 Q·K per block "
+                     "of 128 queries x 64 keys, K smoothed, fp16 P·V")
     test_params = {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}}
     parallel_exact = False  # the K mean and the last K block's scale span each step's cache
     block_q: int = 128

@@ -11,10 +11,10 @@ Follows KVCache-Factory's SnapKVCluster (Zefan-Cai/KVCache-Factory, the code beh
 Ada-KV), the window inside the budget. Defaults: window 32, kernel 7, max pooling, SnapKV's own evaluation
 setting (FasterDecoding/SnapKV ``experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json``, run by
 ``scripts/run_longbench.sh``), which Ada-KV's scripts use too (FFY0/AdaKV ``GQA_eval_longbench.sh``:
-``c{128..1024}_w32_k7_maxpool.json``); KVCache-Factory's LongBench scripts use window 8 (``window: 8``). ``granularity``: ``query_head``
-(default; SnapKV's and KVCache-Factory's code apply ``repeat_kv`` before selecting, so every query head
-chooses its own positions and the cache is stored per query head) or ``kv_head`` (kvpress's
-SnapKVPress: pooled scores averaged over the query heads sharing a KV head).
+``c{128..1024}_w32_k7_maxpool.json``); KVCache-Factory's LongBench scripts use window 8 (``window: 8``).
+``granularity``: ``query_head`` (default; SnapKV's and KVCache-Factory's code apply ``repeat_kv`` before
+selecting, so every query head chooses its own positions and the cache is stored per query head) or
+``kv_head`` (kvpress's SnapKVPress: pooled scores averaged over the query heads sharing a KV head).
 
 Differences: both references assert ``budget > window``; fidbench's explicit rule is that the window
 never exceeds half the budget, ``w = max(1, min(window, budget // 2))`` (``kept()["window"]`` is the

@@ -88,9 +88,9 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 class SpargeAttention(SageAttention):
     name = "sparge-attention"
     description = "SpargeAttn: key blocks skipped by a mean-pooled Q·K prediction (`cdfthreshd`, `simthreshd1`), on SageAttention's INT8 Q·K"
-    defaults_from = ("thu-ml/SpargeAttn core.py spas_sage2_attn_meansim_cuda as the original fidbench scripts call it: "
-                     "simthreshd1 0.6, cdfthreshd 0.98, blocks 128 x 64 (sm80/sm89), FP8 P·V with V scaled to 2.25 "
-                     "(sm89/sm90)")
+    defaults_from = ("thu-ml/SpargeAttn core.py spas_sage2_attn_meansim_cuda as the original fidbench scripts call "
+                     "it: simthreshd1 0.6, cdfthreshd 0.98, blocks 128 x 64 (sm80/sm89), FP8 P·V with V scaled to "
+                     "2.25 (sm89/sm90)")
     test_params = {"degenerate": None, "why": "on top of sage-attention's INT8 Q·K, no lossless setting; "
                    "simthreshd1 > 1 (no block self-similar) equals sage-attention (tests/test_sparge_attention.py)",
                    "real": {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.5, "decode": "sparse"}}
