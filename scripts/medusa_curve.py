@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,17 +38,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[150, 300, 600, 1200])
     parser.add_argument("--holdout", type=int, default=5, help="every N-th training prompt is held out")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-cache", type=Path, help="keep the hidden states and targets here between runs")
     args = parser.parse_args()
     model, tok = models.load(args.model)
     base = Settings()
     t0 = time.process_time()
-    seqs = distill(model, tok, base)
-    train = [s for i, s in enumerate(seqs) if i % args.holdout]
-    test = [s for i, s in enumerate(seqs) if not i % args.holdout]
-    x, y = examples(model, train, base.heads)
-    xt, yt = examples(model, test, base.heads)
-    print(json.dumps({"train_prompts": len(train), "train_positions": len(x), "held_out_prompts": len(test),
-                      "held_out_positions": len(xt), "data_cpu_s": round(time.process_time() - t0)}), flush=True)
+    if args.data_cache and args.data_cache.is_file():
+        x, y, xt, yt = torch.load(args.data_cache)
+    else:
+        seqs = distill(model, tok, base)
+        x, y = examples(model, [s for i, s in enumerate(seqs) if i % args.holdout], base.heads)
+        xt, yt = examples(model, [s for i, s in enumerate(seqs) if not i % args.holdout], base.heads)
+        if args.data_cache:
+            torch.save((x, y, xt, yt), args.data_cache)
+    print(json.dumps({"train_positions": len(x), "held_out_positions": len(xt),
+                      "data_cpu_s": round(time.process_time() - t0)}), flush=True)
     for steps in args.steps:
         settings = dataclasses.replace(base, steps=steps)
         t1 = time.process_time()
