@@ -27,7 +27,8 @@ def _type(annotation) -> str:
 
 def describe_methods() -> str:
     """Every registered method: name, how it is teacher-forced (and whether its prefill is the base model's,
-    which a suite may share: ``share_prefill_gib``), description, parameters with defaults."""
+    which a suite may share: ``share_prefill_gib``), description, where its defaults come from, parameters with
+    defaults."""
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
@@ -36,6 +37,7 @@ def describe_methods() -> str:
         # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
         shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
         lines.append(f"{name}  ({mode}{shared})  {cls.description}")
+        lines.append(f"    defaults from: {cls.defaults_from}")
         fields = [f for f in dataclasses.fields(cls) if f.init]
         for f in fields:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -113,6 +113,12 @@ def train(model, tokenizer, settings: Settings) -> tuple[Heads, list[float], lis
     seqs = distill(model, tokenizer, settings)
     x, y = examples(model, seqs, settings.heads)
     _log(f"{len(x)} training positions from {len(seqs)} prompts ({time.perf_counter() - t0:.0f} s)")
+    return fit(model, x, y, settings)
+
+
+def fit(model, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> tuple[Heads, list[float], list[float]]:
+    """Heads trained on hidden states ``x`` and targets ``y`` (from ``examples``) by the recipe above."""
+    t0 = time.perf_counter()
     lm_head = model.get_output_embeddings()
     device = lm_head.weight.device
     weight = lm_head.weight.detach().float()

@@ -48,6 +48,7 @@ def test_methods_lists_every_method_with_its_parameters_and_defaults(capsys):
     out = capsys.readouterr().out
     for name, cls in REGISTRY.items():
         assert f"{name}  (" in out and cls.description in out
+        assert len(cls.defaults_from) > 20 and f"    defaults from: {cls.defaults_from}\n" in out  # issue 29
         for field in dataclasses.fields(cls):
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             assert f"    {field.name}: " in out and f"= {default!r}" in out

@@ -132,8 +132,9 @@ def copies_read(seen, n_k, row):
 def test_paper_schedule_reads_compressed_prompt_and_full_blocks(n_q):
     p, n_k, gap = 21, 60, 8
     c, k, v = call(n_q, n_k, p)
-    method = build("gear", PARAMS)
+    method = build("gear", {**PARAMS, "schedule": "paper"})
     method.attend(c)
+    assert method.kept()["blocks_compressed"] == 4  # blocks from 21, 29, 37, 45 end before the last query, 59
     args = (2, 4, 0.25)
     prompt = (gear_compress(k[:, :, :p], "key", *args, 3, 3, 0), gear_compress(v[:, :, :p], "value", *args, 2, 3, 0))
     for row, t in enumerate(range(n_k - n_q, n_k)):
@@ -157,6 +158,7 @@ def test_reference_schedule_recompresses_the_whole_cache_at_multiples_of_the_gap
     c, k, v = call(n_q, n_k, p)
     method = build("gear", {**PARAMS, "schedule": "reference"})
     method.attend(c)
+    assert method.kept()["blocks_compressed"] == 5  # cache lengths 24, 32, 40, 48, 56
     args = (2, 4, 0.25)
     states, previous = {}, None  # cache length m -> what the cache holds for positions < m after step m
     for m in (24, 32, 40, 48, 56):
@@ -194,6 +196,8 @@ def test_parallel_equals_stepwise(tiny, schedule):
     torch.testing.assert_close(parallel, stepwise, atol=1e-5, rtol=0)
     assert (parallel - force(tiny, build("origin", {}), p_ids, g_ids)).abs().max() > 1e-3
     assert 0 < method.kept()["kv_quantized"] < 1
+    # Queries at 37..65 (gap 8): paper blocks from 37, 45, 53; reference cache lengths 40, 48, 56, 64.
+    assert method.kept()["blocks_compressed"] == {"paper": 3, "reference": 4}[schedule]
 
 
 def test_default_config_is_the_original():
@@ -201,7 +205,7 @@ def test_default_config_is_the_original():
     assert (method.quantize_bit, method.group_size, method.left) == (2, 64, 0.02)
     assert (method.loop, method.streaming_gap) == (3, 64)
     assert (method.prefillrank, method.prefillrankv, method.rank, method.rankv) == (4, 4, 2, 2)
-    assert method.schedule == "paper"
+    assert method.schedule == "reference"  # GEAR's run_template_*.sh: --streaming without --stream_grouping
 
 
 @pytest.mark.parametrize("params, message", [

@@ -90,7 +90,7 @@ def test_parallel_equals_stepwise(tiny, ids, name):
 @pytest.mark.parametrize("name,params,heads,n,window", [
     ("snapkv", EVICT["snapkv"], 4, 12, 4),  # per query head, as SnapKV's and KVCache-Factory's code
     ("snapkv", dict(EVICT["snapkv"], granularity="kv_head"), 2, 12, 4),  # kvpress: the group's mean
-    ("snapkv", dict(budget=12), 4, 12, 6),  # window 8 shrinks to half the budget
+    ("snapkv", dict(budget=12), 4, 12, 6),  # window 32 shrinks to half the budget
     ("snapkv", dict(ratio=0.1), 4, 8, 4),  # 4 tokens by ratio, raised to the minimum of 8
     ("knorm", EVICT["knorm"], 2, 12, 0),
     ("knorm", dict(ratio=0.3), 2, 12, 0),
@@ -113,9 +113,11 @@ def test_evicting_keeps_the_budget_per_head(tiny, ids, name, params, heads, n, w
 
 def test_snapkv_window_never_exceeds_half_the_budget():
     snap = build("snapkv", {})
-    assert snap.window == 8 and snap.kernel == 7 and snap.pooling == "max"  # KVCache-Factory's LongBench setting
-    assert [snap.window_for(p) for p in (20, 40, 64, 100, 1000)] == [4, 5, 8, 8, 8]  # budgets 8, 10, 16, 25, 250
+    assert snap.window == 32 and snap.kernel == 7 and snap.pooling == "max"  # SnapKV's and Ada-KV's scripts
+    assert [snap.window_for(p) for p in (20, 40, 64, 100, 1000)] == [4, 5, 8, 12, 32]  # budgets 8, 10, 16, 25, 250
     assert build("snapkv", dict(budget=1)).window_for(100) == 1
+    assert build("pyramidkv", {}).window == 8  # KVCache-Factory's LongBench setting
+    assert build("adakv", {})._scorer.window == 32
 
 
 def test_pyramid_budget_follows_kvcache_factory():
@@ -216,21 +218,53 @@ def test_random_is_seeded_per_sample(tiny, ids):
 
 def test_adakv_allocation_by_hand():
     """kvpress's AdaKVPress: each head's top int(n * alpha) are safe, then the layer's lowest scores go."""
-    method = build("adakv", dict(budget=3, scorer="knorm", alpha_safeguard=0.34))
+    method = build("adakv", dict(budget=3, scorer="knorm", alpha_safeguard=0.34, allocation="kvpress"))
     scores = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0, 4.0],  # a head with high scores everywhere
                             [0.5, 0.1, 0.2, 0.3, 0.0, 0.4]]])
     keep = method.allocate(scores, 3)  # 6 of 12 (head, position) pairs; 1 safe per head
     assert keep.tolist() == [[[True, True, True, True, True, False], [True, False, False, False, False, False]]]
     # Without the safeguard the second head would keep nothing; with alpha 1 every head keeps its own top 3.
-    assert build("adakv", dict(budget=3, scorer="knorm", alpha_safeguard=0.0)).allocate(scores, 3)[0, 1].sum() == 0
-    uniform = build("adakv", dict(budget=3, scorer="knorm", alpha_safeguard=1.0)).allocate(scores, 3)
+    kvpress = dict(budget=3, scorer="knorm", allocation="kvpress")
+    assert build("adakv", dict(kvpress, alpha_safeguard=0.0)).allocate(scores, 3)[0, 1].sum() == 0
+    uniform = build("adakv", dict(kvpress, alpha_safeguard=1.0)).allocate(scores, 3)
     assert torch.equal(uniform, build("knorm", dict(budget=3)).allocate(scores, 3))
+
+
+INF = float("inf")
+WINDOWED = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0, 4.0, INF, INF],  # the last two: a scorer's window
+                          [0.5, 0.1, 0.2, 0.3, 0.0, 0.4, INF, INF]]])
+
+
+@pytest.mark.parametrize("alpha, expected", [
+    # n = 5, window 2: B = 3 per head outside the window; head 0 holds all 6 of the layer's best 6 pairs.
+    # alpha 0.2: floor int(0.6) = 0; head 0 round(0.8 * 6) = 5, head 1 round(0) = 0.
+    (0.2, [[1, 1, 1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]]),
+    # alpha 0.5: floor int(1.5) = 1; head 0 round(0.5 * 6 + 1) = 4, head 1 round(0 + 1) = 1 (its best, 0.5).
+    (0.5, [[1, 1, 1, 1, 0, 0, 1, 1], [1, 0, 0, 0, 0, 0, 1, 1]]),
+    # alpha 1: every head its own top B = 3, SnapKV's uniform allocation.
+    (1.0, [[1, 1, 1, 0, 0, 0, 1, 1], [1, 0, 0, 1, 0, 1, 1, 1]]),
+])
+def test_adakv_own_allocation_by_hand(alpha, expected):
+    """FFY0/AdaKV's AdaptiveSnapKVCluster: the window outside the adaptive part, head h keeps its best
+    round((1 - alpha) c_h + int(alpha (n - w))) positions, c_h its share of the layer's best heads x (n - w)."""
+    method = build("adakv", dict(budget=5, scorer="knorm", alpha_safeguard=alpha))
+    assert method.allocation == "adakv"
+    assert method.allocate(WINDOWED, 5).int().tolist() == [expected]
+
+
+def test_adakv_kvpress_counts_the_window_in_the_safeguard():
+    """The same scores under kvpress's rule: the safeguard's int(0.5 * 5) = 2 are the window's two inf scores,
+    so head 1 keeps nothing beyond its window, where Ada-KV's own rule keeps its best position."""
+    method = build("adakv", dict(budget=5, scorer="knorm", alpha_safeguard=0.5, allocation="kvpress"))
+    keep = method.allocate(WINDOWED, 5)
+    assert keep.int().tolist() == [[[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]]]
 
 
 @pytest.mark.parametrize("scorer", ["snapkv", "knorm", "random", "streamingllm", "pyramidkv"])
 def test_adakv_wraps_any_scorer(tiny, ids, scorer):
     params = SNAP if scorer in ("snapkv", "pyramidkv") else {}
-    method = build("adakv", dict(budget=12, scorer=scorer, scorer_params=params, alpha_safeguard=0.25))
+    method = build("adakv", dict(budget=12, scorer=scorer, scorer_params=params, alpha_safeguard=0.25,
+                                 allocation="kvpress"))
     run(tiny, method, ids)
     for layer, keep in method.keep.items():
         n = pyramid_budget(12, P, 4, 2, 20, layer) if scorer == "pyramidkv" else 12  # 20 and 4 in the pyramid
@@ -241,6 +275,16 @@ def test_adakv_wraps_any_scorer(tiny, ids, scorer):
     assert kept["budget_per_head"] == 12 and kept["granularity"] == method._scorer.granularity
     if scorer == "snapkv":  # the scorer's window is kept whatever the allocation
         assert all(keep[..., P - 4 :].all() for keep in method.keep.values()) and kept["window"] == 4
+
+
+def test_adakv_own_allocation_end_to_end(tiny, ids):
+    """Ada-SnapKV with Ada-KV's own allocation on a model: every head keeps the window plus at least its floor
+    int(0.25 (12 - 4)) = 2, and the layer about its uniform total (each head's share is rounded)."""
+    method = build("adakv", dict(budget=12, scorer_params=SNAP, alpha_safeguard=0.25))
+    run(tiny, method, ids)
+    for keep in method.keep.values():
+        assert keep[..., P - 4 :].all() and (keep.sum(-1) >= 4 + 2).all()
+        assert abs(keep.sum().item() - 12 * keep.shape[1]) <= keep.shape[1] / 2
 
 
 def test_streamingllm_dense_prefill_then_sinks_and_recent(tiny, ids, masks):

@@ -51,7 +51,7 @@ def test_fp8_attention_feeds_dense_attention_values_on_the_e4m3_grid(tiny, promp
         return dense(call, mask, query, key, value)
 
     monkeypatch.setattr(attention.AttentionCall, "dense", spy)
-    method = build("fp8-attention", {})
+    method = build("fp8-attention", {"p_fp8": False})  # the dense path
     with method.apply(tiny) as m:
         engine.teacher_force(m, method, prompt, reference(4), "stepwise")
     assert len(seen) == 2 * 4  # two layers, one prefill and three decode steps
@@ -125,8 +125,8 @@ def test_p_fp8_without_rounding_is_dense_attention():
 def test_p_fp8_changes_logits_more_than_qkv_rounding_alone(tiny, prompt):
     g_ids = reference()
     base = logits(tiny, build("origin", {}), prompt, g_ids)
-    qkv = logits(tiny, build("fp8-attention", {}), prompt, g_ids)
-    p = logits(tiny, build("fp8-attention", {"p_fp8": True}), prompt, g_ids)
+    qkv = logits(tiny, build("fp8-attention", {"p_fp8": False}), prompt, g_ids)
+    p = logits(tiny, build("fp8-attention", {}), prompt, g_ids)  # p_fp8 by default, as FA3's fp8 kernel
     assert (p - base).norm() > (qkv - base).norm() > 0
     assert ((p - base).norm() / base.norm()).item() < 0.1
     assert build("fp8-attention", {"p_fp8": True}).kept()["p_format"].startswith("float8_e4m3fn")
@@ -241,9 +241,11 @@ def test_sage_parameters_are_checked():
             build("sage-attention", params)
 
 
-LOW_BIT = [("fp8-attention", {}), ("fp8-attention", {"p_fp8": True}), ("sage-attention", {}),
+LOW_BIT = [("fp8-attention", {"p_fp8": False}), ("fp8-attention", {}), ("sage-attention", {}),
+           ("sage-attention", {"pv": "fp8", "block_k": 8}),
            ("sage-attention", {"bits": 3, "block_k": 8}), ("sage-attention", {"smooth_k": False}),
-           ("sparge-attention", {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.5})]
+           ("sparge-attention", {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.5}),
+           ("sparge-attention", {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.5, "pv": "fp16"})]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -299,7 +301,8 @@ def test_decode_rows_use_the_scales_of_the_keys_they_see():
     assert torch.equal(rounded[0, 0, 1], expected[0, 0])
 
 
-def test_sage_decode_row_is_a_one_query_call_over_the_keys_it_sees():
+@pytest.mark.parametrize("v_fp8_max", [None, 448.0, 2.25])
+def test_sage_decode_row_is_a_one_query_call_over_the_keys_it_sees(v_fp8_max):
     """sage: a decode row equals sage_attention called with that one query over exactly its visible keys
     (a window in the middle of the call: blocks start at its first key, the mean is over it)."""
     g = torch.Generator().manual_seed(5)
@@ -308,11 +311,12 @@ def test_sage_decode_row_is_a_one_query_call_over_the_keys_it_sees():
     visible = torch.zeros(1, 1, 3, 30, dtype=torch.bool)
     for row, (a, b) in enumerate(windows):
         visible[0, 0, row, a:b] = True
-    rows = sage.sage_decode(q, k, v, visible, 0.25, block_k=8)
+    rows = sage.sage_decode(q, k, v, visible, 0.25, block_k=8, v_fp8_max=v_fp8_max)
     for row, (a, b) in enumerate(windows):
         alone = sage.sage_decode(q[:, :, row : row + 1], k[:, :, a:b], v[:, :, a:b],
-                                 torch.ones(1, 1, 1, b - a, dtype=torch.bool), 0.25, block_k=8)
+                                 torch.ones(1, 1, 1, b - a, dtype=torch.bool), 0.25, block_k=8, v_fp8_max=v_fp8_max)
         call = sage.sage_attention(q[:, :, row : row + 1], k[:, :, a:b], v[:, :, a:b],
-                                   lambda s, t: torch.ones(1, 1, t - s, b - a, dtype=torch.bool), 0.25, block_k=8)
+                                   lambda s, t: torch.ones(1, 1, t - s, b - a, dtype=torch.bool), 0.25, block_k=8,
+                                   v_fp8_max=v_fp8_max)
         torch.testing.assert_close(rows[:, :, row : row + 1], alone, atol=1e-6, rtol=0)
         torch.testing.assert_close(alone, call, atol=2e-3, rtol=0)  # float64 vs float32 K mean only

@@ -79,8 +79,9 @@ def test_rtn_within_half_a_step_on_a_grid(tiny, bits, group, symmetric):
                 wg, qg = w[:, cols], q[:, cols]
                 if symmetric:
                     step = wg.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
-                else:
-                    step = (wg.amax(1, keepdim=True) - wg.amin(1, keepdim=True)) / (2**bits - 1)
+                else:  # the integer zero point's range holds 0 (GPTQ's quant.py)
+                    hi, lo = wg.amax(1, keepdim=True).clamp(min=0), wg.amin(1, keepdim=True).clamp(max=0)
+                    step = (hi - lo) / (2**bits - 1)
                 assert ((qg - wg).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
                 levels = max(len(torch.unique(row)) for row in qg)
                 assert 2 <= levels <= 2**bits - symmetric
@@ -182,7 +183,41 @@ def test_gptq_function_matches_rtn_grid_without_error_feedback():
     """With an identity Hessian no error can be spread, so GPTQ is round-to-nearest on the same grid."""
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     q = gptq(w, torch.eye(64), bits=4, group=16, symmetric=False, damp=0.0, act_order=False)
+    assert torch.allclose(q, weights.fake_quant(w, 4, 16, False, integer_zero=True), atol=1e-6)
+    q = gptq(w, torch.eye(64), bits=4, group=16, symmetric=False, damp=0.0, act_order=False, integer_zero=False)
     assert torch.allclose(q, weights.fake_quant(w, 4, 16, False), atol=1e-6)
+
+
+def gptq_reference_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """IST-DASLab/gptq quant.py, asymmetric, one group per row: Quantizer.find_params, then quantize()."""
+    maxq = 2**bits - 1
+    xmin, xmax = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+    scale = ((xmax - xmin) / maxq)[:, None]
+    zero = torch.round(-xmin[:, None] / scale)
+    return scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
+
+
+def test_integer_zero_point_is_gptqs_quantizer_on_an_outlier_group():
+    """A group of small weights and one outlier at 3 bits: the default grid is GPTQ's (and AWQ's: the group holds
+    both signs), whose zero point is an integer level; ``zero_point: float`` keeps the group's minimum."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 128, generator=g) * 0.02
+    w[:, 7] = 0.3  # one outlier per row stretches the range
+    w[:, 9] = 0.0
+    got = weights.fake_quant(w, 3, 128, False, integer_zero=True)
+    torch.testing.assert_close(got, gptq_reference_quantize(w, 3), rtol=0, atol=1e-7)
+    assert (got[:, 9] == 0).all()  # 0 is a level of the grid
+    old = weights.fake_quant(w, 3, 128, False)
+    assert not torch.equal(got, old) and (old[:, 9] != 0).all()
+
+
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
+def test_rtn_zero_point_parameter(tiny, zero_point):
+    lin = weights.decoder_linears(tiny)[0]
+    w = lin.weight.clone()
+    params = {"bits": 3, "group": 16} | ({} if zero_point == "integer" else {"zero_point": "float"})
+    with build("rtn", params).apply(tiny):
+        assert torch.equal(lin.weight, weights.fake_quant(w, 3, 16, False, zero_point == "integer"))
 
 
 class Recorded(AttentionCall):

@@ -83,7 +83,8 @@ def test_block_map_and_output_equal_direct_implementation(block_q, block_k, sim,
     rows = torch.arange(n)[:, None]
     causal = rows >= torch.arange(n)[None, :]
     mask = keep[:, rows // block_q, torch.arange(n)[None, :] // block_k] & causal  # (h, n, n)
-    expected = sage_attention(call.query, call.key, call.value, lambda a, b: mask[None, :, a:b], 0.25, block_q, block_k)
+    expected = sage_attention(call.query, call.key, call.value, lambda a, b: mask[None, :, a:b], 0.25, block_q, block_k,
+                              v_fp8_max=2.25)
     assert torch.equal(got, expected.transpose(1, 2))
     skipped = 1 - keep.sum().item() / (allowed.sum().item() * call.query.shape[1])
     assert method.kept()["blocks_skipped"] == pytest.approx(skipped)
@@ -94,9 +95,9 @@ def test_block_map_and_output_equal_direct_implementation(block_q, block_k, sim,
 def test_every_query_attends_some_key_and_none_later(monkeypatch):
     masks = []
 
-    def spy(query, key, value, visible_rows, *args):
+    def spy(query, key, value, visible_rows, *args, **kwargs):
         masks.extend(visible_rows(s, min(s + args[1], query.shape[2])) for s in range(0, query.shape[2], args[1]))
-        return sage_attention(query, key, value, visible_rows, *args)
+        return sage_attention(query, key, value, visible_rows, *args, **kwargs)
 
     monkeypatch.setattr(sparge, "sage_attention", spy)
     call = random_call(n=50, seed=3)
@@ -111,7 +112,7 @@ def test_no_self_similar_block_is_sage_attention():
     p_ids, g_ids = random_ids(60), random_ids(12, seed=4)
     blocks = {"block_q": 16, "block_k": 8}
     sage = force(model, build("sage-attention", blocks), p_ids, g_ids, "stepwise")  # as sparse decode runs
-    method = build("sparge-attention", {**blocks, "simthreshd1": 2.0, "decode": "sparse"})
+    method = build("sparge-attention", {**blocks, "simthreshd1": 2.0, "decode": "sparse", "pv": "fp16"})
     assert torch.equal(force(model, method, p_ids, g_ids), sage)
     assert method.kept()["blocks_skipped"] == 0
 
@@ -121,7 +122,7 @@ def test_decode_dense_by_default_and_sparse_on_request():
     decode = AttentionCall(call.module, call.query[:, :, -1:], call.key, call.value, None, Phase("decode", 39, 39),
                            call.kwargs)
     sage = build("sage-attention", {"block_q": 8, "block_k": 8}).attend(decode)
-    params = {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.0}
+    params = {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.0, "pv": "fp16"}
     dense = build("sparge-attention", params)
     assert torch.equal(dense.attend(decode), sage) and dense.kept()["blocks_skipped"] is None
     sparse = build("sparge-attention", {**params, "decode": "sparse"})
@@ -134,6 +135,47 @@ def test_defaults_are_the_original_call():
     assert (method.block_q, method.block_k, method.simthreshd1, method.cdfthreshd) == (128, 64, 0.6, 0.98)
     assert method.decode == "dense" and method.parallel_exact  # dense decode is sage-attention's, row by row
     assert not build("sparge-attention", {"decode": "sparse"}).parallel_exact
+    assert method.pv == "fp8" and method.fp8_max == 2.25  # core.py's sm89/sm90 path: scale_fuse_quant_cuda(.., 2.25)
+    assert build("sage-attention", {}).fp8_max is None  # SageAttention (1): fp16 P·V
+
+
+def _sage2_pv_reference(s, v, tile, v_max):
+    """SageAttention2's P·V for one head, as its kernel loops: log2-domain scores s (q, kv) (-inf: not seen), V (kv, d)
+    quantized to e4m3 per channel (absmax / v_max), key tiles in order, P = 2^(s - m + 8.807) against the running
+    max m rounded to e4m3, the accumulator and the unrounded row sum rescaled when m grows."""
+    v_scale = v.abs().amax(0) / v_max
+    v8 = (v / v_scale).to(torch.float8_e4m3fn).float() * v_scale
+    out = torch.zeros(s.shape[0], v.shape[1])
+    for i in range(s.shape[0]):
+        m, total, acc = -math.inf, 0.0, torch.zeros(v.shape[1])
+        for start in range(0, s.shape[1], tile):
+            block = s[i, start : start + tile]
+            new = max(m, block.max().item())
+            if new == -math.inf:
+                continue
+            total, acc = total * 2 ** (m - new), acc * 2 ** (m - new)
+            p = torch.exp2(block - (new - 8.807))
+            total += p.sum().item()
+            acc += p.to(torch.float8_e4m3fn).float() @ v8[start : start + tile]
+            m = new
+        out[i] = acc / total
+    return out
+
+
+def test_fp8_pv_follows_sageattention2s_loop():
+    call = random_call(n=40, seed=5)
+    q, k, v = call.query, call.key, call.value
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    got = sage_attention(q, k, v, lambda a, b: mask[..., a:b, :], 0.25, 16, 8, bits=None, smooth_k=False,
+                         v_fp8_max=2.25)
+    s = (q[0] @ k[0].repeat_interleave(2, 0).transpose(-1, -2)) * 0.25 * math.log2(math.e)
+    s = s.masked_fill(~mask[0], -math.inf)
+    for head in range(4):
+        expected = _sage2_pv_reference(s[head], v[0, head // 2], 8, 2.25)
+        torch.testing.assert_close(got[0, head].float(), expected, rtol=2e-3, atol=2e-3)  # fp16 output
+    fp16 = sage_attention(q, k, v, lambda a, b: mask[..., a:b, :], 0.25, 16, 8, bits=None, smooth_k=False)
+    assert not torch.equal(got, fp16)
+    torch.testing.assert_close(got, fp16, rtol=0, atol=0.15)
 
 
 @pytest.mark.parametrize("params, message", [({"cdfthreshd": 1.5}, "cdfthreshd"), ({"block_k": 0}, "block_k"),

@@ -19,7 +19,7 @@ from .base import Method
 SCALE_BITS = 16  # a scale (and a zero point, asymmetric) per group, stored in fp16 as real kernels do
 
 
-def fake_quant(x: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, bits: int, group: int, symmetric: bool, integer_zero: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x`` along its last dim in groups of ``group`` (0: the whole dim; a shorter last group).
 
     Computed in float32 with ``quant_params``/``quant_apply``, returned in ``x``'s dtype.
@@ -30,20 +30,32 @@ def fake_quant(x: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch
     parts = [x[..., :full].unflatten(-1, (full // group, group))] if full else []
     if full < n:
         parts.append(x[..., full:].unsqueeze(-2))
-    out = [quant_apply(p.float(), *quant_params(p.float(), bits, symmetric), bits, symmetric).flatten(-2) for p in parts]
+    out = [quant_apply(p.float(), *quant_params(p.float(), bits, symmetric, integer_zero), bits, symmetric).flatten(-2)
+           for p in parts]
     return torch.cat(out, dim=-1).to(x.dtype)
 
 
-def quant_params(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_params(x: torch.Tensor, bits: int, symmetric: bool, integer_zero: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, offset) of each group = x's last dim, kept for broadcasting.
 
     Asymmetric: ``2**bits`` levels from the group's min (the offset, stored like KIVI and llama.cpp's
-    Q4_1 store it) to its max. Symmetric: levels ``-q..q``, ``q = 2**(bits-1) - 1``, scaled to the
-    group's max magnitude, offset 0. Either way a value of the group moves by at most half a step.
+    Q4_1 store it) to its max. ``integer_zero``: GPTQ's quantizer instead (IST-DASLab/gptq ``quant.py``,
+    ``Quantizer.find_params``): the range widened to hold 0, then the zero point ``round(-min / scale)``
+    an integer level, so 0 is exactly representable and the grid is shifted by up to half a step (AWQ's
+    ``pseudo_quantize_tensor`` rounds the zero point the same way and gives the same grid for every group
+    holding both signs). Symmetric: levels ``-q..q``, ``q = 2**(bits-1) - 1``, scaled to the group's max
+    magnitude, offset 0. Either way a value of the group moves by at most half a step (GPTQ's
+    per-column updates may leave the grid: ``quant_apply`` clamps).
     """
     if symmetric:
         scale = x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
         offset = torch.zeros_like(scale)
+    elif integer_zero:
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (2**bits - 1)
+        scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: zero point 0, exact
+        return scale, -torch.round(-lo / scale) * scale
     else:
         offset = x.amin(-1, keepdim=True)
         scale = (x.amax(-1, keepdim=True) - offset) / (2**bits - 1)

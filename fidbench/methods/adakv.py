@@ -3,31 +3,40 @@ Optimizing KV Cache Eviction by Adaptive Budget Allocation"), around any evictio
 
 The ``scorer`` (a registered eviction method: snapkv by default, as in the paper's Ada-SnapKV, or
 knorm, random, streamingllm, pyramidkv) scores the prompt positions of every head at its own
-granularity; instead of the top ``n`` of every head, the layer keeps its ``heads × n`` best (head,
-position) pairs, so heads whose attention is concentrated give room to heads whose attention is
-spread. Safeguard: each head first keeps its own top ``floor(alpha_safeguard × n)`` positions.
-
-Follows kvpress's AdaKVPress (NVIDIA/kvpress ``presses/adakv_press.py``): the safeguard raises each
-head's top ``int(n × alpha_safeguard)`` scores to the dtype's maximum, then the ``heads × (L - n)``
-lowest scores of the layer are evicted. Forced positions (SnapKV's window, StreamingLLM's sinks) score
-inf and are never evicted, as kvpress's max + 1 scores. The budget ``n`` (``ratio``/``budget``) is
-this method's and drives the scorer too (kvpress: the wrapped press's compression ratio); a pyramidkv
-scorer keeps its per-layer budget, shared adaptively among the heads of each layer. Heads are those of
-the scorer's granularity: snapkv's default chooses per query head (as Ada-KV's own code and
-KVCache-Factory's AdaKV do); ``scorer_params: {granularity: kv_head, pooling: avg, window: 64,
-kernel: 5}`` is kvpress's ``AdaKVPress(SnapKVPress())`` under fidbench's budget and window rules.
+granularity; instead of the top ``n`` of every head, the layer shares its ``heads × n`` positions by
+the (head, position) pairs' scores, so heads whose attention is concentrated give room to heads whose
+attention is spread, each head keeping a safeguard share. Forced positions (SnapKV's window,
+StreamingLLM's sinks) score inf and are always kept. ``allocation``:
+- ``"adakv"`` (default): Ada-KV's own code (FFY0/AdaKV ``adaptive_snapkv/monkeypatch/snapkv_utils.py``,
+  ``AdaptiveSnapKVCluster``), which its paper's LongBench scripts run (``GQA_eval_longbench.sh``, floor
+  alpha 0.2): the forced positions (the window, w) stay outside the adaptive part; of the rest,
+  ``B = n - w`` per head, the layer's ``heads × B`` best (head, position) pairs give head h a count
+  c_h, and head h keeps its own best ``round((1 - alpha) · c_h + int(alpha · B))`` positions plus the
+  window (so the layer keeps ``heads × n`` up to rounding);
+- ``"kvpress"``: kvpress's AdaKVPress (NVIDIA/kvpress ``presses/adakv_press.py``): each head's top
+  ``int(n × alpha_safeguard)`` scores are raised to the dtype's maximum, then the ``heads × (L - n)``
+  lowest scores of the layer are evicted; forced positions count in the safeguard (kvpress's max + 1
+  scores), so at small budgets where the window fills ``alpha × n``, no other position is safeguarded.
+The budget ``n`` (``ratio``/``budget``) is this method's and drives the scorer too (kvpress: the wrapped
+press's compression ratio); a pyramidkv scorer keeps its per-layer budget, shared adaptively among the
+heads of each layer. Heads are those of the scorer's granularity: snapkv's default chooses per query head
+(as Ada-KV's own code and KVCache-Factory's AdaKV do); ``allocation: kvpress, scorer_params:
+{granularity: kv_head, pooling: avg, window: 64, kernel: 5}`` is kvpress's ``AdaKVPress(SnapKVPress())``
+under fidbench's budget and window rules.
 
 Why a wrapper method and not a parameter of every eviction method: the allocation is one idea with its
 own parameter (the safeguard), applied on top of a score, as kvpress composes presses; a wrapper keeps
 that parameter out of the methods that do not use it and names the combination in the suite
 (``{method: adakv, scorer: knorm}``). ``scorer_params`` are the scorer's own parameters.
 
-Differences: fidbench's budget rule (``_kv``; kvpress floors ``k_len × (1 - ratio)``). The FFY0/AdaKV
-and KVCache-Factory versions (window outside the adaptive part, ``floor_ratio`` and normalised scores)
-are not implemented. kvpress masks evicted keys with a key that draws no attention; fidbench masks them.
+Differences: fidbench's budget rule (``_kv``; kvpress floors ``k_len × (1 - ratio)``); Ada-KV's code
+stores each head's positions in a flattened cache for its varlen kernel, fidbench masks evicted keys
+(kvpress masks them with a key that draws no attention); Ada-KV's ``normalize`` option (off in its
+scripts) and ``skip`` layers (0) are not provided.
 """
 
 import dataclasses
+from typing import Literal
 
 import torch
 
@@ -42,10 +51,14 @@ BUDGET = ("ratio", "budget", "min_budget")
 class AdaKV(Evicting):
     name = "adakv"
     description = "Ada-KV: a layer keeps its best (head, position) pairs by any scorer, each head >= alpha of its share"
+    defaults_from = ("FFY0/AdaKV experiments/LongBench/GQA_eval_longbench.sh (--floor_alpha 0.2, "
+                     "c*_w32_k7_maxpool.json, its own allocation; scorer snapkv: Ada-SnapKV); budget: fidbench's "
+                     "rule (_kv)")
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "scorer_params": {"window": 4, "kernel": 3}}}
     scorer: str = "snapkv"
     scorer_params: dict = dataclasses.field(default_factory=dict)
     alpha_safeguard: float = 0.2
+    allocation: Literal["adakv", "kvpress"] = "adakv"
 
     def validate(self):
         super().validate()
@@ -79,6 +92,8 @@ class AdaKV(Evicting):
         return self._scorer.layer_budget(call)
 
     def allocate(self, scores: torch.Tensor, n: int) -> torch.Tensor:
+        if self.allocation == "adakv":
+            return adakv_allocation(scores, n, self.alpha_safeguard)
         b, heads, p = scores.shape
         safe = int(n * self.alpha_safeguard)
         scores = scores.scatter(-1, scores.topk(safe, dim=-1).indices, torch.finfo(scores.dtype).max)
@@ -92,3 +107,19 @@ class AdaKV(Evicting):
         if "window" in scorer:
             kept["window"] = scorer["window"]
         return kept
+
+
+def adakv_allocation(scores: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
+    """Ada-KV's own allocation of (batch, heads, positions) ``scores`` at ``n`` positions per head: the
+    inf-scored (forced) positions kept, and head h its best ``round((1 - alpha) · c_h + int(alpha · B))``
+    others, c_h its share of the layer's ``heads × B`` best pairs, ``B = n`` minus the forced count."""
+    b, heads, p = scores.shape
+    forced = scores == torch.inf
+    base = n - int(forced[0, 0].sum())  # every scorer forces the same positions in every head
+    free = scores.masked_fill(forced, -torch.inf)
+    best = free.reshape(b, heads * p).topk(heads * base, dim=-1).indices // p
+    counts = torch.zeros(b, heads, device=scores.device)
+    counts.scatter_add_(-1, best, torch.ones_like(best, dtype=counts.dtype))
+    capacity = torch.round(counts * (1 - alpha) + int(base * alpha))
+    rank = free.argsort(-1, descending=True).argsort(-1)  # each position's rank in its head
+    return forced | (rank < capacity[..., None])

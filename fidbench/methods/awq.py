@@ -20,9 +20,11 @@ weights change only after every layer is searched. ``bits: 16`` leaves the model
 are restored on exit.
 
 Differences from the reference:
-- the grid is fidbench's (``_weights.fake_quant``, as ``rtn`` and ``gptq``): each group's offset is
-  its minimum, where the reference rounds the zero point to an integer, and a row whose width is not
-  a multiple of ``group`` ends in a shorter group (the reference asserts divisibility);
+- the grid is fidbench's (``_weights.fake_quant``, as ``rtn`` and ``gptq``): with ``zero_point:
+  integer`` (default) the zero point is rounded to an integer level as the reference's
+  ``pseudo_quantize_tensor`` rounds it, the range widened to hold 0 as GPTQ's quantizer does (the same
+  grid for every group holding both signs); ``float`` keeps each group's minimum as the offset; a row
+  whose width is not a multiple of ``group`` ends in a shorter group (the reference asserts divisibility);
 - groups, the module whose output a group's scales are judged on, and whether a group opens its
   module are found from the forward itself (linears reading one tensor; the decoder layer's child
   holding them), so every family runs; the reference lists projection names per architecture;
@@ -36,6 +38,7 @@ Differences from the reference:
 """
 
 import contextlib
+from typing import Literal
 
 import torch
 
@@ -55,7 +58,7 @@ def scale_candidates(x_mean: torch.Tensor):
         yield s / (s.max() * s.min()).sqrt()
 
 
-def clip_search(w: torch.Tensor, x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def clip_search(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, integer_zero: bool = True) -> torch.Tensor:
     """Per (output row, input group) clipping bound of ``w`` (float32, scaled) for inputs ``x`` (tokens, in)."""
     x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
     group = group or w.shape[1]
@@ -66,7 +69,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, bits: int, group: int) -> torc
         best, best_err = top.clone(), torch.full_like(top, torch.inf)
         for i in range(SHRINK):
             bound = top * (1 - i / GRID)
-            q = weights.fake_quant(wg.clamp(-bound[:, None], bound[:, None]), bits, 0, False)
+            q = weights.fake_quant(wg.clamp(-bound[:, None], bound[:, None]), bits, 0, False, integer_zero)
             err = (xg @ (q - wg).T).square().mean(0)
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, bound, best)
@@ -85,15 +88,22 @@ def clipped(w: torch.Tensor, bounds: torch.Tensor, group: int) -> torch.Tensor:
 class AWQ(weights.Calibrated):
     name = "awq"
     description = "AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest in groups of `group`"
+    defaults_from = ("llm-awq scripts (w_bit 4, q_group_size 128, zero point, auto_scale + auto_clip: n_grid 20, "
+                     "max_shrink 0.5); calibration (dataset, samples, continued): fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3, "group": 32}}
     bits: int = 4
     group: int = 128
+    zero_point: Literal["integer", "float"] = "integer"
     clip: bool = True
 
     def validate(self):
         weights.check_bits(self.name, self.bits, self.group)
         super().validate()
+
+    @property
+    def integer_zero(self) -> bool:
+        return self.zero_point == "integer"
 
     @contextlib.contextmanager
     def apply(self, model, context=None):
@@ -108,7 +118,8 @@ class AWQ(weights.Calibrated):
                         w = lin.weight.float() * s
                         if bounds is not None:
                             w = clipped(w, bounds, self.group)
-                        lin.weight.copy_((weights.fake_quant(w, self.bits, self.group, False) / s).to(lin.weight.dtype))
+                        q = weights.fake_quant(w, self.bits, self.group, False, self.integer_zero)
+                        lin.weight.copy_((q / s).to(lin.weight.dtype))
             self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, False),
                             "scaled_layers": sum(bool((s != 1).any()) for s, _ in plan.values()),
                             "clipped_layers": sum(b is not None for _, b in plan.values()),
@@ -151,7 +162,8 @@ class AWQ(weights.Calibrated):
                     if not any(k in names[lin] for k in UNCLIPPED):
                         s = plan[lin][0]
                         x = torch.cat(inputs[lin]).float() / s  # what the scaled weights will read
-                        plan[lin] = (s, clip_search(lin.weight.float() * s, x, self.bits, self.group))
+                        bounds = clip_search(lin.weight.float() * s, x, self.bits, self.group, self.integer_zero)
+                        plan[lin] = (s, bounds)
             inputs.clear()
             calls.clear()
 
@@ -184,7 +196,7 @@ class AWQ(weights.Calibrated):
         best, best_loss = None, float("inf")
         for s in scale_candidates(x_mean):
             for lin, w in zip(lins, originals):
-                q = weights.fake_quant(w.float() * s, self.bits, self.group, False) / s
+                q = weights.fake_quant(w.float() * s, self.bits, self.group, False, self.integer_zero) / s
                 lin.weight.copy_(q.to(w.dtype))
             loss = sum((run(a).float() - r.float()).square().sum() for a, r in zip(args, reference))
             loss = float(loss) / sum(r.numel() for r in reference)

@@ -63,6 +63,9 @@ def register(cls: type["Method"]) -> type["Method"]:
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Where the defaults come from: the reference's script, config or table whose evaluation setting they are,
+    # or why fidbench chose them where no reference has one (``fidbench methods`` prints it; issue 29).
+    defaults_from: ClassVar[str] = ""
     kind: ClassVar[str] = "attention"
     # True when teacher forcing the whole reference in one forward computes exactly what a
     # token-by-token decode would (the method's state does not depend on earlier decode steps).

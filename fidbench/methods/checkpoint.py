@@ -54,6 +54,7 @@ def _vocab_size(model) -> int:
 class Checkpoint(Method):
     name = "checkpoint"
     description = "another model directory (quantized, pruned, ...) scored against the base model's references"
+    defaults_from = "no reference setting: the checkpoint's own files (dtype: the base model's)"
     kind = "model"
     test_params = {"covered_by": "tests/test_checkpoint.py::test_checkpoint_of_the_base_directory_equals_origin"}
     path: str = ""

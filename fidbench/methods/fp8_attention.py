@@ -12,12 +12,13 @@ one forward gives each query row the scales its own step would have had: Q's ove
 V's over the keys it sees (a step's call holds exactly those keys), so one forward computes what a
 token-by-token decode does (the same roundings; SDPA sums in another order).
 
-``p_fp8``: False (default) runs dense attention on the dequantized Q, K, V, P in float32. True also
-converts P to e4m3 before P·V, as FA3's kernel does (``softmax.h``, ``Max_offset = 8``): keys are
+``p_fp8``: True (default) also converts P to e4m3 before P·V, as FA3's FP8 kernel always does (its fp8
+forward has no higher-precision P·V) (``softmax.h``, ``Max_offset = 8``): keys are
 processed in tiles of ``kBlockN`` (FA3's sm90 fp8 tile for the head dimension, ``tile_size.h``), last
 tile first; each tile's P is ``exp2(s·log2(e)·scale − (m·log2(e)·scale − 8))`` against the running row
 max m, so in [0, 256], rounded to e4m3 (round to nearest even, saturating) for P·V, while the row sum
-accumulates the unrounded P; the output is the rescaled accumulator over the sum.
+accumulates the unrounded P; the output is the rescaled accumulator over the sum. False runs dense attention
+on the dequantized Q, K, V with P in float32 (fidbench's default before issue 29).
 
 Differences: FA3 computes q·k on the e4m3 codes and folds the descales into the softmax scale, and
 applies V's descale at the end; here the dequantized values are multiplied (the same products up to
@@ -34,6 +35,7 @@ from ..attention import AttentionCall
 from .base import Method, register
 
 E4M3_MAX = 448.0
+FA3_OFFSET = 8.0  # softmax.h Max_offset: P in [0, 2^8]
 ROWS = 256  # query rows per explicit p_fp8 product: (rows x keys) scores per head, never (n x n)
 ROW_ELEMENTS = 1 << 22  # K (and V) values rounded per chunk of decode rows, each row with its own scales
 
@@ -76,37 +78,51 @@ def block_n(head_dim: int) -> int:
     return 128
 
 
+def fp8_softmax(s: torch.Tensor, tile: int, offset: float, last_first: bool,
+                p_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, total) of an FP8 flash-attention softmax over log2-domain scores ``s`` (..., kv), -inf where a
+    query does not see a key: keys in tiles of ``tile`` (``last_first``: the last tile first, as FA3; else in
+    order, as SageAttention2), each tile's P = 2^(s - (m - offset)) against the running row max m, rounded to
+    ``p_dtype`` (e4m3: round to nearest even, saturating), rescaled to the final max; ``total`` (..., 1) sums the
+    unrounded P.
+    The attention output is ``weights @ V / total`` (0 where total is 0: a row that sees no key)."""
+    kv = s.shape[-1]
+    tiles = math.ceil(kv / tile)
+    s = torch.nn.functional.pad(s, (0, tiles * tile - kv), value=-math.inf).unflatten(-1, (tiles, tile))
+    # Each tile's running max covers it and every tile processed before it.
+    top = s.amax(-1)  # (..., tiles)
+    running = top.flip(-1).cummax(-1).values.flip(-1) if last_first else top.cummax(-1).values
+    final = running[..., :1] if last_first else running[..., -1:]
+    shift = torch.where(running == -math.inf, 0.0, running - offset)  # FA3's Check_inf: a fully masked row stays 0
+    p = torch.exp2(s - shift[..., None])
+    # Rescaling to the final max: a tile computed against running max m is worth 2^(m - M).
+    rescale = torch.exp2(torch.where(running == -math.inf, -math.inf, running - final))
+    total = (p.sum(-1) * rescale).sum(-1, keepdim=True)
+    weights = (p.to(p_dtype).float() * rescale[..., None]).flatten(-2)[..., :kv]
+    return weights, total
+
+
 def attention_p_fp8(query, key, value, visible: torch.Tensor, scaling: float, tile: int,
                     p_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """FA3's fp8 softmax and P·V: (batch, heads, q, dim) of query (b, h, q, d) over key/value (b, kvh, kv, d).
 
     ``visible`` (b|1, 1|h, q, kv) is True where a query sees a key; P is rounded to ``p_dtype``."""
-    h, kvh, kv = query.shape[1], key.shape[1], key.shape[2]
+    h, kvh = query.shape[1], key.shape[1]
     k = key.float().repeat_interleave(h // kvh, 1)
     v = value.float().repeat_interleave(h // kvh, 1)
-    log2_scale = scaling * math.log2(math.e)
-    s = (query.float() @ k.transpose(-1, -2)).masked_fill(~visible, -math.inf) * log2_scale
-    tiles = math.ceil(kv / tile)
-    s = torch.nn.functional.pad(s, (0, tiles * tile - kv), value=-math.inf).unflatten(-1, (tiles, tile))
-    # Tiles run from the last to the first: each tile's running max covers it and every later tile.
-    running = s.amax(-1).flip(-1).cummax(-1).values.flip(-1)  # (b, h, q, tiles)
-    offset = torch.where(running == -math.inf, 0.0, running - 8.0)  # FA3's Check_inf: a fully masked row stays 0
-    p = torch.exp2(s - offset[..., None])
-    p_fp8 = p.to(p_dtype).float()
-    # Rescaling to the final max: a tile computed against running max m is worth 2^(m - M).
-    rescale = torch.exp2(torch.where(running == -math.inf, -math.inf, running - running[..., :1]))
-    total = (p.sum(-1) * rescale).sum(-1, keepdim=True)
-    weights = (p_fp8 * rescale[..., None]).flatten(-2)[..., :kv]
-    out = (weights @ v) / total
-    return torch.where(total > 0, out, 0.0)
+    s = (query.float() @ k.transpose(-1, -2)).masked_fill(~visible, -math.inf) * (scaling * math.log2(math.e))
+    weights, total = fp8_softmax(s, tile, FA3_OFFSET, last_first=True, p_dtype=p_dtype)
+    return torch.where(total > 0, (weights @ v) / total, 0.0)
 
 
 @register
 class FP8Attention(Method):
     name = "fp8-attention"
     description = "attention on Q, K, V rounded to float8 e4m3 with per-KV-head absmax scales (FA3's FP8 path)"
+    defaults_from = ("FlashAttention-3 hopper/ FP8 forward: e4m3 Q/K/V with per-KV-head descales, P rounded to e4m3 "
+                     "(softmax.h Max_offset 8)")
     test_params = {"degenerate": None, "why": "the e4m3 rounding is the method", "real": {}}
-    p_fp8: bool = False
+    p_fp8: bool = True
 
     def attend(self, call: AttentionCall):
         if call.phase.name == "decode" and call.query.shape[2] > 1:

@@ -15,13 +15,20 @@ Each compressed stretch X of keys or values (batch, kv heads, tokens, head dim) 
   last one; r is ``prefillrank`` / ``prefillrankv`` for the prompt, ``rank`` / ``rankv`` later.
 
 When (``schedule``):
-- ``"paper"`` (default; the paper's Algorithm 1): the prompt's K/V are compressed once after the prefill;
+- ``"reference"`` (default): what GEAR's own evaluation runs (``GenerationBench/GenerationTest/
+  run_template_*.sh``: ``--compress_method GEAR --quantize_bit 2 --group_size 64 --left 0.02 --rank 2
+  --rankv 2 --loop 3 --streaming --streaming_gap 64``, no ``--stream_grouping``; the original fidbench's
+  ``config/gear.json`` the same) in ``modeling_llama_new.py``: its compressed prefill is discarded, so
+  the prompt stays in full precision, and whenever a decode step starts with a cache length that is a
+  multiple of ``streaming_gap``, the whole cache (prompt and tokens compressed before, again) is
+  compressed with ``rank`` / ``rankv``; ``prefillrank(v)`` is unused;
+- ``"paper"`` (the paper's Algorithm 1): the prompt's K/V are compressed once after the prefill;
   generated tokens wait in a full-precision buffer, compressed as one block when it holds
-  ``streaming_gap`` tokens (after the query of the token that filled it);
-- ``"reference"``: what the original configuration runs (``streaming: true``, ``stream_grouping: false``):
-  its compressed prefill is discarded, so the prompt stays in full precision, and whenever a decode
-  step starts with a cache length that is a multiple of ``streaming_gap``, the whole cache (prompt and
-  tokens compressed before, again) is compressed with ``rank`` / ``rankv``; ``prefillrank(v)`` is unused.
+  ``streaming_gap`` tokens (after the query of the token that filled it).
+``kept()["blocks_compressed"]``: the compressions holding generated tokens that decode queries read,
+summed over the case's samples (counted on one layer): the paper's full blocks of ``streaming_gap``
+generated tokens, the reference's recompressions of a cache longer than the prompt. With ``streaming_gap``
+at least the reference length, the paper schedule compresses none (then only the prompt is compressed).
 Prompt queries read full-precision K/V either way. This hook rebuilds, from the full-precision cache
 the model holds, exactly what each decode query of a stepwise GEAR decode reads (as ``kivi`` does):
 what a query reads depends only on its position and earlier tokens' K/V, and compression is
@@ -100,6 +107,9 @@ def gear_compress(x: torch.Tensor, kind: str, bits: int, group: int, left: float
 class GEAR(Method):
     name = "gear"
     description = "GEAR: KV cache quantized to `quantize_bit` with `left` outliers exact and a rank-`rank` residual, streamed in blocks of `streaming_gap`"
+    defaults_from = ("GEAR GenerationBench/GenerationTest/run_template_*.sh (--compress_method GEAR --quantize_bit 2 "
+                     "--group_size 64 --left 0.02 --rank 2 --rankv 2 --prefillrank 4 --prefillrankv 4 --loop 3 "
+                     "--streaming --streaming_gap 64, no --stream_grouping: schedule reference)")
     test_params = {"degenerate": {"quantize_bit": 16},
                    "real": {"group_size": 4, "left": 0.2, "prefillrank": 2, "rank": 1, "prefillrankv": 2, "rankv": 1,
                             "streaming_gap": 8}}
@@ -116,7 +126,7 @@ class GEAR(Method):
     rankv: int = 2
     loop: int = 3
     streaming_gap: int = 64
-    schedule: Literal["paper", "reference"] = "paper"
+    schedule: Literal["reference", "paper"] = "reference"
     seed: int = 0
 
     def validate(self):
@@ -140,6 +150,7 @@ class GEAR(Method):
     def __post_init__(self):
         super().__post_init__()
         self.begin(0)
+        self._blocks: dict[int, int] = {}  # layer -> compressions holding generated tokens, over the samples
 
     def compressed(self, call: AttentionCall, start: int, end: int, prompt: bool, keys=None, values=None):
         """GEAR of positions start..end-1 (of ``keys``/``values`` if given, else the cache), once a sample and layer."""
@@ -151,6 +162,8 @@ class GEAR(Method):
             args = (self.quantize_bit, self.group_size, self.left)
             self._stretches[where] = (gear_compress(keys, "key", *args, ranks[0], self.loop, self.seed),
                                       gear_compress(values, "value", *args, ranks[1], self.loop, self.seed))
+            if end > call.phase.prompt_len:
+                self._blocks[call.layer_idx] = self._blocks.get(call.layer_idx, 0) + 1
         return self._stretches[where]
 
     def attend(self, call: AttentionCall):
@@ -207,4 +220,5 @@ class GEAR(Method):
         counts = [(float(c), float(v)) for c, v in self._kept.values()]
         visible = sum(v for _, v in counts)
         return {"bits": self.quantize_bit, "schedule": self.schedule,
-                "kv_quantized": sum(c for c, _ in counts) / visible if visible else 0.0}
+                "kv_quantized": sum(c for c, _ in counts) / visible if visible else 0.0,
+                "blocks_compressed": max(self._blocks.values(), default=0)}

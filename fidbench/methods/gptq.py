@@ -1,18 +1,19 @@
 """``gptq``: GPTQ weight quantization (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization
 for Generative Pre-trained Transformers").
 
-Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``), but each linear layer's columns are quantized
-one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
-Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset
-``dataset`` (``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score:
-false``), each followed by the base model's greedy continuation when ``continued`` (``_weights.Calibrated``).
-Decoder layers are processed in order, each calibrated on the outputs of the already quantized ones, as the
-paper does; ``damp`` adds that
-fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups then
-follow that order). Weights are restored on exit.
+Same grid as ``rtn`` (``bits``, ``group``, ``symmetric``, ``zero_point``: ``"integer"`` by default, as GPTQ's
+``quant.py`` rounds the zero point; ``"float"``, the group's minimum), but each linear layer's columns are
+quantized one at a time and the error is spread over the columns not yet quantized, weighted by the inverse
+Hessian H = 2 X Xᵀ of the layer's inputs X on ``samples`` calibration prompts of the suite dataset ``dataset``
+(``--fidbench-limit`` limits them too unless the dataset is calibration-only, ``score: false``), each followed
+by the base model's greedy continuation when ``continued`` (``_weights.Calibrated``). Decoder layers are
+processed in order, each calibrated on the outputs of the already quantized ones, as the paper does; ``damp``
+adds that fraction of the mean diagonal to H; ``act_order`` quantizes columns by decreasing H diagonal (groups
+then follow that order). Weights are restored on exit.
 """
 
 import contextlib
+from typing import Literal
 
 import torch
 
@@ -21,7 +22,7 @@ from .base import register
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: bool, damp: float,
-         act_order: bool) -> torch.Tensor:
+         act_order: bool, integer_zero: bool = True) -> torch.Tensor:
     """GPTQ-quantized copy of ``w`` (out, in) for inputs with Hessian ``h`` (in, in), in float32."""
     w, h = w.float().clone(), h.float().clone()
     cols = w.shape[1]
@@ -31,7 +32,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
     hinv = weights.inverse_cholesky(h, damp, "gptq")  # the paper's U, H⁻¹ = UᵀU
     q = torch.zeros_like(w)
     if group == 0:
-        scale, offset = weights.quant_params(w, bits, symmetric)
+        scale, offset = weights.quant_params(w, bits, symmetric, integer_zero)
     # Blocks hold whole groups so a group's grid is fitted to its columns after all earlier updates.
     block = group * max(1, 128 // group) if group else 128
     for b0 in range(0, cols, block):
@@ -40,7 +41,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
         err = torch.zeros_like(wb)
         for i in range(b1 - b0):
             if group and i % group == 0:
-                scale, offset = weights.quant_params(wb[:, i : i + group], bits, symmetric)
+                scale, offset = weights.quant_params(wb[:, i : i + group], bits, symmetric, integer_zero)
             col = wb[:, i : i + 1]
             q[:, b0 + i : b0 + i + 1] = weights.quant_apply(col, scale, offset, bits, symmetric)
             e = (col - q[:, b0 + i : b0 + i + 1]) / hb[i, i]
@@ -54,11 +55,15 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 class GPTQ(weights.Calibrated):
     name = "gptq"
     description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
+    defaults_from = ("IST-DASLab/gptq llama.py/quant.py (wbits 4, percdamp 0.01, act_order off, asymmetric with an "
+                     "integer zero point); group 128 as the paper's grouped results (its code's default is one group "
+                     "per row); calibration: fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 4, "group": 32}}
     bits: int = 4
     group: int = 128
     symmetric: bool = False
+    zero_point: Literal["integer", "float"] = "integer"
     damp: float = 0.01
     act_order: bool = False
 
@@ -79,7 +84,8 @@ class GPTQ(weights.Calibrated):
             for same, h in hessians.groups(layer_linears):
                 stacked = torch.cat([lin.weight for lin in same])
                 with weights.one_thread():
-                    q = gptq(stacked, h, self.bits, self.group, self.symmetric, self.damp, self.act_order)
+                    q = gptq(stacked, h, self.bits, self.group, self.symmetric, self.damp, self.act_order,
+                             self.zero_point == "integer")
                 for lin, part in zip(same, q.split([lin.weight.shape[0] for lin in same])):
                     lin.weight.copy_(part.to(lin.weight.dtype))
 

@@ -40,6 +40,8 @@ CHUNK = 256
 class H2O(DecodeEvicting):
     name = "h2o"
     description = "recent tokens plus heavy hitters by accumulated attention, evicted while decoding (H2O)"
+    defaults_from = ("FMInference/H2O real-drop cache (heavy + recent); recent 0.5 splits fidbench's budget as the "
+                     "paper's heavy 0.1 + recent 0.1; granularity kv_head: kvpress ObservedAttentionPress")
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     recent: float = 0.5
     granularity: Literal["kv_head", "query_head"] = "kv_head"

@@ -16,7 +16,10 @@ the full-precision cache the model holds, exactly what a query of a stepwise KIV
 - prompt queries (prefill) read full-precision K/V: KIVI quantizes what the cache keeps for later tokens.
 
 Follows KIVI's code (jy-yuan/KIVI ``models/llama_kivi.py``, ``LlamaAttention_KIVI.forward``, and
-``quant/new_pack.py``); defaults group 32, residual 32 as in its ``example.py``. Differences: the quantizer
+``quant/new_pack.py``); defaults group 32, residual 128, the setting of the paper's experiments and of its
+repository's LongBench results (``docs/long_bench.md``: "a 32 group size and 128 residual length for both
+KIVI-2 and KIVI-4"; ``mem_spd_test.py``); ``example.py`` and ``long_context_example.py`` use residual 32
+(``residual: 32``). Differences: the quantizer
 is fidbench's (``_weights.fake_quant``: min/max asymmetric like KIVI's, in float32, not fp16).
 
 What a query reads depends only on its position and the K/V of tokens before it, which are the same
@@ -40,12 +43,14 @@ from .base import Method, register
 class KIVI(Method):
     name = "kivi"
     description = "KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), last `residual` tokens in full precision"
+    defaults_from = ("KIVI paper experiments and jy-yuan/KIVI docs/long_bench.md: group 32, residual 128 for KIVI-2 "
+                     "and KIVI-4 (example.py uses residual 32)")
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}}
     full_attention_only = True
     base_prefill = True  # prompt queries read full-precision K/V
     bits: int = 2
     group: int = 32
-    residual: int = 32
+    residual: int = 128
 
     def validate(self):
         if self.bits not in (2, 4, 8, 16):

@@ -17,6 +17,7 @@ from .base import register
 class KNorm(Evicting):
     name = "knorm"
     description = "after prefill, keep per KV head the prompt keys with the smallest L2 norm"
+    defaults_from = "kvpress KnormPress (no parameters of its own); budget: fidbench's rule (_kv)"
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12}}
 
     def score(self, call: AttentionCall):

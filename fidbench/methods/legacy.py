@@ -31,6 +31,7 @@ from .base import Method, beside, register
 class Legacy(Method):
     name = "legacy"
     description = "an original-scripts Modifier class run unchanged: its own compute_accuracy gives acc@1/acc@5 only"
+    defaults_from = "no reference setting: the original scripts' Modifier and config, run unchanged"
     kind = "own_loop"
     test_params = {"covered_by": "tests/test_legacy.py::test_legacy_modifier_scores_what_the_seed_style_loop_scores"}
     parallel_exact = False  # the Modifier's loop feeds the reference token by token

@@ -18,11 +18,13 @@ loads with strict=False).
 Scoring is the original fidbench's ``Medusa.compute_accuracy`` (wenhaoli-xmu/fidbench
 ``fidbench/modifiers/medusa.py``): teacher forced over prompt + reference, at every reference position i in
 0 .. N-heads-2 (the hidden state of reference token g[i]) the base predicts g[i+1] and head k g[i+1+k]; a
-head scores acc@1 / acc@5 over those N-heads-1 positions (``heads`` in the case record), and the overall
-acc@1 / acc@5 pool the base's prediction and every head's, as the original did (``count_base: false`` pools
-the heads only). KL and NLL are not measured (None). A position where the base's or a head's logits hold NaN
-or inf counts as ``non_finite`` and fails the case (the original scored the argmax of NaN). Differences from
-the original:
+head scores acc@1 / acc@5 over those N-heads-1 positions (``heads`` in the case record). The headline
+acc@1 / acc@5 are the heads' own, their mean over heads (every head scores the same positions), as Medusa
+reports each head's top-k accuracy on its own. ``count_base: true`` pools the base's own prediction (its
+reference, so about 1.0) with the heads' instead, the original fidbench's figure; ``kept()["acc"]`` says
+which the case's acc@1 is. KL and NLL are not measured (None). A position where the base's or a head's logits
+hold NaN or inf counts as ``non_finite`` and fails the case (the original scored the argmax of NaN). Differences
+from the original:
 - one forward over prompt + reference instead of Medusa's static KV cache fed token by token: the same
   hidden states up to fp32 summation order;
 - heads run in the model's dtype on the lm_head's device (Medusa casts them to the base's dtype too).
@@ -113,11 +115,13 @@ def load_heads(path: str | Path, hidden: int, vocab: int) -> Heads:
 class Medusa(Method):
     name = "medusa"
     description = "Medusa draft heads: per-head acc@1/acc@5 of the tokens 2, 3, ... ahead (own loop)"
+    defaults_from = ("FasterDecoding/Medusa: 3 heads of 1 ResBlock (medusa_num_heads, medusa_num_layers in its "
+                     "training README); headline = each head's top-k accuracy, their mean (count_base false)")
     kind = "own_loop"
     test_params = {"covered_by": "tests/test_medusa.py::test_medusa_on_every_family"}
     path: str = ""
     heads: int | None = None
-    count_base: bool = True
+    count_base: bool = False
 
     @classmethod
     def resolve_paths(cls, params: dict, root):
@@ -182,4 +186,5 @@ class Medusa(Method):
         }
 
     def kept(self) -> dict:
-        return dict(getattr(self, "_info", {}), count_base=self.count_base)
+        return dict(getattr(self, "_info", {}), count_base=self.count_base,
+                    acc="pooled with the base's own prediction" if self.count_base else "mean over heads")

@@ -7,6 +7,7 @@ from .base import Method, register
 class Origin(Method):
     name = "origin"
     description = "the base model, unchanged: measures the engine's own noise floor"
+    defaults_from = "no parameters: the base model as the suite loads it"
     kind = "none"
     base_prefill = True
     test_params = {"degenerate": {}, "real": None, "why": "origin is the base model"}

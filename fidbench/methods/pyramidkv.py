@@ -68,7 +68,9 @@ def kvpress_budget(budget: int, prompt_len: int, window: int, layers: int, beta:
 class PyramidKV(SnapKV):
     name = "pyramidkv"
     description = "SnapKV scoring with per-layer budgets shrinking linearly with depth (KVCache-Factory's or kvpress's)"
+    defaults_from = "KVCache-Factory (PyramidKV's code) LongBench scripts: window 8, kernel 7, max pooling, beta 20"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12, "window": 4, "kernel": 3}}
+    window: int = 8  # KVCache-Factory's LongBench scripts (PyramidKV's own); snapkv's default is SnapKV's 32
     beta: int = 20
     allocation: Literal["kvcache_factory", "kvpress"] = "kvcache_factory"
 

@@ -39,6 +39,8 @@ MIN_PAGES = 3  # Quest's evaluation code: min(max(3, budget // page), pages)
 class Quest(KVMethod):
     name = "quest"
     description = "each decode query head attends only to its top pages of keys by a min/max bound on q·k"
+    defaults_from = ("mit-han-lab/Quest evaluation scripts: pages of 16, the first 2 layers dense; budget: "
+                     "fidbench's rule (_kv)")
     test_params = {"degenerate": {"budget": 1024, "page": 8, "dense_layers": 0},
                    "real": {"budget": 16, "page": 4, "dense_layers": 0}}
     granularity = "query_head"

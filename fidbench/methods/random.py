@@ -21,6 +21,7 @@ from .base import register
 class Random(Evicting):
     name = "random"
     description = "after prefill, keep a seeded uniform random subset of prompt positions per KV head"
+    defaults_from = "kvpress RandomPress (seeded); budget: fidbench's rule (_kv)"
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "seed": 3}}
     seed: int = 0
     reseed: Literal["sample", "layer"] = "sample"

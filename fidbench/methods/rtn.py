@@ -2,12 +2,16 @@
 
 Every row of each nn.Linear weight inside the decoder layers is split into groups of ``group`` input
 columns (0: the whole row; a shorter last group when the width is not a multiple), and each group is
-rounded to ``bits`` with its own scale (asymmetric: and its min as offset; see fidbench.weights).
+rounded to ``bits`` with its own scale (asymmetric: and a zero point; see ``_weights.quant_params``).
+``zero_point``: ``"integer"`` (default) rounds it to an integer level, as the quantizer of GPTQ's repository
+(IST-DASLab/gptq ``quant.py``, whose RTN baseline it is) and AWQ's ``pseudo_quantize_tensor`` do;
+``"float"`` keeps the group's minimum as the offset (llama.cpp's Q4_1, fidbench before issue 29).
 The embeddings and lm_head (tied in many small models) stay in full precision unless ``embeddings``.
 ``bits: 16`` leaves the model unchanged. The weights are restored on exit.
 """
 
 import contextlib
+from typing import Literal
 
 import torch
 
@@ -19,11 +23,14 @@ from .base import Method, register
 class RTN(Method):
     name = "rtn"
     description = "round-to-nearest `bits` weight quantization of the decoder's linear layers, in groups of `group` inputs"
+    defaults_from = ("IST-DASLab/gptq's RTN baseline (quant.py: asymmetric, integer zero point); group 128 as GPTQ's "
+                     "and AWQ's grouped results; embeddings and lm_head full precision as there")
     kind = "weights"
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 3}}
     bits: int = 4
     group: int = 128
     symmetric: bool = False
+    zero_point: Literal["integer", "float"] = "integer"
     embeddings: bool = False
 
     def validate(self):
@@ -42,7 +49,8 @@ class RTN(Method):
             if self.bits < 16:
                 with torch.no_grad():
                     for p in params:
-                        p.copy_(weights.fake_quant(p, self.bits, self.group, self.symmetric))
+                        p.copy_(weights.fake_quant(p, self.bits, self.group, self.symmetric,
+                                                   self.zero_point == "integer"))
             self._report = weights.quant_report(params, self.bits, self.group, self.symmetric)
             yield model
 

@@ -15,17 +15,25 @@ one forward get each row's own statistics (``sage_decode``), so one forward equa
 decode. A decode row sums the K mean, the softmax and P·V in float64 (exact or nearly so for these
 terms, where fp32's result would depend on how many masked keys a call holds) before rounding as the
 kernel does; integer Q·Kᵀ products are exact in fp32 anyway. The prefill keeps fp32 sums.
+
+``pv: fp8`` is SageAttention2's P·V on sm89/sm90 instead (``sage_attention``'s ``v_fp8_max``); this
+method's default stays the SageAttention (1) paper's fp16, ``sparge-attention``'s is fp8. A decode row
+then takes V's per-channel scale over the keys it sees and P's key tiles from its first key, as its
+one-query call does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from ..attention import AttentionCall
 from .base import Method, register
+from .fp8_attention import fp8_softmax
+
+S_FP8_OFFSET = 8.807  # SageAttention's csrc/qattn/attn_utils.cuh: P scaled by 2^8.807 = 448, e4m3's largest
 
 
 def quantize_blocks(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +53,18 @@ def quantize_blocks(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tenso
 
 def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.Tensor], scaling: float,
                    block_q: int = 128, block_k: int = 64, bits: int | None = 8, smooth_k: bool = True,
-                   pv_dtype: torch.dtype = torch.float16, causal: bool = True) -> torch.Tensor:
+                   pv_dtype: torch.dtype = torch.float16, causal: bool = True,
+                   v_fp8_max: float | None = None) -> torch.Tensor:
     """Attention output (batch, heads, q, dim) of query (b, h, q, d) over key/value (b, kvh, kv, d).
 
     ``visible_rows(start, stop)`` gives the bool mask (b|1, 1|h, stop - start, kv) of those query rows.
     ``bits=None`` skips quantization (then only the chunking, smoothing and ``pv_dtype`` remain).
     ``causal``: the queries are the last q of the kv positions and see no later key (every model mask).
+    ``v_fp8_max``: SageAttention2's FP8 P·V (its ``qk_int8_sv_f8`` kernels, sm89/sm90) instead of ``pv_dtype``'s:
+    V quantized to e4m3 per (batch, KV head, channel) with scale absmax over the tokens / ``v_fp8_max``
+    (SageAttention2's ``per_channel_fp8``: 448; SpargeAttn's ``scale_fuse_quant_cuda``: 2.25); P per key
+    tile of ``block_k``, in order, as 2^(s - m + 8.807) against the running row max m, rounded to e4m3,
+    the row sum over the unrounded P (``fp8_attention.fp8_softmax``); an fp16 output.
     """
     h, q_len = query.shape[1:3]
     kvh = key.shape[1]
@@ -63,7 +77,12 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
         k_scale = k_scale.transpose(-1, -2)[:, :, None]  # (b, kvh, 1, 1, kv)
     # P·V on fp16 inputs with an fp32 accumulator and an fp16 result: rounding P and V to fp16 and
     # multiplying in fp32 computes that, without CPU fp16 matmuls (several times slower than fp32).
-    k, v = k[:, :, None], value.to(pv_dtype).float()[:, :, None]  # broadcast over the query heads of a KV head
+    if v_fp8_max is None:
+        v = value.to(pv_dtype).float()
+    else:
+        v_scale = value.float().abs().amax(-2, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / v_fp8_max
+        v = (value.float() / v_scale).to(torch.float8_e4m3fn).float() * v_scale
+    k, v = k[:, :, None], v[:, :, None]  # broadcast over the query heads of a KV head
     out = []
     for start in range(0, q_len, block_q):
         stop = min(start + block_q, q_len)
@@ -77,7 +96,13 @@ def sage_attention(query, key, value, visible_rows: Callable[[int, int], torch.T
             scores = (q @ k[..., :n, :].transpose(-1, -2)) * q_scale * k_scale[..., :n]
         mask = mask[..., :n]
         mask = mask.unflatten(1, (kvh, h // kvh)) if mask.shape[1] == h else mask[:, :, None]
-        p = torch.softmax((scores * scaling).masked_fill(~mask, -math.inf), dim=-1)
+        scores = (scores * scaling).masked_fill(~mask, -math.inf)
+        if v_fp8_max is not None:
+            weights, total = fp8_softmax(scores * math.log2(math.e), block_k, S_FP8_OFFSET, last_first=False)
+            weights = torch.nn.functional.pad(weights, (0, v.shape[-2] - n))
+            out.append(torch.where(total > 0, (weights @ v) / total, 0.0).to(torch.float16).flatten(1, 2))
+            continue
+        p = torch.softmax(scores, dim=-1)
         # The skipped keys' probabilities are exact zeros: pad them back so that P·V keeps its full
         # shape, whose fp32 accumulation order (and so the result, bitwise) a shorter product would change.
         p = torch.nn.functional.pad(p, (0, v.shape[-2] - n))
@@ -104,10 +129,12 @@ def quantize_seen_blocks(k: torch.Tensor, seen: torch.Tensor, block: int, bits: 
 
 def sage_decode(query, key, value, visible: torch.Tensor, scaling: float, block_k: int = 64,
                 bits: int | None = 8, smooth_k: bool = True, pv_dtype: torch.dtype = torch.float16,
-                row_elements: int = 1 << 22, attend: torch.Tensor | None = None) -> torch.Tensor:
+                row_elements: int = 1 << 22, attend: torch.Tensor | None = None,
+                v_fp8_max: float | None = None) -> torch.Tensor:
     """Decode queries (b, h, q, d), each with the statistics of the keys it sees (``visible``: (b|1, 1|h, q, kv),
     every row sees a contiguous run of keys), as a one-query call over exactly those keys computes them.
-    ``attend`` (default ``visible``) narrows what the softmax covers without changing the statistics."""
+    ``attend`` (default ``visible``) narrows what the softmax covers without changing the statistics.
+    ``v_fp8_max``: ``sage_attention``'s FP8 P·V, V's scales over the row's keys, P's tiles from its first key."""
     attend = visible if attend is None else attend
     (b, h, n, d), (kvh, kv) = query.shape, key.shape[1:3]
     seen = visible if visible.shape[1] == 1 else visible.unflatten(1, (kvh, -1)).any(2)  # (b|1, 1|kvh, q, kv)
@@ -130,11 +157,34 @@ def sage_decode(query, key, value, visible: torch.Tensor, scaling: float, block_
         mask = attend[..., rows, :]
         mask = mask.unflatten(1, (kvh, -1)) if mask.shape[1] == h else mask[:, :, None]
         scores = (scores * scaling).masked_fill(~mask, -math.inf)
+        if v_fp8_max is not None:
+            out.append(_fp8_pv_rows(scores, value, s, block_k, v_fp8_max).flatten(1, 2))
+            continue
         e = torch.exp(scores - scores.amax(-1, keepdim=True))
         p = e / e.double().sum(-1, keepdim=True).float()
         pv = torch.einsum("bkgrj,bkxjd->bkgrd", p.to(pv_dtype).double(), v.double())
         out.append(pv.to(pv_dtype).flatten(1, 2))
     return torch.cat(out, dim=2).to(query.dtype)
+
+
+def _fp8_pv_rows(scores, value, seen, tile: int, v_fp8_max: float) -> torch.Tensor:
+    """SageAttention2's FP8 P·V of decode rows: ``scores`` (b, kvh, groups, r, kv), -inf where unseen; ``value``
+    (b, kvh, kv, d); ``seen`` (b|1, 1|kvh, r, kv), a contiguous run of keys per row. Each row as its one-query call
+    over those keys: V per channel over them, P's tiles counted from the first. Sums in float64, as the rows'
+    softmax above (a call's masked keys then change nothing)."""
+    kv = scores.shape[-1]
+    first = seen.int().argmax(-1, keepdim=True)  # (b|1, 1|kvh, r, 1)
+    cols = torch.arange(kv, device=scores.device)
+    # Rotate each row so that its first key is column 0 (the run then fills columns 0.., the rest is -inf).
+    ahead, back = (cols + first) % kv, (cols - first) % kv
+    rotated = scores.gather(-1, ahead[:, :, None].expand_as(scores))
+    weights, total = fp8_softmax(rotated.double() * math.log2(math.e), tile, S_FP8_OFFSET, last_first=False)
+    weights = weights.gather(-1, back[:, :, None].expand_as(weights))
+    absmax = torch.where(seen[..., None], value.float().abs()[:, :, None], 0.0).amax(-2, keepdim=True)
+    v_scale = absmax.clamp(min=torch.finfo(torch.float32).tiny) / v_fp8_max  # (b, kvh, r, 1, d)
+    v = (value.float()[:, :, None] / v_scale).to(torch.float8_e4m3fn).float() * v_scale  # (b, kvh, r, kv, d)
+    out = torch.einsum("bkgrj,bkrjd->bkgrd", weights, v.double())
+    return torch.where(total > 0, out / total, 0.0).to(torch.float16)
 
 
 def needed_keys(q_len: int, kv_len: int, stop: int) -> int:
@@ -167,11 +217,15 @@ def _visible_rows(call: AttentionCall) -> Callable[[int, int], torch.Tensor]:
 class SageAttention(Method):
     name = "sage-attention"
     description = "SageAttention: K smoothed, per-block INT8 Q·K, fp32 softmax, fp16 P·V"
+    defaults_from = ("SageAttention (1) paper and thu-ml/SageAttention sageattn_qk_int8_pv_fp16: INT8 Q·K per block "
+                     "of 128 queries x 64 keys, K smoothed, fp16 P·V")
     test_params = {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}}
     block_q: int = 128
     block_k: int = 64
     bits: int = 8
     smooth_k: bool = True
+    pv: Literal["fp16", "fp8"] = "fp16"
+    v_fp8_max = 448.0  # SageAttention2 sageattention/quant.py per_channel_fp8 (a class constant, not a parameter)
 
     def validate(self):
         if self.block_q < 1:
@@ -187,11 +241,16 @@ class SageAttention(Method):
             scaling = call.query.shape[-1] ** -0.5
         if call.phase.name == "decode":
             out = sage_decode(call.query, call.key, call.value, call.visible(), scaling, self.block_k, self.bits,
-                              self.smooth_k)
+                              self.smooth_k, v_fp8_max=self.fp8_max)
         else:
             out = sage_attention(call.query, call.key, call.value, _visible_rows(call), scaling,
-                                 self.block_q, self.block_k, self.bits, self.smooth_k)
+                                 self.block_q, self.block_k, self.bits, self.smooth_k, v_fp8_max=self.fp8_max)
         return out.transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout attention functions return
 
+    @property
+    def fp8_max(self) -> float | None:
+        """V's e4m3 range for ``sage_attention`` (None: fp16 P·V)."""
+        return self.v_fp8_max if self.pv == "fp8" else None
+
     def kept(self) -> dict:
-        return {"qk_bits": self.bits, "pv_dtype": "float16"}
+        return {"qk_bits": self.bits, "pv_dtype": "float8_e4m3fn" if self.pv == "fp8" else "float16"}

@@ -8,12 +8,13 @@ the window's queries are scored, never the n × n matrix. A prompt no longer tha
 whole.
 
 Follows KVCache-Factory's SnapKVCluster (Zefan-Cai/KVCache-Factory, the code behind PyramidKV and
-Ada-KV) with its LongBench setting: window 8, kernel 7, max pooling, the window inside the budget.
-SnapKV's own repository uses window 32 (kernel 7, max pool) at budgets of 1,024 tokens and more;
-fidbench's budgets (8 to ~650 tokens) are KVCache-Factory's range. ``granularity``: ``query_head``
-(default; SnapKV's and KVCache-Factory's code apply ``repeat_kv`` before selecting, so every query head
-chooses its own positions and the cache is stored per query head) or ``kv_head`` (kvpress's
-SnapKVPress: pooled scores averaged over the query heads sharing a KV head).
+Ada-KV), the window inside the budget. Defaults: window 32, kernel 7, max pooling, SnapKV's own evaluation
+setting (FasterDecoding/SnapKV ``experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json``, run by
+``scripts/run_longbench.sh``), which Ada-KV's scripts use too (FFY0/AdaKV ``GQA_eval_longbench.sh``:
+``c{128..1024}_w32_k7_maxpool.json``); KVCache-Factory's LongBench scripts use window 8 (``window: 8``).
+``granularity``: ``query_head`` (default; SnapKV's and KVCache-Factory's code apply ``repeat_kv`` before
+selecting, so every query head chooses its own positions and the cache is stored per query head) or
+``kv_head`` (kvpress's SnapKVPress: pooled scores averaged over the query heads sharing a KV head).
 
 Differences: both references assert ``budget > window``; fidbench's explicit rule is that the window
 never exceeds half the budget, ``w = max(1, min(window, budget // 2))`` (``kept()["window"]`` is the
@@ -36,8 +37,10 @@ from .base import register
 class SnapKV(Evicting):
     name = "snapkv"
     description = "after prefill, keep per head the window plus the positions the window's queries attend to most"
+    defaults_from = ("FasterDecoding/SnapKV experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json: window 32, "
+                     "kernel 7, max pooling; granularity query_head as its code; budget: fidbench's rule (_kv)")
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "window": 4, "kernel": 3}}
-    window: int = 8
+    window: int = 32
     kernel: int = 7
     pooling: Literal["max", "avg"] = "max"
     granularity: Literal["query_head", "kv_head"] = "query_head"

@@ -4,8 +4,15 @@ reference code thu-ml/SpargeAttn (``spas_sage_attn/utils.py :: get_block_map_mea
 through ``core.py :: spas_sage2_attn_meansim_cuda`` with simthreshd1=0.6, cdfthreshd=0.98 by the original
 fidbench scripts).
 
+P·V (``pv``): ``"fp8"`` (default) is what ``spas_sage2_attn_meansim_cuda`` runs on sm89 and sm90 (the GPUs
+the field benchmarks on): V quantized to e4m3 per (batch, KV head, channel) with scale absmax / 2.25
+(``fused.scale_fuse_quant_cuda``), P per key tile rounded to e4m3 after scaling by 2^8.807 against the
+running row max (``qk_int8_sv_f8_accum_f32_block_sparse_attn``; ``sage_attention``'s ``v_fp8_max``), the
+row sum over the unrounded P; ``"fp16"`` is its sm80/sm86 kernel's (``qk_int8_sv_f16_accum_f16``, here
+accumulated in fp32), what fidbench ran before issue 29.
+
 Queries are cut into blocks of ``block_q`` tokens and keys into blocks of ``block_k`` (SageAttention's
-quantization blocks, fidbench/methods/sage_attention.py, whose INT8 Q·Kᵀ, fp32 softmax and fp16 P·V
+quantization blocks, fidbench/methods/sage_attention.py, whose INT8 Q·Kᵀ, fp32 softmax and P·V
 then compute the kept blocks). For every head, a block is self-similar when the mean cosine
 similarity of its token pairs (itself included) exceeds ``simthreshd1`` (keys smoothed by their mean
 first, as SageAttention's ``smooth_k``). Each query block's mean query against every key block's mean
@@ -40,7 +47,7 @@ Differences from the reference:
 - blocks of 128 queries × 64 keys, the reference's on sm80/sm89 and its Sage1 path (sm90 uses 64 × 128);
 - similarities in fp32 (the reference: fp16 normalized rows); the P·V skip stage (``pvthreshd``=50) is
   not simulated: it skips blocks whose every score is 50 log2-units below the running maximum, whose
-  probabilities (< 2^-50 of the row's largest) the fp16 P·V rounds to zero and whose share of the
+  probabilities (< 2^-50 of the row's largest) P·V's fp16 or e4m3 rounds to zero and whose share of the
   softmax sum is below fp32 resolution; ``topk`` selection and ``attention_sink`` (both off in the
   reference's call) are not provided.
 """
@@ -82,12 +89,17 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 class SpargeAttention(SageAttention):
     name = "sparge-attention"
     description = "SpargeAttn: key blocks skipped by a mean-pooled Q·K prediction (`cdfthreshd`, `simthreshd1`), on SageAttention's INT8 Q·K"
+    defaults_from = ("thu-ml/SpargeAttn core.py spas_sage2_attn_meansim_cuda as the original fidbench scripts call "
+                     "it: simthreshd1 0.6, cdfthreshd 0.98, blocks 128 x 64 (sm80/sm89), FP8 P·V with V scaled to "
+                     "2.25 (sm89/sm90)")
     test_params = {"degenerate": None, "why": "on top of sage-attention's INT8 Q·K, no lossless setting; "
                    "simthreshd1 > 1 (no block self-similar) equals sage-attention (tests/test_sparge_attention.py)",
                    "real": {"block_q": 8, "block_k": 8, "simthreshd1": -1.0, "cdfthreshd": 0.5, "decode": "sparse"}}
     simthreshd1: float = 0.6
     cdfthreshd: float = 0.98
     decode: Literal["dense", "sparse"] = "dense"
+    pv: Literal["fp16", "fp8"] = "fp8"
+    v_fp8_max = 2.25  # core.py spas_sage2_attn_meansim_cuda: scale_fuse_quant_cuda(..., 2.25, ...) (448 commented out)
 
     @property
     def parallel_exact(self) -> bool:
@@ -138,21 +150,22 @@ class SpargeAttention(SageAttention):
 
         if call.phase.name == "decode":  # sage-attention's decode statistics, over the kept blocks only
             out = sage_decode(query, key, call.value, call.visible(), scaling, self.block_k, self.bits, self.smooth_k,
-                              attend=rows(0, q_len))
+                              attend=rows(0, q_len), v_fp8_max=self.fp8_max)
         else:
             out = sage_attention(query, key, call.value, rows, scaling, self.block_q, self.block_k, self.bits,
-                                 self.smooth_k)
+                                 self.smooth_k, v_fp8_max=self.fp8_max)
         self.record(call.layer_idx, sum(c[0] for c in counts), sum(c[1] for c in counts))
         return out.transpose(1, 2).contiguous()  # the (batch, q, heads, dim) layout attention functions return
 
     def kept(self) -> dict:
         if not self._kept:
-            return {"qk_bits": self.bits, "blocks_skipped": None}
+            return {"qk_bits": self.bits, "pv_dtype": self.pv, "blocks_skipped": None}
         layers = sorted(self._kept)
         counts = [(float(self._kept[i][0]), float(self._kept[i][1])) for i in layers]
         kept, allowed = sum(k for k, _ in counts), sum(a for _, a in counts)
         return {
             "qk_bits": self.bits,
+            "pv_dtype": self.pv,
             "blocks_skipped": 1 - kept / allowed if allowed else 0.0,
             "blocks_skipped_per_layer": [1 - k / max(a, 1.0) for k, a in counts],
         }

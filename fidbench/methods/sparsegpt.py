@@ -65,6 +65,8 @@ def sparsegpt(w: torch.Tensor, u: torch.Tensor, sparsity: float | None, nm: tupl
 class SparseGPT(weights.Calibrated):
     name = "sparsegpt"
     description = "SparseGPT: prune `sparsity` or N:M `pattern` with inverse-Hessian updates of the kept weights (calibrated on `dataset`)"
+    defaults_from = ("IST-DASLab/sparsegpt (percdamp 0.01, blocksize 128); target sparsity or pattern must be given; "
+                     "calibration: fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}}
     sparsity: float | None = None

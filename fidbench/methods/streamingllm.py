@@ -33,6 +33,8 @@ from .base import register
 class StreamingLLM(Evicting):
     name = "streamingllm"
     description = "the first `sink` positions and the most recent ones: dense prefill then cut, or a rolling window"
+    defaults_from = ("StreamingLLM's 4 attention sinks; prefill dense as kvpress's StreamingLLMPress; budget: "
+                     "fidbench's rule (_kv)")
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     granularity = "layer"  # eviction by position: one choice for every head
     sink: int = 4

@@ -29,6 +29,7 @@ from .base import register
 class TOVA(DecodeEvicting):
     name = "tova"
     description = "fixed-size cache: each step evicts the position the current query attends to least (TOVA)"
+    defaults_from = "schwartz-lab-NLP/TOVA TOVACache (no parameters of its own); budget: fidbench's rule (_kv)"
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     granularity = "layer"
     keep_last: bool = False

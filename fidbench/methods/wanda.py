@@ -20,6 +20,8 @@ from .base import register
 class Wanda(weights.Calibrated):
     name = "wanda"
     description = "zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): `sparsity` or N:M `pattern`"
+    defaults_from = ("locuslab/wanda (per-output-row comparison group); target sparsity or pattern must be given; "
+                     "calibration: fidbench's suite settings")
     kind = "weights"
     test_params = {"degenerate": {"pattern": "4:4"}, "real": {"pattern": "2:4"}}
     sparsity: float | None = None
