@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
+from . import attribution, compare, floors, medusa_train, merge, plot, provenance, report, stats
 from .legacy import runs
 from .methods import REGISTRY
 from .suite import DatasetSpec
@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         if (doc := _read("report", args.path)) is None:
             return 2
-        _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown))
+        # then, where the report holds stacks, each member's share of a stack's loss
+        _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown)
+               + attribution.table(doc["cases"], markdown=args.markdown))
         return 0
     if args.command == "compare":
         return _compare(args)

@@ -12,7 +12,11 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
 - ``"own_loop"``: ``score_sample(model, ref)`` scores a sample with the method's own loop (``legacy``)
   and returns metric means and ``n_tokens``; the harness skips the engine and reports every metric
   it did not give as None.
-A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
+An attention method also declares its ``role`` in a deployment, so that methods of different roles stack
+(``fidbench.methods.stack``): ``"select"`` (which keys a query sees: KV eviction, Quest, top-k; it hands
+its mask to ``call.dense``), ``"cache"`` (what the cache stores: KIVI, GEAR; it hands the keys and values
+queries read to ``call.dense``) or ``"kernel"`` (how attention is computed: FP8, Sage, Sparge); ``None``:
+it does not compose. A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
 ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
 changed, for the report).
 
@@ -34,6 +38,7 @@ from .. import attention
 
 REGISTRY: dict[str, type["Method"]] = {}
 KINDS = ("none", "attention", "weights", "model", "own_loop")
+ROLES = ("select", "cache", "kernel")  # the order a stack applies attention methods in (see the module doc)
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -44,6 +49,9 @@ def register(cls: type["Method"]) -> type["Method"]:
         raise ValueError(f"method name {cls.name!r} is registered twice")
     if cls.kind not in KINDS:
         raise ValueError(f"method {cls.name!r}: kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    if cls.role is not None and (cls.role not in ROLES or cls.kind != "attention"):
+        raise ValueError(f"method {cls.name!r}: role must be None or, for kind 'attention', one of {', '.join(ROLES)}, "
+                         f"got {cls.role!r}")
     if cls.kind == "attention" and cls.attend is Method.attend:
         raise ValueError(f"method {cls.name!r} is of kind 'attention' but defines no attend(call) hook")
     REGISTRY[cls.name] = cls
@@ -54,6 +62,7 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     kind: ClassVar[str] = "attention"
+    role: ClassVar[str | None] = None  # an attention method's part in a stack (see the module doc)
     # True when teacher forcing the whole reference in one forward computes exactly what a
     # token-by-token decode would (the method's state does not depend on earlier decode steps).
     parallel_exact: ClassVar[bool] = True

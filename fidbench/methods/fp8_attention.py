@@ -88,6 +88,7 @@ class FP8Attention(Method):
     name = "fp8-attention"
     description = "attention on Q, K, V rounded to float8 e4m3 with per-KV-head absmax scales (FA3's FP8 path)"
     test_params = {"degenerate": None, "why": "the e4m3 rounding is the method", "real": {}}
+    role = "kernel"
     parallel_exact = False  # K/V scales span the whole cache of each step
     p_fp8: bool = False
 

@@ -109,6 +109,7 @@ class SageAttention(Method):
     name = "sage-attention"
     description = "SageAttention: K smoothed, per-block INT8 Q·K, fp32 softmax, fp16 P·V"
     test_params = {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}}
+    role = "kernel"
     parallel_exact = False  # the K mean and the last K block's scale span each step's cache
     block_q: int = 128
     block_k: int = 64

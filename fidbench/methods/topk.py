@@ -18,6 +18,7 @@ class TopK(Method):
     name = "topk"
     description = "decode queries attend only to their top `keep` fraction of keys by q·k (>= min_keep)"
     test_params = {"degenerate": {"keep": 1.0}, "real": {"keep": 0.1, "min_keep": 2}}
+    role = "select"
     base_prefill = True  # decode queries only
     keep: float = 0.1
     min_keep: int = 8
