@@ -16,8 +16,8 @@ An attention method also declares its ``role`` in a deployment, so that methods 
 (``fidbench.methods.stack``): ``"select"`` (which keys a query sees: KV eviction, Quest, top-k; it hands
 its mask to ``call.dense``), ``"cache"`` (what the cache stores: KIVI, GEAR; it hands the keys and values
 queries read to ``call.dense``) or ``"kernel"`` (how attention is computed: FP8, Sage, Sparge); ``None``:
-it does not compose. A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
-``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
+it does not compose. A method whose prefill is the base model's says so (``base_prefill``). Every method may
+also override ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
 changed, for the report).
 
 Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
