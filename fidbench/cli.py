@@ -29,10 +29,13 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        mode = "parallel" if cls.parallel_exact else "stepwise"
-        # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
-        shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
-        lines.append(f"{name}  ({mode}{shared})  {cls.description}")
+        # A property decides per instance (StreamingLLM's parameters say whether the prefill is dense; a stack's
+        # members decide): its docstring says how, if it has one.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, getattr(cls.parallel_exact, "__doc__", ""))
+        shared = {True: ", base prefill", False: ""}.get(
+            cls.base_prefill, f", {getattr(cls.base_prefill, '__doc__', None) or 'base prefill by default'}")
+        role = f", role {cls.role}" if cls.role else ""
+        lines.append(f"{name}  ({mode}{shared}{role})  {cls.description}")
         fields = [f for f in dataclasses.fields(cls) if f.init]
         for f in fields:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -84,14 +84,17 @@ class Stack(Method):
 
     @property
     def parallel_exact(self) -> bool:
+        """parallel where every member is"""
         return all(m.parallel_exact for m in self._members)
 
     @property
     def base_prefill(self) -> bool:
+        """base prefill where every member's is"""
         return not self._weights and all(m.base_prefill for m in self._attending)
 
     @property
     def full_attention_only(self) -> bool:
+        """full-attention layers only where a member is"""
         return any(m.full_attention_only for m in self._members)
 
     @contextlib.contextmanager
