@@ -8,7 +8,7 @@ import torch
 from helpers import calibration, reference, tiny_model
 from test_suite import write
 
-from fidbench import engine
+from fidbench import engine, prefill
 from fidbench.methods import build
 from fidbench.suite import SuiteError, load
 
@@ -135,3 +135,13 @@ def test_suite_stack_syntax(tmp_path):
     assert variant.method == "stack"
     assert variant.params == {"members": [{"method": "rtn", "bits": 4}, {"method": "snapkv", "ratio": 0.25}]}
     assert build(variant.method, variant.params).params() == variant.params
+
+
+def test_a_base_prefill_stack_replays_a_shared_prefill_bit_for_bit():
+    stack = _stack(("snapkv", REAL["snapkv"]), ("kivi", REAL["kivi"]))
+    model, ref = _model_and_reference()
+    recorded = prefill.record(model, ref.p_ids)
+    with stack.apply(model) as m:
+        live = engine.teacher_force(m, stack, ref.p_ids, ref.g_ids, "parallel").logits
+        replayed = engine.teacher_force(m, stack, ref.p_ids, ref.g_ids, "parallel", recorded).logits
+    assert torch.equal(live, replayed)
