@@ -136,7 +136,8 @@ def check(suite: Suite, variant: str, param: str, floors: dict) -> Variant:
     """The variant to search, after checking the parameter is numeric and the floors have intervals."""
     found = next((v for v in suite.variants if v.name == variant), None)
     if found is None:
-        raise FrontierError(f"{suite.path}: no variant {variant!r} (variants: {', '.join(v.name for v in suite.variants)})")
+        names = ", ".join(v.name for v in suite.variants)
+        raise FrontierError(f"{suite.path}: no variant {variant!r} (variants: {names})")
     hints = parameters(build(found.method, found.params).__class__)
     if param not in hints:
         raise FrontierError(f"variant {variant!r}: method {found.method!r} has no parameter {param!r} "
@@ -212,7 +213,8 @@ def table(doc: dict) -> str:
     """One line per variant (and per dataset), then its probes and any non-monotone finding."""
     lines = []
     for r in doc.get("frontier", []):
-        floors = ", ".join(f"{m} {'>=' if m in metrics.HIGHER_IS_BETTER else '<='} {f:g}" for m, f in r["floors"].items())
+        floors = ", ".join(f"{m} {'>=' if m in metrics.HIGHER_IS_BETTER else '<='} {f:g}"
+                           for m, f in r["floors"].items())
         lines.append(f"{r['variant']}: {r['param']} frontier {_value(r['frontier'])} in [{r['range'][0]:g}, "
                      f"{r['range'][1]:g}] ({r['aggressive']} is aggressive, tolerance {r['tolerance']:g}) "
                      f"at {floors}, {r['level']:.0%} bootstrap bound")

@@ -3,7 +3,7 @@ what ran (members and parameters), with paired intervals; missing partners are l
 
 import pytest
 
-from fidbench import attribution, cli
+from fidbench import attribution, cli, plot
 from fidbench.methods import build
 
 A = {"method": "snapkv", "ratio": 0.25}
@@ -70,3 +70,16 @@ def test_report_command_prints_the_attribution(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith("TABLE") and "stack attribution" in out and "m-ab" in out
     assert "0.903 → 0.803: -0.1" in out  # snapkv alone → the stack, token-weighted acc@1
+
+
+def test_the_plot_draws_each_members_cost_with_its_interval():
+    pytest.importorskip("matplotlib")
+    records = [_record("a", [A], [0.9, 0.8, 1.0], [0.1, 0.2, 0.0]), _record("b", [B], [1.0, 0.9, 0.9], [0, .1, .1]),
+               _record("ab", [A, B], [0.8, 0.7, 0.9], [0.2, 0.3, 0.1])]
+    fig = plot.stacks(records)
+    acc = fig.axes[0]
+    widths = [p.get_width() for p in acc.patches]
+    rows, _ = attribution.attribute(records)
+    expected = [r[f"{side}_acc1"]["diff"] for side in ("without", "alone") for r in rows]
+    assert widths == pytest.approx(expected)
+    assert plot.stacks([records[0]]) is None

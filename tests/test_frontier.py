@@ -6,7 +6,7 @@ import json
 import pytest
 from helpers import save_words, words_suite
 
-from fidbench import cli, frontier, report
+from fidbench import cli, frontier, plot, report
 from fidbench.suite import load
 
 
@@ -95,3 +95,16 @@ def test_bad_requests_are_errors(tmp_path):
         frontier.run(suite, ["nope"], "budget", 5, 10, 1, {"acc1": 0.9})
     with pytest.raises(frontier.FrontierError, match="floors must be on"):
         frontier.run(suite, ["streaming"], "budget", 5, 10, 1, {"kl_p99": 0.9})
+
+
+def test_the_plot_shows_floor_probes_and_frontier():
+    pytest.importorskip("matplotlib")
+    s = frontier.Search(1.0, 0.0, 0.05, {"acc1": 0.9})
+    result = s.run(lambda v: _samples([1.0] * 4 if v >= 0.37 else [0.5] * 4))
+    fig = plot.frontier([{"variant": "v", "param": "ratio", "floors": {"acc1": 0.9}, **result}])
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["floor"].get_ydata()) == [0.9, 0.9]
+    assert list(lines[f"frontier {result['frontier']:g}"].get_xdata()) == [result["frontier"]] * 2
+    assert sorted(lines["point estimate"].get_xdata()) == sorted(p["value"] for p in result["probes"])
+    assert plot.frontier([]) is None
