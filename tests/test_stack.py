@@ -5,11 +5,12 @@ import functools
 
 import pytest
 import torch
-from helpers import calibration, reference, tiny_model
+from helpers import ROOT, calibration, reference, tiny_model
 from test_suite import write
 
 from fidbench import engine, prefill
-from fidbench.methods import build
+from fidbench.methods import REGISTRY, build
+from fidbench.methods.base import ROLES
 from fidbench.suite import SuiteError, load
 
 DEGENERATE = {"rtn": {"bits": 16}, "snapkv": {"ratio": 1.0}, "kivi": {"bits": 16}}
@@ -145,3 +146,12 @@ def test_a_base_prefill_stack_replays_a_shared_prefill_bit_for_bit():
         live = engine.teacher_force(m, stack, ref.p_ids, ref.g_ids, "parallel").logits
         replayed = engine.teacher_force(m, stack, ref.p_ids, ref.g_ids, "parallel", recorded).logits
     assert torch.equal(live, replayed)
+
+
+def test_every_attention_method_has_a_role_and_the_docs_table_lists_them():
+    """A new attention method declares its role (or the stack refuses it); docs/suite.md's table is the registry's."""
+    table = (ROOT / "docs" / "suite.md").read_text()
+    for role in ROLES:
+        names = ", ".join(f"`{n}`" for n, c in sorted(REGISTRY.items()) if c.role == role)
+        assert f"| `{role}` |" in table and table.split(f"| `{role}` |")[1].split("\n")[0].endswith(f"| {names} |")
+    assert [n for n, c in REGISTRY.items() if c.kind == "attention" and c.role is None] == ["stack"]
