@@ -22,7 +22,10 @@ of the cache the member hands on).
 Differences from a deployment: eviction is masking (``fidbench.methods._kv``), so a cache member
 quantizes every position in its own position-aligned groups and a group's scale can span evicted
 entries, where a physically pruned cache would group the kept entries only; what a query reads is the
-kept entries, quantized. A selection's scores are computed on the full-precision cache.
+kept entries, quantized. A selection's scores are computed on the full-precision cache. A kernel member
+after a cache member attends over the copies the cache member hands on (``kivi``: quantized keys and values,
+quantized keys with full values, both full, each position visible in one of them), so a statistic the kernel
+takes over all keys (``fp8-attention``'s absmax scale, ``sage-attention``'s key mean) spans those copies.
 """
 
 from __future__ import annotations
