@@ -79,8 +79,9 @@ def test_kivi_after_snapkv_quantizes_exactly_the_kept_entries():
     assert members[1]["params"] == build("kivi", REAL["kivi"]).params()
 
 
-def test_parallel_equals_stepwise_for_parallel_exact_members():
-    stack = _stack(("snapkv", REAL["snapkv"]), ("kivi", REAL["kivi"]))
+@pytest.mark.parametrize("members", [("snapkv", "kivi"), ("h2o", "kivi"), ("quest", "gear"), ("topk", "gear")])
+def test_parallel_equals_stepwise_for_parallel_exact_members(members):
+    stack = _stack(*((name, REGISTRY[name].test_params["real"]) for name in members))
     assert stack.parallel_exact and stack.base_prefill
     assert torch.allclose(_force(stack, "parallel"), _force(stack, "stepwise"), atol=1e-5, rtol=0)
 
