@@ -207,7 +207,8 @@ def _floor(text: str) -> tuple[str, float]:
 def _frontier(args) -> int:
     try:
         doc = frontier.run(load_suite(args.suite), args.variant, args.param, *args.range, args.tolerance,
-                           dict(args.floor), args.aggressive, args.grid, args.by_dataset, args.limit, args.level)
+                           dict(args.floor), args.aggressive, args.grid, args.by_dataset, args.limit, args.level,
+                           log=lambda line: print(f"fidbench frontier: {line}", file=sys.stderr, flush=True))
     except (frontier.FrontierError, SuiteError) as e:
         print(f"fidbench frontier: error: {e}", file=sys.stderr)
         return 2

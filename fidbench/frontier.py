@@ -156,14 +156,15 @@ def integer_param(found: Variant, param: str) -> bool:
 
 def run(suite: Suite, variants: list[str], param: str, low: float, high: float, tolerance: float, floors: dict,
         aggressive: str = "low", grid: int = 0, by_dataset: bool = False, limit: int | None = None,
-        level: float = stats.LEVEL, progress=None, share_prefill_gib: float = 1.0) -> dict:
-    """Search each variant (on the suite's first model); the report document, with a ``frontier`` section."""
+        level: float = stats.LEVEL, log=None, share_prefill_gib: float = 1.0) -> dict:
+    """Search each variant (on the suite's first model); the report document, with a ``frontier`` section.
+    ``log(line)`` hears of each probe as it is scored."""
     if not low < high:
         raise FrontierError(f"--range: the low end must be below the high end, got {low} {high}")
     found = [check(suite, v, param, floors) for v in variants]
     suite = copy.copy(suite)
     suite.share_prefill_gib = suite.share_prefill_gib or share_prefill_gib  # prefills replayed across probes
-    bench = Bench(suite, limit=limit, progress=progress)
+    bench = Bench(suite, limit=limit)
     model = suite.models[0]
     records, results = [], []
     for variant in found:
@@ -182,6 +183,9 @@ def run(suite: Suite, variants: list[str], param: str, low: float, high: float, 
                     raise FrontierError(str(e)) from None
                 memo[value] = bench.run(case, method)
                 records.append(memo[value])
+                if log:
+                    scores = memo[value]["scores"]
+                    log(f"{case.id}: " + ", ".join(f"{m} {scores.get(m)}" for m in floors))
             return memo[value]
 
         ends = (high, low) if aggressive == "low" else (low, high)
