@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
@@ -53,6 +53,8 @@ class AttentionCall:
     phase: Phase
     kwargs: dict[str, Any] = field(default_factory=dict)
     memo: dict | None = None  # a recorded prefill call's (fidbench.prefill): what ``once`` computed on it
+    # In a stack (fidbench.methods.stack): the later members, handed what ``dense`` is asked to attend.
+    then: Callable[["AttentionCall"], torch.Tensor] | None = None
 
     def once(self, key, compute):
         """``compute(self)``, a statistic of this call that no parameter of the method changes (give them
@@ -133,6 +135,19 @@ class AttentionCall:
         return (cols <= rows)[None, None]
 
     def dense(self, mask: torch.Tensor | None = None, query=None, key=None, value=None) -> torch.Tensor:
+        """Attention over ``key``/``value`` with ``mask`` (bool, True = attend; each None: the call's own).
+
+        Alone, a method's dense work is SDPA (``sdpa``). In a stack it is the later members' (``then``):
+        they get a call whose query, key, value and mask are these, so a selection's mask reaches the
+        cache member and the cache member's keys reach the kernel member."""
+        if self.then is None:
+            return self.sdpa(mask, query, key, value)
+        return self.then(AttentionCall(
+            self.module, self.query if query is None else query, self.key if key is None else key,
+            self.value if value is None else value, self.attention_mask if mask is None else mask, self.phase,
+            self.kwargs))  # no memo: once() statistics were of the recorded tensors
+
+    def sdpa(self, mask: torch.Tensor | None = None, query=None, key=None, value=None) -> torch.Tensor:
         """Run transformers' SDPA attention, with ``mask`` (bool, True = attend) instead of the model's if given.
 
         A long masked prefill runs in slices of ``DENSE_ROWS`` queries: SDPA turns a bool mask into a

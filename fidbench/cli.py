@@ -15,10 +15,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import compare, floors, medusa_train, merge, plot, provenance, report, stats
+from . import attribution, compare, floors, frontier, medusa_train, merge, plot, provenance, report, stats
 from .legacy import runs
 from .methods import REGISTRY, kvpress
-from .suite import DatasetSpec
+from .suite import DatasetSpec, SuiteError
+from .suite import load as load_suite
 
 
 def _type(annotation) -> str:
@@ -32,11 +33,13 @@ def describe_methods() -> str:
     lines = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        # A property (sparge-attention, kvpress) decides per instance, from its parameters.
-        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, "parallel or stepwise by parameters")
-        # A property (StreamingLLM) decides per instance: its parameters say whether the prefill is dense.
-        shared = {True: ", base prefill", False: ""}.get(cls.base_prefill, ", base prefill by default")
-        lines.append(f"{name}  ({mode}{shared})  {cls.description}")
+        # A property decides per instance (StreamingLLM's parameters say whether the prefill is dense; a stack's
+        # members decide): its docstring says how, if it has one.
+        mode = {True: "parallel", False: "stepwise"}.get(cls.parallel_exact, getattr(cls.parallel_exact, "__doc__", ""))
+        shared = {True: ", base prefill", False: ""}.get(
+            cls.base_prefill, f", {getattr(cls.base_prefill, '__doc__', None) or 'base prefill by default'}")
+        role = f", role {cls.role}" if cls.role else ""
+        lines.append(f"{name}  ({mode}{shared}{role})  {cls.description}")
         lines.append(f"    defaults from: {cls.defaults_from}")
         fields = [f for f in dataclasses.fields(cls) if f.init]
         for f in fields:
@@ -157,6 +160,26 @@ def _parser() -> argparse.ArgumentParser:
     plt.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                      help="directory for the figures and index.html")
 
+    fro = sub.add_parser("frontier", help="the most aggressive value of a parameter whose run still meets floors",
+                         **_described(frontier))
+    fro.add_argument("suite", type=Path, help="the suite file holding the variants (its first model is used)")
+    fro.add_argument("--variant", action="append", required=True, help="a variant to search (repeatable)")
+    fro.add_argument("--param", required=True, help="the numeric parameter to search: ratio, budget, keep, bits, ...")
+    fro.add_argument("--range", nargs=2, type=float, required=True, metavar=("LOW", "HIGH"), help="values searched")
+    fro.add_argument("--tolerance", type=float, required=True,
+                     help="stop when a passing and a failing value are this close")
+    fro.add_argument("--floor", action="append", required=True, type=_floor, metavar="METRIC=BOUND",
+                     help="acc1=0.9 (a minimum), kl_mean=0.1 (a maximum); acc1, acc5, kl_mean (repeatable)")
+    fro.add_argument("--aggressive", choices=("low", "high"), default="low",
+                     help="which end compresses more (default low: ratio, budget, keep, bits)")
+    fro.add_argument("--grid", type=int, default=0, help="evenly spaced values probed between the ends first, to "
+                     "find non-monotone cases (default 0)")
+    fro.add_argument("--by-dataset", action="store_true", help="also the frontier of each dataset")
+    fro.add_argument("--limit", type=_limit, default=None, help="prompts per dataset (default: all)")
+    fro.add_argument("--level", type=_level, default=stats.LEVEL, help="bootstrap interval level (default 0.95)")
+    fro.add_argument("-o", "--output", type=Path,
+                     help="write the probes' case records and the frontier (report format)")
+
     med = sub.add_parser("train-medusa", help="fit Medusa heads on a model's own greedy outputs (Medusa's format)",
                          description=medusa_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     med.add_argument("model", help="a model directory, a hub id in the local cache, or an embedded name (smollm2-135m)")
@@ -195,6 +218,28 @@ def _write(command: str, path: Path, doc: dict) -> bool:
     return True
 
 
+def _floor(text: str) -> tuple[str, float]:
+    metric, sep, value = text.partition("=")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METRIC=BOUND (acc1=0.9), got {text!r}") from None
+
+
+def _frontier(args) -> int:
+    try:
+        doc = frontier.run(load_suite(args.suite), args.variant, args.param, *args.range, args.tolerance,
+                           dict(args.floor), args.aggressive, args.grid, args.by_dataset, args.limit, args.level,
+                           log=lambda line: print(f"fidbench frontier: {line}", file=sys.stderr, flush=True))
+    except (frontier.FrontierError, SuiteError) as e:
+        print(f"fidbench frontier: error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        frontier.write(doc, args.output)
+    _print(frontier.table(doc))
+    return 0
+
+
 def _read(command: str, path: Path) -> dict | None:
     try:
         return provenance.read(path)
@@ -230,10 +275,14 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "report":
         if (doc := _read("report", args.path)) is None:
             return ERROR
-        _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown))
+        # then, where the report holds stacks, each member's share of a stack's loss
+        _print(report.table(doc["cases"], datasets=not args.overall, markdown=args.markdown)
+               + attribution.table(doc["cases"], markdown=args.markdown))
         for error in doc.get("errors") or []:  # a run that could not collect its cases: its report says why
             print(f"fidbench report: {args.path}: the run collected no case: {error}", file=sys.stderr)
         return 0
+    if args.command == "frontier":
+        return _frontier(args)
     if args.command == "compare":
         return _compare(args)
     if args.command == "merge":

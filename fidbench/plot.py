@@ -5,6 +5,8 @@ with the results table.
   trade-off a budget buys), with the bootstrap intervals as error bars and ``origin`` as the ceiling.
 - ``position``: acc@1 by reference position (bins of ``metrics.POSITION_BUCKET`` tokens), one line per case.
 - ``heatmap``: acc@1 per case (rows) and dataset (columns).
+- ``stacks``: what each member of a stack costs (``fidbench.attribution``).
+- ``frontier``: a ``fidbench frontier`` search, fidelity against the parameter with the floor and the frontier.
 
 matplotlib is an optional dependency (``pip install 'fidbench[plot]'``); figures are built as
 ``matplotlib.figure.Figure`` objects, without pyplot's global state.
@@ -16,7 +18,7 @@ import html
 import math
 from pathlib import Path
 
-from . import metrics, report
+from . import attribution, metrics, report
 
 
 class PlotError(RuntimeError):
@@ -128,10 +130,62 @@ def heatmap(records: list[dict]):
     return fig
 
 
-FIGURES = {  # name -> (builder, title on the page)
-    "budget": (budget, "Fidelity against KV budget"),
-    "position": (position, "acc@1 by position"),
-    "heatmap": (heatmap, "acc@1 by case and dataset"),
+def stacks(records: list[dict]):
+    """Each stack member's share of the stack's loss (``fidbench.attribution``): the change of acc@1 and KL mean
+    from the stack without the member to the stack (what the member costs inside it) and from the member alone
+    to the stack, with paired bootstrap intervals; None when the report holds no stack with its partners."""
+    rows = [r for r in attribution.attribute(records)[0] if r.get("without") or r.get("alone")]
+    if not rows:
+        return None
+    fig = _figure(figsize=(11, 1.6 + 0.45 * len(rows)), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    labels = [f"{r['stack']}: {r['member']}" for r in rows]
+    for ax, (metric, title, _) in zip(axes, attribution.METRICS):
+        sides = (("without", "stack − stack without it"), ("alone", "stack − member alone"))
+        for k, (key, name) in enumerate(sides):
+            ys = [i + (k - 0.5) * 0.36 for i in range(len(rows))]
+            changes = [r.get(f"{key}_{metric}") for r in rows]
+            xs = [c["diff"] if c else math.nan for c in changes]
+            err = [[c["diff"] - c["ci"][0] if c and c["ci"] else 0.0 for c in changes],
+                   [c["ci"][1] - c["diff"] if c and c["ci"] else 0.0 for c in changes]]
+            ax.barh(ys, xs, height=0.34, xerr=err, capsize=3, label=name)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set(xlabel=f"change of {title}")
+    axes[0].set_yticks(range(len(rows)), labels)
+    axes[0].invert_yaxis()
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Stacks: what each member costs (error bars: paired bootstrap interval)")
+    return fig
+
+
+def frontier(results: list[dict]):
+    """Per frontier search (``fidbench frontier -o``): each floored metric against the searched parameter, the
+    probes' point estimates and bounds, the floor and the chosen value; None for a report without a search."""
+    panels = [(r, m) for r in results for m in r["floors"]]
+    if not panels:
+        return None
+    fig = _figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (r, metric) in zip(axes, panels):
+        probes = sorted(r["probes"], key=lambda p: p["value"])
+        xs = [p["value"] for p in probes]
+        ax.plot(xs, [p["scores"][metric] for p in probes], marker="o", label="point estimate")
+        ax.plot(xs, [p["bounds"][metric] for p in probes], marker="v", linestyle=":", label="bootstrap bound")
+        ax.axhline(r["floors"][metric], color="red", linestyle="--", label="floor")
+        if r["frontier"] is not None:
+            ax.axvline(r["frontier"], color="green", label=f"frontier {r['frontier']:g}")
+        ax.set(xlabel=r["param"], ylabel=metric, title=r["variant"])
+        ax.legend(fontsize="small")
+    fig.suptitle("Frontier: fidelity against the searched parameter")
+    return fig
+
+
+FIGURES = {  # name -> (builder, title on the page, the report's key it draws)
+    "budget": (budget, "Fidelity against KV budget", "cases"),
+    "position": (position, "acc@1 by position", "cases"),
+    "heatmap": (heatmap, "acc@1 by case and dataset", "cases"),
+    "stacks": (stacks, "Stacks: what each member costs", "cases"),
+    "frontier": (frontier, "Frontier of a parameter", "frontier"),
 }
 
 
@@ -160,7 +214,7 @@ def page(doc: dict, source: str, drawn: set[str]) -> str:
              f"<style>{STYLE}</style></head><body>", f"<h1>fidbench report: {html.escape(source)}</h1>",
              f"<p class='meta'>{html.escape(settings)}<br>commit {html.escape(str(env.get('commit')))}"
              f"{' (uncommitted changes)' if env.get('dirty') else ''}; {html.escape(versions)}</p>"]
-    for name, (_, title) in FIGURES.items():
+    for name, (_, title, _) in FIGURES.items():
         parts.append(f"<h2>{title}</h2>")
         if name in drawn:
             parts.append(f"<figure><img src='{name}.svg' alt='{title}'><figcaption><a href='{name}.png'>PNG</a> · "
@@ -179,8 +233,8 @@ def write(doc: dict, outdir: str | Path, source: str) -> list[Path]:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths, drawn = [], set()
-    for name, (build, _) in FIGURES.items():
-        fig = build(doc["cases"])
+    for name, (build, _, key) in FIGURES.items():
+        fig = build(doc.get(key) or [])
         if fig is None:
             continue
         for ext in ("png", "svg"):

@@ -233,9 +233,12 @@ def families(model_type: str) -> list[str]:
 
 def _marks(config, case: Case, model_type: str | None) -> list:
     """A case's markers (each registered, so ``pytest --markers`` lists it): fidbench, the model's families,
-    the method and the variant's tags."""
+    the method (a stack's members too) and the variant's tags."""
     names = [(f, "fidbench model family") for f in (families(model_type) if model_type else [])]
     names += [(case.variant.method, "fidbench method"), *((t, "fidbench variant tag") for t in case.variant.tags)]
+    if case.variant.method == "stack":  # `-m snapkv` selects the stacks holding it too
+        names += [(m["method"], "fidbench method") for m in case.variant.params["members"]
+                  if (m["method"], "fidbench method") not in names]
     known = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
     for name, what in names:
         if name not in known:

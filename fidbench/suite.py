@@ -319,6 +319,10 @@ def load(path: str | Path) -> Suite:
             raise SuiteError(f"{where}: expected a mapping of the method's parameters (and method, floors, tags), "
                              f"got {type(spec).__name__} {_show(spec)}")
         spec = dict(spec or {})
+        if "stack" in spec:  # several methods applied together (fidbench.methods.stack)
+            if "method" in spec:
+                raise SuiteError(f"{where}: give either stack (its members) or method, not both")
+            spec["method"], spec["members"] = "stack", spec.pop("stack")
         method = spec.pop("method", name)
         if not isinstance(method, str) or method not in REGISTRY:
             raise SuiteError(f"{where}.method: unknown method {_show(method)} "

@@ -146,7 +146,8 @@ def test_readme_example_method_passes_the_matrix_unchanged():
             del REGISTRY[added]
 
 
-KV = sorted(m for m, cls in REGISTRY.items() if cls.full_attention_only)
+# `is True`: a stack's property decides per instance, from its members (tests/test_stack.py)
+KV = sorted(m for m, cls in REGISTRY.items() if cls.full_attention_only is True)
 
 
 @pytest.mark.parametrize("method", KV)

@@ -59,6 +59,7 @@ class KVMethod(Method):
     """A method with a KV budget: ``ratio`` of the prompt or ``budget`` tokens (not both), see the module doc."""
 
     full_attention_only = True
+    role = "select"  # eviction and page selection decide which keys a query sees
     base_prefill = True  # every KV method scores or masks what the dense prefill cached (StreamingLLM: see there)
     granularity: ClassVar[str] = "kv_head"  # overridden, or made a parameter, where references disagree
 

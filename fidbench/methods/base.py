@@ -15,8 +15,12 @@ which ``kind`` of change it is (``"none"``: ``origin``, the base model itself):
   and returns metric means (each checked finite and in its range) and ``n_tokens``, and where it
   computes logits, ``non_finite`` / ``first_non_finite`` (NaN or inf positions: the case then fails, as
   a teacher-forced one does); the harness skips the engine and reports every metric it did not give as None.
-A method whose prefill is the base model's says so (``base_prefill``). Every method may also override
-``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
+An attention method also declares its ``role`` in a deployment, so that methods of different roles stack
+(``fidbench.methods.stack``): ``"select"`` (which keys a query sees: KV eviction, Quest, top-k; it hands
+its mask to ``call.dense``), ``"cache"`` (what the cache stores: KIVI, GEAR; it hands the keys and values
+queries read to ``call.dense``) or ``"kernel"`` (how attention is computed: FP8, Sage, Sparge); ``None``:
+it does not compose. A method whose prefill is the base model's says so (``base_prefill``). Every method may
+also override ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
 changed, for the report).
 
 Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
@@ -44,6 +48,7 @@ _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
 _repr.maxlevel = 2
 show = _repr.repr  # a user's value in an error message, bounded: a suite's value may be huge (aliases of aliases)
 KINDS = ("none", "attention", "weights", "model", "cache", "own_loop")
+ROLES = ("select", "cache", "kernel")  # the order a stack applies attention methods in (see the module doc)
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -54,6 +59,9 @@ def register(cls: type["Method"]) -> type["Method"]:
         raise ValueError(f"method name {cls.name!r} is registered twice")
     if cls.kind not in KINDS:
         raise ValueError(f"method {cls.name!r}: kind must be one of {', '.join(KINDS)}, got {cls.kind!r}")
+    if cls.role is not None and (cls.role not in ROLES or cls.kind != "attention"):
+        raise ValueError(f"method {cls.name!r}: role must be None or, for kind 'attention', one of {', '.join(ROLES)}, "
+                         f"got {cls.role!r}")
     if cls.kind == "attention" and cls.attend is Method.attend:
         raise ValueError(f"method {cls.name!r} is of kind 'attention' but defines no attend(call) hook")
     REGISTRY[cls.name] = cls
@@ -67,6 +75,7 @@ class Method:
     # or why fidbench chose them where no reference has one (``fidbench methods`` prints it; issue 29).
     defaults_from: ClassVar[str] = ""
     kind: ClassVar[str] = "attention"
+    role: ClassVar[str | None] = None  # an attention method's part in a stack (see the module doc)
     # True when teacher forcing the whole reference in one forward computes exactly what a
     # token-by-token decode would (the method's state does not depend on earlier decode steps).
     parallel_exact: ClassVar[bool] = True

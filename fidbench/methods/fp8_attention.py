@@ -122,10 +122,11 @@ class FP8Attention(Method):
     defaults_from = ("FlashAttention-3 hopper/ FP8 forward: e4m3 Q/K/V with per-KV-head descales, P rounded to e4m3 "
                      "(softmax.h Max_offset 8)")
     test_params = {"degenerate": None, "why": "the e4m3 rounding is the method", "real": {}}
+    role = "kernel"
     p_fp8: bool = True
 
     def attend(self, call: AttentionCall):
-        if call.phase.name == "decode" and call.query.shape[2] > 1:
+        if call.phase.name == "decode":  # one step's query too: its scales are then those of the keys it sees
             return self._decode_rows(call)
         query, key, value = fp8_round(call.query, call.groups), fp8_round(call.key), fp8_round(call.value)
         if not self.p_fp8:

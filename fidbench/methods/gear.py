@@ -113,6 +113,7 @@ class GEAR(Method):
     test_params = {"degenerate": {"quantize_bit": 16},
                    "real": {"group_size": 4, "left": 0.2, "prefillrank": 2, "rank": 1, "prefillrankv": 2, "rankv": 1,
                             "streaming_gap": 8}}
+    role = "cache"
     full_attention_only = True
     not_physically_checked = ("it evicts nothing: each decode query reads a D + S + L reconstruction of the cache, "
                               "checked against a direct implementation and stepwise decoding in tests/test_gear.py")
@@ -170,8 +171,9 @@ class GEAR(Method):
         if call.phase.name != "decode":
             return None
         visible = call.visible()
+        shape = (*call.query.shape[:3], call.key.shape[2])  # counted per query head, as a stack's selection masks come
         if self.quantize_bit == 16 or call.sliding_window is not None:
-            self.record(call.layer_idx, 0, visible.sum())
+            self.record(call.layer_idx, 0, visible.expand(shape).sum())
             return None
         require_every_position(self, call)  # key index = position below
         n_q, n_k = call.query.shape[2], call.key.shape[2]
@@ -194,7 +196,7 @@ class GEAR(Method):
             # already compressed at the previous such length are compressed again.
             events = list(range(-(-p // gap) * gap, last + 1, gap))
             if not events:
-                self.record(call.layer_idx, 0, visible.sum())
+                self.record(call.layer_idx, 0, visible.expand(shape).sum())
                 return None
             previous = 0
             for m in events:
@@ -212,7 +214,7 @@ class GEAR(Method):
             full_from = torch.where(pos_q // gap * gap >= p, pos_q // gap * gap, 0)
         copies.append((call.key, call.value, pos_k >= full_from))
         masks = [visible & reads for _, _, reads in copies]
-        self.record(call.layer_idx, sum(m.sum() for m in masks[:-1]), visible.sum())
+        self.record(call.layer_idx, sum(m.expand(shape).sum() for m in masks[:-1]), visible.expand(shape).sum())
         return call.dense(mask=torch.cat(masks, dim=-1), key=torch.cat([k for k, _, _ in copies], dim=2),
                           value=torch.cat([v for _, v, _ in copies], dim=2))
 

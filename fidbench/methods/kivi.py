@@ -46,6 +46,7 @@ class KIVI(Method):
     defaults_from = ("KIVI paper experiments and jy-yuan/KIVI docs/long_bench.md: group 32, residual 128 for KIVI-2 "
                      "and KIVI-4 (example.py uses residual 32)")
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}}
+    role = "cache"
     full_attention_only = True
     base_prefill = True  # prompt queries read full-precision K/V
     bits: int = 2
@@ -67,8 +68,9 @@ class KIVI(Method):
     def attend(self, call: AttentionCall):
         if self.bits == 16 or call.phase.name != "decode":
             return None
+        shape = (*call.query.shape[:3], call.key.shape[2])  # counted per query head, as a stack's selection masks come
         if call.sliding_window is not None:
-            self._counts[2] = self._counts[2] + call.visible().sum()
+            self._counts[2] = self._counts[2] + call.visible().expand(shape).sum()
             return None
         require_every_position(self, call)  # key index = position below
         n_q, n_k = call.query.shape[2], call.key.shape[2]
@@ -78,8 +80,8 @@ class KIVI(Method):
         value_full = pos_k >= pos_q - self.residual
         visible = call.visible()
         for i, full in enumerate((key_full, value_full)):
-            self._counts[i] = self._counts[i] + (visible & ~full).sum()
-        self._counts[2] = self._counts[2] + visible.sum()
+            self._counts[i] = self._counts[i] + (visible & ~full).expand(shape).sum()
+        self._counts[2] = self._counts[2] + visible.expand(shape).sum()
         if n_k - 1 < self.residual:  # no query has reached a full residual: no key is quantized yet (keys go first)
             return None
         key_q = fake_quant(call.key.transpose(-1, -2), self.bits, self.group, False).transpose(-1, -2)

@@ -228,7 +228,8 @@ class KVPress(Method):
 
     @property
     def parallel_exact(self) -> bool:
-        return not self._decoding  # a decoding press compresses between steps
+        """stepwise for a decoding press (it compresses between steps), parallel otherwise"""
+        return not self._decoding
 
     def __post_init__(self):
         super().__post_init__()

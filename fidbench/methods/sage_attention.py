@@ -220,6 +220,7 @@ class SageAttention(Method):
     defaults_from = ("SageAttention (1) paper and thu-ml/SageAttention sageattn_qk_int8_pv_fp16: INT8 Q·K per block "
                      "of 128 queries x 64 keys, K smoothed, fp16 P·V")
     test_params = {"degenerate": None, "why": "bits <= 8: no lossless setting", "real": {"bits": 3}}
+    role = "kernel"
     block_q: int = 128
     block_k: int = 64
     bits: int = 8

@@ -103,6 +103,7 @@ class SpargeAttention(SageAttention):
 
     @property
     def parallel_exact(self) -> bool:
+        """parallel with decode: dense, stepwise with decode: sparse"""
         return self.decode == "dense"
 
     def validate(self):

@@ -19,6 +19,7 @@ class TopK(Method):
     description = "decode queries attend only to their top `keep` fraction of keys by q·k (>= min_keep)"
     defaults_from = "no reference setting: fidbench's oracle top-k (keep 10 %, at least 8 keys)"
     test_params = {"degenerate": {"keep": 1.0}, "real": {"keep": 0.1, "min_keep": 2}}
+    role = "select"
     base_prefill = True  # decode queries only
     keep: float = 0.1
     min_keep: int = 8
