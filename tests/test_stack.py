@@ -9,6 +9,7 @@ from helpers import ROOT, calibration, reference, tiny_model
 from test_suite import write
 
 from fidbench import engine, prefill
+from fidbench.attention import AttentionCall
 from fidbench.methods import REGISTRY, build
 from fidbench.methods.base import ROLES
 from fidbench.suite import SuiteError, load
@@ -86,11 +87,43 @@ def test_parallel_equals_stepwise_for_parallel_exact_members(members):
     assert torch.allclose(_force(stack, "parallel"), _force(stack, "stepwise"), atol=1e-5, rtol=0)
 
 
-def test_a_kernel_member_makes_the_stack_stepwise_and_weights_a_live_prefill():
-    stack = _stack(("rtn", REAL["rtn"]), ("snapkv", REAL["snapkv"]), ("fp8-attention", {}))
+@pytest.mark.parametrize("members", [("snapkv", "fp8-attention"), ("h2o", "kivi", "sage-attention"),
+                                     ("quest", "gear", "fp8-attention")])
+def test_a_kernel_behind_a_selection_and_a_cache_runs_parallel_as_stepwise(members, monkeypatch):
+    """A kernel's decode statistics cover the keys each query sees (the kept entries), in both modes: each decode
+    row of one forward is the kernel's one-query call with that row's mask over what the members hand on. Through
+    the model the modes agree in argmax; their logits differ where the model's own layers, summing in another
+    order, move an input across one of the kernel's rounding steps (up to 3e-3 here with gear's copies)."""
+    stack = _stack(*((name, REGISTRY[name].test_params["real"] or {}) for name in members))
+    assert stack.parallel_exact
+    kernel = stack._attending[-1]
+    attend, calls = type(kernel).attend, []
+
+    def spy(self, call):
+        out = attend(self, call)
+        if call.phase.name == "decode":
+            calls.append((call, out))
+        return out
+
+    monkeypatch.setattr(type(kernel), "attend", spy)
+    parallel = _force(stack, "parallel")
+    monkeypatch.undo()
+    assert calls
+    for call, out in calls:
+        visible = call.visible()
+        for row in range(call.query.shape[2]):
+            step = AttentionCall(call.module, call.query[:, :, row : row + 1], call.key, call.value,
+                                 visible[:, :, row : row + 1], call.phase, call.kwargs)
+            torch.testing.assert_close(out[:, row : row + 1], attend(kernel, step), atol=1e-6, rtol=0)
+    assert torch.equal(parallel.argmax(-1), _force(stack, "stepwise").argmax(-1))
+
+
+def test_a_stepwise_member_makes_the_stack_stepwise_and_weights_a_live_prefill():
+    stack = _stack(("rtn", REAL["rtn"]), ("snapkv", REAL["snapkv"]), ("sparge-attention", {"decode": "sparse"}))
     assert not stack.parallel_exact and not stack.base_prefill and stack.full_attention_only
     with pytest.raises(ValueError, match="parallel"):
         engine.resolve_mode(stack, "parallel")
+    assert _stack(("snapkv", REAL["snapkv"]), ("fp8-attention", {})).parallel_exact
 
 
 def test_weight_members_apply_in_order_and_restore():

@@ -115,11 +115,16 @@ def adakv_allocation(scores: torch.Tensor, n: int, alpha: float) -> torch.Tensor
     others, c_h its share of the layer's ``heads × B`` best pairs, ``B = n`` minus the forced count."""
     b, heads, p = scores.shape
     forced = scores == torch.inf
-    base = n - int(forced[0, 0].sum())  # every scorer forces the same positions in every head
+    # Every scorer forces the same positions in every head. B stays a tensor (the host never waits for the
+    # device): the layer's best heads × n pairs are taken, and the first heads × B of them counted.
+    base = n - forced[:, :1].sum(-1)  # (b, 1)
     free = scores.masked_fill(forced, -torch.inf)
-    best = free.reshape(b, heads * p).topk(heads * base, dim=-1).indices // p
+    k = heads * min(n, p)
+    best = free.reshape(b, heads * p).topk(k, dim=-1)
+    counted = torch.arange(k, device=scores.device) < heads * base
     counts = torch.zeros(b, heads, device=scores.device)
-    counts.scatter_add_(-1, best, torch.ones_like(best, dtype=counts.dtype))
-    capacity = torch.round(counts * (1 - alpha) + int(base * alpha))
+    counts.scatter_add_(-1, best.indices // p, counted.to(counts.dtype))
+    floor = (base.double() * alpha).floor().to(counts.dtype)  # int(alpha · B)
+    capacity = torch.round(counts * (1 - alpha) + floor)
     rank = free.argsort(-1, descending=True).argsort(-1)  # each position's rank in its head
     return forced | (rank < capacity[..., None])

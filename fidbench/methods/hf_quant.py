@@ -67,6 +67,7 @@ def _torchao_args(kwargs: dict) -> dict:
 class HFQuant(Method):
     name = "hf-quant"
     description = "the base model reloaded with a transformers quantization config (torchao, hqq, quanto, bitsandbytes)"
+    defaults_from = ("none of its own: the library's config class with its own defaults, as `from_pretrained(quantization_config=...)` gets them")
     kind = "model"
     test_params = {"covered_by": "tests/test_quantlibs.py::test_hf_quant_scores_the_library_quantized_model"}
     backend: str = ""

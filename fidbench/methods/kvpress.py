@@ -195,6 +195,7 @@ def _attention_modules(model) -> list:
 class KVPress(Method):
     name = "kvpress"
     description = "any press of the installed kvpress, applied as kvpress applies it (physical cache compression)"
+    defaults_from = "the press class's own defaults in the installed kvpress (`fidbench methods` lists them)"
     kind = "model"
     test_params = {"covered_by": "tests/test_kvpress.py::test_compression_ratio_zero_is_origin_bit_for_bit"}
     press: str = ""

@@ -36,6 +36,7 @@ AXES = {"quanto": (0, -1), "hqq": (0, 1)}
 class QuantizedCacheMethod(Method):
     name = "quantized-cache"
     description = "transformers' QuantizedCache (KIVI-style residual; quanto, hqq or fp8 backend), decoded stepwise"
+    defaults_from = "transformers' QuantizedCache: every option left unset takes its default; backend quanto"
     kind = "cache"
     parallel_exact = False  # the cache re-quantizes when its residual fills: state depends on the decode steps
     test_params = {"covered_by": "tests/test_quantlibs.py::test_quantized_cache_scores_what_generate_computes"}
