@@ -199,14 +199,14 @@ def test_quanto_int4_through_transformers_equals_rtn(tmp_path, cache, hidden, gr
     quantized = AutoModelForCausalLM.from_pretrained(base, quantization_config=build(
         "hf-quant", {"backend": "quanto", "config": {"weights": "int4"}}).quantization_config())
     model = AutoModelForCausalLM.from_pretrained(base)
-    rtn = build("rtn", {"bits": 4, "group": group})
+    rtn = build("rtn", {"bits": 4, "group": group, "zero_point": "float"})  # quanto's zero point is a float
     with rtn.apply(model):
         ours = [lin.weight.detach().clone() for lin in weights.decoder_linears(model)]
     theirs = [m.qweight.dequantize().float() for m in weights.decoder_layers(quantized).modules() if hasattr(m, "qweight")]
     assert len(theirs) == len(ours) == 14
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
-    runs = run_suite(tmp_path, base, {"rtn": {"method": "rtn", "bits": 4, "group": group},
+    runs = run_suite(tmp_path, base, {"rtn": {"method": "rtn", "bits": 4, "group": group, "zero_point": "float"},
                                       "quanto": {"method": "hf-quant", "backend": "quanto", "config": {"weights": "int4"}}})
     assert runs["quanto"]["scores"]["kl_mean"] > 1e-6  # quantized, and both score the same
     for key in ("acc1", "acc5", "first_divergence"):
@@ -227,7 +227,7 @@ def test_hqq_round_to_nearest_equals_rtn(bits, group):
     from fidbench.methods import _weights as weights
 
     model = tiny_model("llama")
-    rtn = build("rtn", {"bits": bits, "group": group})
+    rtn = build("rtn", {"bits": bits, "group": group, "zero_point": "float"})  # round_zero=False below
     originals = [lin.weight.detach().clone() for lin in weights.decoder_linears(model)]
     with rtn.apply(model):
         ours = [lin.weight.detach().clone() for lin in weights.decoder_linears(model)]
