@@ -89,10 +89,12 @@ def _devices(value: str) -> list[str]:
 def pytest_addoption(parser):
     group = parser.getgroup("fidbench", "fidbench: fidelity of compressed LLMs")
     group.addoption("--fidbench-config", metavar="PATH", help="suite YAML file (default: fidbench.yaml in the rootdir)")
-    group.addoption("--fidbench-limit", type=_positive, metavar="N", help="score only the first N prompts of each dataset")
+    group.addoption("--fidbench-limit", type=_positive, metavar="N",
+                    help="score only the first N prompts of each dataset")
     group.addoption("--fidbench-max-new-tokens", type=_positive, metavar="N",
                     help="reference length (default: the suite's, 64)")
-    group.addoption("--fidbench-decode", choices=MODES, help="teacher forcing: parallel, stepwise, or auto (per method)")
+    group.addoption("--fidbench-decode", choices=MODES,
+                    help="teacher forcing: parallel, stepwise, or auto (per method)")
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
     group.addoption("--fidbench-batch-size", type=_positive, default=1, metavar="N",
                     help="generate base references N prompts at a time (default 1; >1 keeps its own references)")
@@ -125,7 +127,8 @@ def pytest_configure(config):
             try:
                 report.check_writable(path)
             except OSError as e:
-                raise pytest.UsageError(f"--fidbench-report {path}: cannot write the report there ({e.strerror or e})") from None
+                raise pytest.UsageError(f"--fidbench-report {path}: cannot write the report there "
+                                        f"({e.strerror or e})") from None
         config.pluginmanager.register(Reporter(config), "fidbench-reporter")
 
 
