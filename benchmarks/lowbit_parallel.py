@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     s = suite.load(args.config)
-    bench = Bench(s, limit=args.limit, progress=lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
+    bench = Bench(s, limit=args.limit,
+                  progress=lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
     loaded = bench.load(s.models[0])
     refs = [r for r in loaded.references if r is not None]
     rows = []
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
                 agree += int((logits["parallel"].argmax(-1) == logits["stepwise"].argmax(-1)).sum())
                 total += logits["parallel"].shape[0]
         row = {"method": name, "prompts": len(refs), "tokens": sum(len(r.g_ids) for r in refs),
-               "stepwise_decode_s": seconds["stepwise"] / args.repeats, "parallel_decode_s": seconds["parallel"] / args.repeats,
+               "stepwise_decode_s": seconds["stepwise"] / args.repeats,
+               "parallel_decode_s": seconds["parallel"] / args.repeats,
                "speedup": seconds["stepwise"] / seconds["parallel"], "argmax_agreement": agree / total}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -330,7 +330,8 @@ def save(path: Path, records: list[dict]) -> None:
 
 
 def table(records: list[dict]) -> str:
-    head = ["target", "case", "baseline", "ours s", "baseline s", "ratio", "argmax agree", "peak MB (ours / base)", "target met"]
+    head = ["target", "case", "baseline", "ours s", "baseline s", "ratio", "argmax agree", "peak MB (ours / base)",
+            "target met"]
     rows = []
     for r in records:
         peak = f"{r['peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}" if r.get("baseline_peak_rss_mb") else ""
@@ -384,12 +385,15 @@ def target1(s: Setup, rec: Recorder, notes: list[str]) -> None:
                         runs["forwards"].append(measure(device, forwards))
                     with method.apply(model, s.loaded) as m:
                         if parallel:
-                            def ours():
+                            def ours(m=m, method=method):
                                 forced = engine.teacher_force(m, method, p_ids, ref.g_ids, "parallel")
                                 metrics.score(forced.logits, ref)
                                 return forced
                             runs["ours"].append(measure(device, ours))
-                        runs["step"].append(measure(device, lambda: engine.teacher_force(m, method, p_ids, ref.g_ids, "stepwise")))
+
+                        def step(m=m, method=method):
+                            return engine.teacher_force(m, method, p_ids, ref.g_ids, "stepwise")
+                        runs["step"].append(measure(device, step))
                     if r:  # the first repeat's logits give the agreement; later ones would only fill memory
                         for x in runs["bare"][-1:] + runs["forwards"][-1:]:
                             x.out = None
@@ -531,7 +535,8 @@ def target4(s: Setup, rec: Recorder, notes: list[str]) -> None:
         notes.append(f"target 4: the second process generated {r['generated']} references (should be 0)")
     case = f"second process, suite limit {a.suite_limit} ({r['prompts']} prompts)"
     rec.add(4, "origin", case, "forward", r["total_s"] - r["forward_s"], r["total_s"], total_s=r["total_s"],
-            forward_s=r["forward_s"], generated=r["generated"], first_run_generated=runs[0]["generated"], load_s=r["load_s"])
+            forward_s=r["forward_s"], generated=r["generated"], first_run_generated=runs[0]["generated"],
+            load_s=r["load_s"])
     first, second = (t["prefill_s"] + t["decode_s"] for t in r["timings"])
     rec.add(4, "origin", "first case of a fresh process (prefill + decode)", "second case", first, second,
             timing=r["timings"])
@@ -602,40 +607,47 @@ def profile(s: Setup) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
         with torch_profile(activities=activities) as prof:
             metrics.score(engine.teacher_force(model, method, p_ids, ref.g_ids, mode).logits, ref)
-    print(f"{a.profile} ({mode}), {len(p_ids)}+{len(ref.g_ids)} tokens, medians of 3: one bare forward {bare.seconds:.3f}s; "
-          f"the engine's two bare model calls {two.seconds:.3f}s (host {two.host_s:.3f}s); teacher_force "
-          f"{forced.seconds:.3f}s (prefill {forced.out.prefill_s:.3f}s, decode {forced.out.decode_s:.3f}s, "
-          f"host {forced.host_s:.3f}s); metrics.score {scored.seconds:.3f}s")
+    print(f"{a.profile} ({mode}), {len(p_ids)}+{len(ref.g_ids)} tokens, medians of 3: "
+          f"one bare forward {bare.seconds:.3f}s; the engine's two bare model calls {two.seconds:.3f}s "
+          f"(host {two.host_s:.3f}s); teacher_force {forced.seconds:.3f}s (prefill {forced.out.prefill_s:.3f}s, "
+          f"decode {forced.out.decode_s:.3f}s, host {forced.host_s:.3f}s); metrics.score {scored.seconds:.3f}s")
     print(prof.key_averages().table(sort_by=f"self_{'device' if device.startswith('cuda') else 'cpu'}_time_total",
                                     row_limit=20), flush=True)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", help="comma-separated targets to run (default: all, none with --profile)")
     p.add_argument("--methods", help="comma-separated methods of every target (default: target 1 --engine-methods, "
                    "2-3 every registered one)")
     p.add_argument("--engine-methods", default=",".join(ENGINE_METHODS), help="target 1's default methods")
     p.add_argument("--skip", default="", help="comma-separated methods left out of every target")
     p.add_argument("--quick", action="store_true", help="one repeat, a 2,000-token long prompt, one prompt per dataset")
-    p.add_argument("--repeats", type=int, default=5, help="repeats side by side; the median-ratio pair is reported (default 5)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="repeats side by side; the median-ratio pair is reported (default 5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(models.DTYPES), help="default fp32")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or model directory")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="instead of --model: a random-weight Llama of Llama-3.1-8B's "
-                   "(8b), Llama-3.2-3B's (3b) or -1B's (1b) shape built in place; tiny: a test aid")
-    p.add_argument("--tokenizer", help="--shape's tokenizer: a directory or embedded name (default: the default model's)")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="instead of --model: a random-weight Llama of Llama-3.1-8B's (8b), Llama-3.2-3B's (3b) "
+                   "or -1B's (1b) shape built in place; tiny: a test aid")
+    p.add_argument("--tokenizer",
+                   help="--shape's tokenizer: a directory or embedded name (default: the default model's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-tokens", type=int, default=1024, help="targets 1-2 prompt length (default 1024)")
     p.add_argument("--reference-tokens", type=int, default=128, help="target 1 reference length (default 128)")
     p.add_argument("--long-tokens", type=int, default=8000, help="target 3 prompt length (default 8000)")
     p.add_argument("--long-reference-tokens", type=int, default=8, help="target 3 reference length (default 8)")
-    p.add_argument("--suite-limit", type=int, default=2, help="target 4: prompts per dataset of fidbench.yaml (default 2)")
-    p.add_argument("--time-box", type=float, help="seconds a method may take per target before it is stopped with a note")
+    p.add_argument("--suite-limit", type=int, default=2,
+                   help="target 4: prompts per dataset of fidbench.yaml (default 2)")
+    p.add_argument("--time-box", type=float,
+                   help="seconds a method may take per target before it is stopped with a note")
     p.add_argument("--profile", metavar="METHOD", help="profile target 1's case for METHOD with torch.profiler first")
     p.add_argument("--out", type=Path, default=OUT, help="results file (default benchmarks/last.json)")
     p.add_argument("--show", action="store_true", help="print the tables of the results file and exit")
-    p.add_argument("--merge", type=Path, metavar="JSON", help="merge another run's --out file into the results file and exit")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="merge another run's --out file into the results file and exit")
     p.add_argument("--child", choices=["long", "suite"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -672,7 +684,8 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else \
         f"cpu ({torch.get_num_threads()} threads)"
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    print(f"fidbench benchmark on {device}, {a.dtype}, {s.loaded.spec.name}, {a.repeats} repeat(s): {command}", flush=True)
+    print(f"fidbench benchmark on {device}, {a.dtype}, {s.loaded.spec.name}, {a.repeats} repeat(s): {command}",
+          flush=True)
     rec = Recorder(a, {"device": device, "dtype": a.dtype, "model": s.loaded.spec.name, "repeats": a.repeats,
                        "quick": a.quick, "command": command})
     notes: list[str] = []

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -54,7 +55,7 @@ class AttentionCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
     memo: dict | None = None  # a recorded prefill call's (fidbench.prefill): what ``once`` computed on it
     # In a stack (fidbench.methods.stack): the later members, handed what ``dense`` is asked to attend.
-    then: Callable[["AttentionCall"], torch.Tensor] | None = None
+    then: Callable[[AttentionCall], torch.Tensor] | None = None
 
     def once(self, key, compute):
         """``compute(self)``, a statistic of this call that no parameter of the method changes (give them
@@ -77,7 +78,8 @@ class AttentionCall:
 
     @property
     def sliding_window(self) -> int | None:
-        """The layer's window if it is a sliding-window layer (as the model passes it to attention functions), else None."""
+        """The layer's window if it is a sliding-window layer (as the model passes it to attention functions),
+        else None."""
         return self.kwargs.get("sliding_window")
 
     def query_positions(self) -> torch.Tensor:
@@ -162,7 +164,8 @@ class AttentionCall:
         rows = query.shape[2]
         if mask is None or rows <= DENSE_ROWS or mask.shape[-2] != rows:
             return sdpa(self.module, query, key, value, mask, **self.kwargs)[0]
-        parts = [sdpa(self.module, query[:, :, i : i + DENSE_ROWS], key, value, mask[..., i : i + DENSE_ROWS, :], **self.kwargs)[0]
+        parts = [sdpa(self.module, query[:, :, i : i + DENSE_ROWS], key, value, mask[..., i : i + DENSE_ROWS, :],
+                      **self.kwargs)[0]
                  for i in range(0, rows, DENSE_ROWS)]
         return torch.cat(parts, dim=1)  # transformers' output layout: (batch, queries, heads, dim)
 

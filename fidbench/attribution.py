@@ -1,4 +1,4 @@
-"""A stack's loss, attributed to its members (issue 27): for each member, the stack against that member alone
+"""A stack's loss, attributed to its members: for each member, the stack against that member alone
 (what the other members add to it) and against the stack without it (leave-one-out: what the member costs
 inside the stack), as paired changes over the prompts both cases scored, with bootstrap intervals
 (``stats.paired``).

@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         description=runs.__doc__,
     )
     imp.add_argument("dir", type=Path, help="the original scripts' directory (holding runs/) or the runs directory")
-    imp.add_argument("-o", "--output", type=Path, default=Path("fidbench.yaml"), help="suite file to write (default: fidbench.yaml)")
+    imp.add_argument("-o", "--output", type=Path, default=Path("fidbench.yaml"),
+                     help="suite file to write (default: fidbench.yaml)")
     imp.add_argument("--datasets", nargs="+", type=_dataset, metavar="[NAME=]PATH",
                      help="conversation JSONL files to evaluate on (default: the datasets of fidbench's default suite)")
     imp.add_argument("--force", action="store_true", help="overwrite the output file if it exists")

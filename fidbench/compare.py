@@ -108,8 +108,8 @@ def compare(base: dict, new: dict, names: tuple[str, str] = ("base", "new"), all
     common = [case_id for case_id in base_cases if case_id in new_cases]
     if not common:
         raise CompareError(f"no case is in both {names[0]} and {names[1]}")
-    measured = {m for r in (*base_cases.values(), *new_cases.values()) for s in r.get("samples") or [] for m in stats.FREE
-                if s.get(m) is not None}
+    measured = {m for r in (*base_cases.values(), *new_cases.values()) for s in r.get("samples") or []
+                for m in stats.FREE if s.get(m) is not None}
     unmeasured = [m for m in gates if m in stats.FREE and m not in measured]
     if unmeasured:
         raise CompareError(f"{', '.join(unmeasured)} cannot be gated: no case of either report has it (free-running "

@@ -192,7 +192,7 @@ def run(suite: Suite, variants: list[str], param: str, low: float, high: float, 
         if integer:
             ends = (int(ends[0]), int(ends[1]))
 
-        def search(samples_of):
+        def search(samples_of, ends=ends, integer=integer, probe=probe):
             s = Search(ends[0], ends[1], tolerance, floors, level, integer, grid)
             return s.run(lambda v: samples_of(probe(v)))
 

@@ -120,7 +120,8 @@ class Bench:
         for ds in self.suite.datasets:
             # --fidbench-limit shortens what is scored; a calibration-only set keeps the size its methods ask for
             for p in datasets.load(ds, tok, self.limit if ds.scored else None, vocab, max_length):
-                (prompts if ds.scored else unscored).append(datasets.fit(p, max_length, self.max_new_tokens, spec.overlong))
+                fitted = datasets.fit(p, max_length, self.max_new_tokens, spec.overlong)
+                (prompts if ds.scored else unscored).append(fitted)
         keys = {"eos_ids": eos_ids(model, tok), "device": models.device_key(model)}
         store = Store(models.cache_root(), spec.name, fp, self.max_new_tokens, self.batch_size, **keys)
         live = [p for p in prompts if p.skipped is None]

@@ -223,7 +223,8 @@ class LockFile(_Lock):
             if not _alive(h["pid"]):
                 return f"its holder, {_describe(h)}, has exited"
         if age > stale_after():
-            return f"its holder, {_describe(h)}, has not touched it for {age:.0f} s (FIDBENCH_LOCK_STALE={stale_after():g})"
+            return (f"its holder, {_describe(h)}, has not touched it for {age:.0f} s "
+                    f"(FIDBENCH_LOCK_STALE={stale_after():g})")
         return None
 
     def acquire(self, timeout: float) -> None:
@@ -231,7 +232,8 @@ class LockFile(_Lock):
         while not self._try():
             reason = self.stale()
             if reason is not None:
-                warnings.warn(f"fidbench: broke the stale {self.label} {self.path}: {reason}", LockWarning, stacklevel=2)
+                warnings.warn(f"fidbench: broke the stale {self.label} {self.path}: {reason}", LockWarning,
+                              stacklevel=2)
                 self.path.unlink(missing_ok=True)
                 continue
             if time.monotonic() >= deadline:

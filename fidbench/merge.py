@@ -55,7 +55,7 @@ def _shards(docs: dict[str, dict]) -> tuple[dict | None, list[str]]:
         return None, []
     counts = sorted({n for _, n in seen})
     unsharded = [name for name, doc in docs.items()
-                 if not ({"shard", "shards"} & set((doc.get("settings") or {})))]
+                 if not ({"shard", "shards"} & set(doc.get("settings") or {}))]
     differ = []
     if len(counts) > 1:
         differ.append("shard counts: " + ", ".join(f"{i}/{n} in {name}" for (i, n), name in seen.items()))

@@ -74,12 +74,12 @@ class PartialScores:
 
     n_tokens: int
     values: dict
-    heads: list["PartialScores"] | None = None  # each of the method's own predictors (Medusa heads), scored alike
+    heads: list[PartialScores] | None = None  # each of the method's own predictors (Medusa heads), scored alike
     non_finite: int = 0  # positions where the method's own logits held NaN or inf (its scores are then not faithful)
     first_non_finite: int | None = None
 
     @classmethod
-    def of(cls, scores: dict, who: str, nested: bool = False) -> "PartialScores":
+    def of(cls, scores: dict, who: str, nested: bool = False) -> PartialScores:
         """Check a method's ``score_sample`` result: ``n_tokens``, known metrics, each a finite number in its
         range (``floor_range``), optionally ``heads``, a list of such results (without heads of their own), one
         per predictor, and ``non_finite`` / ``first_non_finite``: how many positions of the logits it scored
@@ -99,9 +99,11 @@ class PartialScores:
             raise ValueError(f"{who}: score_sample must give n_tokens, a count of scored positions, got {n_tokens!r}")
         unknown = sorted(set(values) - _SCALARS)
         if unknown:
-            raise ValueError(f"{who}: score_sample gave unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(_SCALARS))}")
+            raise ValueError(f"{who}: score_sample gave unknown metric(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(_SCALARS))}")
         for metric, value in sorted(values.items()):
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and math.isfinite(value)):
                 raise ValueError(f"{who}: score_sample gave {metric} = {value!r}, not a finite number")
             low, high = floor_range(metric)
             if value is not None and not low <= value <= high:

@@ -20,7 +20,8 @@ case. Statistics a method derives from a call independently of its own parameter
 column sums) are computed once per recorded call (``AttentionCall.once``).
 
 Records live in memory with the loaded model (on its device), up to ``Prefills.max_bytes``: the
-query, key and value of every layer (447 MB for a 3,880-token prompt of the default model in float32). Prompts beyond the cap are prefilled live by every case, as without sharing.
+query, key and value of every layer (447 MB for a 3,880-token prompt of the default model in float32). Prompts
+beyond the cap are prefilled live by every case, as without sharing.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Reference:
     rest_logp: torch.Tensor  # (N,) float32: log of the base's mass outside its top-K (-inf if none)
 
     @classmethod
-    def from_logits(cls, p_ids, g_ids, logits: torch.Tensor) -> "Reference":
+    def from_logits(cls, p_ids, g_ids, logits: torch.Tensor) -> Reference:
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = logp.topk(TOP_K, dim=-1)
         gold = logp.gather(1, torch.tensor(g_ids, device=logp.device)[:, None])[:, 0]
@@ -99,7 +99,8 @@ def greedy(model, p_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> t
 
 
 @torch.inference_mode()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[tuple[list[int], torch.Tensor]]:
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
+                 eos_ids: set[int]) -> list[tuple[list[int], torch.Tensor]]:
     """``greedy`` for several prompts in one batch: left padding, an attention mask, position ids from the mask.
 
     Padded positions are masked out, so the result is ``greedy``'s up to fp32 summation order (the
@@ -113,7 +114,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
     ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = engine.call_model(model, None, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    logits, cache = engine.call_model(model, None, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      logits_to_keep=1)
     tokens: list[list[int]] = [[] for _ in prompts]
     rows: list[list[torch.Tensor]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -40,7 +40,8 @@ def parse():
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--limit", type=int, default=2, help="prompts per dataset")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--datasets", default=None, help="comma-separated datasets of fidbench.yaml (default: all it scores)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated datasets of fidbench.yaml (default: all it scores)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--min-agreement", type=float, default=0.9, help="parallel vs stepwise argmax agreement floor")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new case after this many seconds")
@@ -109,7 +110,8 @@ def main() -> int:
                 par, step = runs["parallel"][0], runs["stepwise"][0]
                 agreement = float(torch.cat([a == b for a, b in zip(par, step)]).double().mean())
                 if agreement < args.min_agreement:
-                    failures.append(f"{name} on {device}: parallel/stepwise argmax agreement {agreement:.4f} < {args.min_agreement}")
+                    failures.append(f"{name} on {device}: parallel/stepwise argmax agreement {agreement:.4f} "
+                                    f"< {args.min_agreement}")
             for mode, (_, record, r) in runs.items():
                 row = {"placement": device, "method": name, "params": params, "mode": mode, **r,
                        "parallel_stepwise_agreement": agreement, "kept": record["kept"]}

@@ -96,7 +96,8 @@ def word_tokenizer(vocab_size: int = TINY["vocab_size"], swap: bool = False):
     return fast
 
 
-def save_tiny(path: Path, family: str = "llama", tokenizer=None, seed: int = 0, eos: int | None = None, **overrides) -> Path:
+def save_tiny(path: Path, family: str = "llama", tokenizer=None, seed: int = 0, eos: int | None = None,
+              **overrides) -> Path:
     """A tiny checkpoint directory (model + tokenizer, BPE by default) that fidbench loads like any HF model."""
     model = tiny_model(family, seed=seed, **overrides)
     if eos is not None:
@@ -179,7 +180,8 @@ def reference(model, p_ids: list[int], n: int = 24) -> Reference:
 def calibration(n: int = 6, length: int = 24) -> Loaded:
     """A harness context whose suite holds one dataset, "chat", of random prompts (for gptq / wanda)."""
     g = torch.Generator().manual_seed(7)
-    prompts = [Prompt("chat", i, torch.randint(0, TINY["vocab_size"], (length,), generator=g).tolist()) for i in range(n)]
+    prompts = [Prompt("chat", i, torch.randint(0, TINY["vocab_size"], (length,), generator=g).tolist())
+               for i in range(n)]
     return Loaded(None, None, None, "", prompts, [None] * n)
 
 

@@ -18,7 +18,8 @@ def test_sliced_masked_prefill_equals_one_sdpa_call(tiny, prompt, monkeypatch):
     whole = logits()
     calls = []
     real = attention.ALL_ATTENTION_FUNCTIONS["sdpa"]
-    monkeypatch.setitem(attention.ALL_ATTENTION_FUNCTIONS, "sdpa", lambda m, q, *a, **kw: calls.append(q.shape[2]) or real(m, q, *a, **kw))
+    monkeypatch.setitem(attention.ALL_ATTENTION_FUNCTIONS, "sdpa",
+                        lambda m, q, *a, **kw: calls.append(q.shape[2]) or real(m, q, *a, **kw))
     monkeypatch.setattr(attention, "DENSE_ROWS", 16)
     sliced = logits()
     layers = tiny.config.num_hidden_layers

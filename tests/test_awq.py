@@ -107,7 +107,7 @@ def test_groups_follow_the_inputs_each_linear_reads():
         model = tiny_model(family)
         layer = weights.decoder_layers(model)[0]
         inputs = {}
-        hooks = [lin.register_forward_hook(lambda m, a, o: inputs.setdefault(m, []).append(a[0]))
+        hooks = [lin.register_forward_hook(lambda m, a, o, inputs=inputs: inputs.setdefault(m, []).append(a[0]))
                  for lin in weights.linears(layer)]
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))

@@ -23,7 +23,8 @@ def prompts(seed: int) -> list[list[int]]:
 def test_batched_greedy_matches_batch_one_up_to_near_ties(family, seed):
     model, ps = tiny_model(family, seed=seed), prompts(seed)
     ones = [reference.greedy(model, p, NEW_TOKENS, set()) for p in ps]
-    batched = [out for i in range(0, N_PROMPTS, BATCH) for out in reference.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
+    batched = [out for i in range(0, N_PROMPTS, BATCH)
+               for out in reference.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
     flipped = 0
     for (g1, l1), (gb, lb) in zip(ones, batched):
         agree = next((t for t, (a, b) in enumerate(zip(g1, gb)) if a != b), len(g1))
@@ -54,7 +55,8 @@ def test_store_batches_generation_under_its_own_key(cache, monkeypatch):
     one = Store(cache, "tiny", "f" * 64, 8)
     four = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
     calls, real = [], reference.greedy_batch
-    monkeypatch.setattr(reference, "greedy_batch", lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
+    monkeypatch.setattr(reference, "greedy_batch",
+                        lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
     batched = four.get(model, ps, progress=False)
     lengths = sorted(len(p.p_ids) for p in ps)
     assert calls == [lengths[:4], lengths[4:]] and four.generated == 6  # batches of similar lengths

@@ -62,7 +62,8 @@ def test_every_target_writes_its_records(tmp_path, cache):
     assert [r for r in again if r["target"] == 4] == [r for r in records if r["target"] == 4]
     assert [r["ours_s"] for r in again if r["method"] == "origin" and r["target"] == 1] != [
         r["ours_s"] for r in records if r["method"] == "origin" and r["target"] == 1]
-    show = subprocess.run([sys.executable, str(RUN), "--show", "--out", str(out)], capture_output=True, text=True, check=True)
+    show = subprocess.run([sys.executable, str(RUN), "--show", "--out", str(out)], capture_output=True, text=True,
+                          check=True)
     assert "| target |" in show.stdout and "origin: decode 8 tokens" in show.stdout
 
 

@@ -40,7 +40,8 @@ def test_checkpoint_vocabulary_mismatches_are_clear_errors(tmp_path, cache):
     base = save_words(tmp_path / "base", "llama")
     bigger = save_words(tmp_path / "bigger", "llama", vocab_size=TINY["vocab_size"] + 2, tokenizer=word_tokenizer())
     swapped = save_words(tmp_path / "swapped", "llama", tokenizer=word_tokenizer(swap=True))
-    with pytest.raises(ValueError, match=f"vocab_size {TINY['vocab_size'] + 2}, the base model 'tiny' has {TINY['vocab_size']}"):
+    message = f"vocab_size {TINY['vocab_size'] + 2}, the base model 'tiny' has {TINY['vocab_size']}"
+    with pytest.raises(ValueError, match=message):
         run_all(tmp_path, base, {"bigger": {"method": "checkpoint", "path": str(bigger)}})
     with pytest.raises(ValueError, match=r"maps tokens to other ids .*2 differ.*'cat'"):
         run_all(tmp_path, base, {"swapped": {"method": "checkpoint", "path": str(swapped)}})

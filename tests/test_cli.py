@@ -48,7 +48,7 @@ def test_methods_lists_every_method_with_its_parameters_and_defaults(capsys):
     out = capsys.readouterr().out
     for name, cls in REGISTRY.items():
         assert f"{name}  (" in out and cls.description in out
-        assert len(cls.defaults_from) > 20 and f"    defaults from: {cls.defaults_from}\n" in out  # issue 29
+        assert len(cls.defaults_from) > 20 and f"    defaults from: {cls.defaults_from}\n" in out  # a real source
         for field in dataclasses.fields(cls):
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             assert f"    {field.name}: " in out and f"= {default!r}" in out
@@ -88,7 +88,8 @@ def test_import_runs_merges_identical_configs_and_takes_datasets(scripts, tmp_pa
     data.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
     out = tmp_path / "out" / "suite.yaml"
     out.parent.mkdir()
-    assert cli.main(["import-runs", str(scripts / "runs"), "-o", str(out), "--datasets", f"chat={data}", str(data)]) == 0
+    assert cli.main(["import-runs", str(scripts / "runs"), "-o", str(out), "--datasets", f"chat={data}",
+                     str(data)]) == 0
     suite = load(out)
     assert len(suite.variants) == 5  # topk-qwen has topk-llama's config: one variant
     assert [(d.name, d.path) for d in suite.datasets] == [("chat", data), ("mine", data)]
@@ -158,7 +159,8 @@ def _case(case_id: str, acc1: float, failures: list) -> dict:
 
 def test_report_prints_a_saved_report(tmp_path, capsys):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"environment": {}, "cases": [_case("m-origin", 1.0, []), _case("m-topk", 0.75, ["acc1"])]}))
+    cases = [_case("m-origin", 1.0, []), _case("m-topk", 0.75, ["acc1"])]
+    path.write_text(json.dumps({"environment": {}, "cases": cases}))
     assert cli.main(["report", str(path)]) == 0
     text = capsys.readouterr().out.splitlines()
     # per-dataset rows for datasets with tokens, then the overall row with the verdict
@@ -198,11 +200,13 @@ def test_environment_names_the_commit_and_uncommitted_changes(tmp_path, monkeypa
 
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.pop("kept"), "cases[1].kept: missing"),
-    (lambda c: c.update(scores={**c["scores"], "acc1": "0.9"}), 'cases[1].scores.acc1: expected a number or null, got "0.9"'),
+    (lambda c: c.update(scores={**c["scores"], "acc1": "0.9"}),
+     'cases[1].scores.acc1: expected a number or null, got "0.9"'),
     (lambda c: c["datasets"].update(code=[1]), "cases[1].datasets.code: expected an object of scores, got [1]"),
     (lambda c: c.update(failures="acc1"), 'cases[1].failures: expected a list of strings, got "acc1"'),
     (lambda c: c["timing"].pop("decode_s"), "cases[1].timing.decode_s: missing"),
-    (lambda c: c.update(outcome="great"), 'cases[1].outcome: expected passed or failed or error or skipped, got "great"'),
+    (lambda c: c.update(outcome="great"),
+     'cases[1].outcome: expected passed or failed or error or skipped, got "great"'),
     (lambda c: c.update(id=5), "cases[1].id: expected a string, got 5"),
 ])
 def test_report_names_the_file_and_the_field_of_a_malformed_report(tmp_path, capsys, change, message):

@@ -25,11 +25,13 @@ def conv(*turns):
 
 
 def test_chat_template_renders_multi_turn(tmp_path, tok):
-    spec = write(tmp_path, [conv(("user", "hello")), conv(("system", "be brief"), ("user", "a"), ("assistant", "b"), ("user", "c"))])
+    spec = write(tmp_path, [conv(("user", "hello")),
+                            conv(("system", "be brief"), ("user", "a"), ("assistant", "b"), ("user", "c"))])
     prompts = load(spec, tok)
     assert [p.template for p in prompts] == ["chat", "chat"]
     text = tok.decode(prompts[1].p_ids)
-    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\na<|im_end|>\n"
+                    "<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_fallback_template_for_tokenizers_without_one(tmp_path):

@@ -10,7 +10,8 @@ from fidbench import models
 
 
 def test_missing_package_names_the_install_command():
-    spec = models.Embedded("fidbench-no-such-package", "1.0", "x.gguf", "llama", install="pip install fidbench-no-such-package==1.0")
+    spec = models.Embedded("fidbench-no-such-package", "1.0", "x.gguf", "llama",
+                           install="pip install fidbench-no-such-package==1.0")
     with pytest.raises(RuntimeError, match=r"fidbench-no-such-package: pip install fidbench-no-such-package==1\.0"):
         with spec.gguf_path(Path("/nonexistent")):
             pass
@@ -25,7 +26,8 @@ def test_assembled_gguf_is_yielded_then_removed(tmp_path, monkeypatch):
         return path
 
     monkeypatch.setitem(sys.modules, "fake_parts", types.SimpleNamespace(assemble=assemble))
-    spec = models.Embedded("pytest", "any", "model.gguf", "gemma3_text", install="pip install pytest", assemble="fake_parts")
+    spec = models.Embedded("pytest", "any", "model.gguf", "gemma3_text", install="pip install pytest",
+                           assemble="fake_parts")
     scratch = tmp_path / "scratch"
     with spec.gguf_path(scratch) as gguf:
         assert gguf == scratch / "model.gguf" and gguf.read_bytes() == b"GGUF"

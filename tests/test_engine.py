@@ -104,7 +104,8 @@ class FakeEvent:
 def test_gpu_phases_are_timed_with_events_read_once_after_the_sample(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("the host waited for the GPU inside a sample"))
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda *a: pytest.fail("the host waited for the GPU inside a sample"))
     clock = engine.Clock(torch.device("cuda"))
     for _ in range(3):
         clock.mark()
@@ -117,7 +118,8 @@ def test_gpu_phases_are_timed_with_events_read_once_after_the_sample(monkeypatch
 def test_warm_up_shapes_runs_each_distinct_prompt_and_reference_length_once(tiny):
     samples = [reference(tiny, random_ids(p, seed), n) for p, n, seed in [(5, 3, 1), (7, 1, 2), (5, 3, 3), (5, 4, 4)]]
     calls = []
-    tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                   with_kwargs=True)
     engine.warm_up_shapes(tiny, samples)
     assert calls == [5, 2, 7, 5, 3]  # (5, 3) once; a one-token reference needs no decode
     assert engine.plans_per_shape(torch.device("cuda")) and not engine.plans_per_shape(torch.device("cpu"))
@@ -125,6 +127,7 @@ def test_warm_up_shapes_runs_each_distinct_prompt_and_reference_length_once(tiny
 
 def test_warm_up_runs_a_prefill_a_decode_and_a_step(tiny):
     calls = []
-    tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    tiny.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                   with_kwargs=True)
     engine.warm_up(tiny)
     assert calls == [engine.WARM_UP_TOKENS, 4, 1]

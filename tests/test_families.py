@@ -81,8 +81,10 @@ def test_every_method_declares_matrix_parameters():
 
 
 def _cases(kind: str):
-    """(method, family) pairs of the matrix with ``kind`` parameters; methods without an entry are kept so that they fail."""
-    names = [m for m in sorted(REGISTRY) if REGISTRY[m].test_params.get(kind, {}) is not None and "covered_by" not in REGISTRY[m].test_params]
+    """(method, family) pairs of the matrix with ``kind`` parameters; methods without an entry are kept so that they
+    fail."""
+    names = [m for m in sorted(REGISTRY)
+             if REGISTRY[m].test_params.get(kind, {}) is not None and "covered_by" not in REGISTRY[m].test_params]
     return [pytest.param(m, f, id=f"{m}-{f}") for m in names for f in sorted(FAMILIES)]
 
 

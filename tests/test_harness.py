@@ -106,8 +106,9 @@ def test_continued_calibration_appends_the_base_greedy_continuation_generated_on
 def test_every_calibrated_method_calibrates_on_continuations_when_asked(tmp_path, checkpoint, cache, method):
     (tmp_path / "calib.jsonl").write_text((ROOT / "data" / "train.jsonl").read_text())
     params = {"gptq": "bits: 4", "awq": "bits: 4", "wanda": "sparsity: 0.5", "sparsegpt": "sparsity: 0.5"}[method]
-    methods = "methods:\n" + "".join(f"  {name}: {{method: {method}, {params}, dataset: calib, samples: 2, continued: {c}}}\n"
-                                     for name, c in (("p", "false"), ("c", "true")))
+    methods = "methods:\n" + "".join(
+        f"  {name}: {{method: {method}, {params}, dataset: calib, samples: 2, continued: {c}}}\n"
+        for name, c in (("p", "false"), ("c", "true")))
     s = suite(tmp_path, checkpoint, datasets={"mixed": "mixed.jsonl", "calib": {"path": "calib.jsonl", "score": False}},
               methods=methods)
     bench = Bench(s, limit=1, progress=False)
@@ -182,7 +183,8 @@ def test_a_model_that_cannot_be_set_up_is_tried_once(tmp_path, checkpoint, cache
         bench.load(s.models[0], "tiny-origin")
     with pytest.raises(SetupError) as e:
         bench.load(s.models[0], "tiny-other")
-    assert str(e.value) == f"model 'tiny' could not be set up (see tiny-origin): DatasetError: {tmp_path / 'empty.jsonl'}: no prompts"
+    assert str(e.value) == (f"model 'tiny' could not be set up (see tiny-origin): DatasetError: "
+                            f"{tmp_path / 'empty.jsonl'}: no prompts")
     assert len(calls) == 1
 
 

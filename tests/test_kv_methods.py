@@ -201,17 +201,19 @@ def test_knorm_keeps_the_smallest_keys(tiny, ids):
     for layer, keep in method.keep.items():
         norms = cache.layers[layer].keys.norm(dim=-1)[0]  # (kv_heads, prompt)
         for head in range(norms.shape[0]):
-            # <=: qwen3's QK-norm (untrained, unit weights) gives every key nearly the same norm; ties may go either way.
+            # <=: qwen3's QK-norm (untrained, unit weights) gives every key nearly the same norm; ties may go either
+            # way.
             assert norms[head][keep[0, head]].max() <= norms[head][~keep[0, head]].min()
 
 
 def test_random_is_seeded_per_sample(tiny, ids):
-    a, b, c = build("random", dict(budget=12, seed=1)), build("random", dict(budget=12, seed=1)), build("random", dict(budget=12, seed=2))
+    a, b, c = (build("random", dict(budget=12, seed=seed)) for seed in (1, 1, 2))
     for method in (a, b, c):
         run(tiny, method, ids)
     first = {layer: keep.clone() for layer, keep in a.keep.items()}
     run(tiny, a, ids)  # a second sample draws again from the seed
-    assert all(torch.equal(first[layer], a.keep[layer]) and torch.equal(a.keep[layer], b.keep[layer]) for layer in first)
+    assert all(torch.equal(first[layer], a.keep[layer]) and torch.equal(a.keep[layer], b.keep[layer])
+               for layer in first)
     assert not all(torch.equal(a.keep[layer], c.keep[layer]) for layer in first)
     assert not torch.equal(a.keep[0], a.keep[1])  # layers draw independently
 

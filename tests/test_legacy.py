@@ -124,7 +124,8 @@ def test_partial_scores_aggregate_token_weighted_and_floors_on_unmeasured_metric
     assert scores["acc1"] == 0.75 and scores["acc5"] == 0.875 and scores["n_tokens"] == 4
     assert scores["kl_mean"] is None and scores["nll_ratio"] is None
     assert metrics.check_floors(scores, {"acc1": 0.7}) == []
-    assert metrics.check_floors(scores, {"kl_mean": 0.1}) == ["kl_mean has a floor (0.1) but this method does not measure it"]
+    assert metrics.check_floors(scores, {"kl_mean": 0.1}) == [
+        "kl_mean has a floor (0.1) but this method does not measure it"]
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.PartialScores.of({"accuracy": 1.0, "n_tokens": 1}, "m")
     with pytest.raises(ValueError, match="n_tokens"):

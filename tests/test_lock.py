@@ -38,8 +38,8 @@ for _ in range(20):
 @pytest.mark.parametrize("kind", lock.KINDS)
 def test_two_processes_never_hold_the_lock_at_once(tmp_path, kind):
     env = {**os.environ, "FIDBENCH_LOCK": kind}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(ROOT / "fidbench" / "lock.py"), str(tmp_path)], env=env)
-             for _ in range(2)]
+    worker = [sys.executable, "-c", WORKER, str(ROOT / "fidbench" / "lock.py"), str(tmp_path)]
+    procs = [subprocess.Popen(worker, env=env) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     lines = (tmp_path / "log").read_text().split("\n")[:-1]
     assert len(lines) == 80 and len({line.split()[1] for line in lines}) == 2
@@ -92,7 +92,8 @@ def test_a_lock_file_of_another_host_is_broken_only_after_its_heartbeat_stops(tm
         held.acquire(0.3)
     assert held.who() == "pid 1 on elsewhere (since 2024-01-01 00:00:00)"
     monkeypatch.setenv("FIDBENCH_LOCK_STALE", "60")
-    with pytest.warns(lock.LockWarning, match="pid 1 on elsewhere .* has not touched it for 100 s .*FIDBENCH_LOCK_STALE=60"):
+    with pytest.warns(lock.LockWarning,
+                      match="pid 1 on elsewhere .* has not touched it for 100 s .*FIDBENCH_LOCK_STALE=60"):
         held.acquire(0)
     held.release()
 

@@ -3,7 +3,8 @@ when quantization is taken out, and small but real changes to a model's logits."
 
 import pytest
 import torch
-from helpers import FAMILIES, force, reference as base_reference, tiny_model
+from helpers import FAMILIES, force, tiny_model
+from helpers import reference as base_reference
 
 from fidbench import attention, engine
 from fidbench.methods import build
@@ -170,7 +171,7 @@ def test_sage_math_without_quantization_equals_dense_attention(q_len, kv_len, sm
 
 def test_sage_math_honours_a_per_head_mask():
     g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(1, 4, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((1, 4, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8)))
     mask = torch.rand(1, 4, 9, 9, generator=g) < 0.5
     mask[..., 0] = True  # every query sees at least one key
     expected = torch.nn.functional.scaled_dot_product_attention(
@@ -306,7 +307,8 @@ def test_sage_decode_row_is_a_one_query_call_over_the_keys_it_sees(v_fp8_max):
     """sage: a decode row equals sage_attention called with that one query over exactly its visible keys
     (a window in the middle of the call: blocks start at its first key, the mean is over it)."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g) + 2, torch.randn(1, 2, 30, 16, generator=g)
+    q, k, v = (torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g) + 2,
+               torch.randn(1, 2, 30, 16, generator=g))
     windows = [(5, 20), (6, 21), (0, 30)]
     visible = torch.zeros(1, 1, 3, 30, dtype=torch.bool)
     for row, (a, b) in enumerate(windows):
@@ -316,7 +318,7 @@ def test_sage_decode_row_is_a_one_query_call_over_the_keys_it_sees(v_fp8_max):
         alone = sage.sage_decode(q[:, :, row : row + 1], k[:, :, a:b], v[:, :, a:b],
                                  torch.ones(1, 1, 1, b - a, dtype=torch.bool), 0.25, block_k=8, v_fp8_max=v_fp8_max)
         call = sage.sage_attention(q[:, :, row : row + 1], k[:, :, a:b], v[:, :, a:b],
-                                   lambda s, t: torch.ones(1, 1, t - s, b - a, dtype=torch.bool), 0.25, block_k=8,
-                                   v_fp8_max=v_fp8_max)
+                                   lambda s, t, a=a, b=b: torch.ones(1, 1, t - s, b - a, dtype=torch.bool), 0.25,
+                                   block_k=8, v_fp8_max=v_fp8_max)
         torch.testing.assert_close(rows[:, :, row : row + 1], alone, atol=1e-6, rtol=0)
         torch.testing.assert_close(alone, call, atol=2e-3, rtol=0)  # float64 vs float32 K mean only

@@ -248,7 +248,7 @@ def test_heads_with_nan_weights_fail_the_case_as_non_finite_logits(tmp_path, tin
     bench, cases = suite_with(tmp_path, tiny_dir, {"medusa": {"path": str(path), "count_base": True,
                                                                    "floors": {"acc1": 0.4}}})
     record = bench.run(cases["medusa"])
-    assert record["scores"]["acc1"] >= 0.4  # the floor alone would pass (the pooled figure, as the issue met it)
+    assert record["scores"]["acc1"] >= 0.4  # the floor alone would pass (on the pooled figure it was set on)
     assert record["outcome"] == "failed" and record["non_finite"] == sum(s["n_tokens"] // 3 for s in record["samples"])
     assert record["samples"][0]["first_non_finite"] == 0
     assert record["failures"][0].startswith("method 'medusa' (variant 'medusa') gave non-finite logits (NaN or inf)")

@@ -30,13 +30,15 @@ def test_kl_is_exact_when_top_k_covers_the_vocabulary_and_a_lower_bound_otherwis
     base, method = torch.randn(6, TOP_K), torch.randn(6, TOP_K)
     g = base.argmax(-1).tolist()
     ref = ref_from(base, g)
-    full = torch.nn.functional.kl_div(method.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    full = torch.nn.functional.kl_div(method.log_softmax(-1), base.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
     s = metrics.score(method, ref)
     torch.testing.assert_close(s.kl, full.double(), atol=1e-6, rtol=1e-6)
 
     base, method = torch.randn(6, 4 * TOP_K) * 3, torch.randn(6, 4 * TOP_K) * 3
     ref = ref_from(base, base.argmax(-1).tolist())
-    full = torch.nn.functional.kl_div(method.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    full = torch.nn.functional.kl_div(method.log_softmax(-1), base.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
     s = metrics.score(method, ref)
     assert (s.kl <= full.double() + 1e-9).all() and (s.kl > 0).all()
 
@@ -69,8 +71,10 @@ def test_a_non_finite_score_never_passes_a_floor():
     scores = {"acc1": float("nan"), "kl_mean": float("nan"), "nll": float("inf"), "kl_max": float("-inf")}
     floors = {"acc1": 0.0, "kl_mean": 100.0, "nll": 100.0, "kl_max": 100.0}
     failures = metrics.check_floors(scores, floors)
-    assert failures == ["acc1 = nan is not a finite number (floor 0.0)", "kl_max = -inf is not a finite number (floor 100.0)",
-                        "kl_mean = nan is not a finite number (floor 100.0)", "nll = inf is not a finite number (floor 100.0)"]
+    assert failures == ["acc1 = nan is not a finite number (floor 0.0)",
+                        "kl_max = -inf is not a finite number (floor 100.0)",
+                        "kl_mean = nan is not a finite number (floor 100.0)",
+                        "nll = inf is not a finite number (floor 100.0)"]
 
 
 def test_a_method_scoring_itself_must_give_finite_numbers():

@@ -51,7 +51,7 @@ def test_text_dataset_loads_windows_with_the_model_max_length_by_default(tmp_pat
     assert [p.template for p in prompts] == ["text"] * len(prompts)
     assert [len(p.p_ids) for p in prompts] == [1, 20, 20, 20] and [len(p.g_ids) for p in prompts] == [39, 20, 20, 10]
     assert [t for p in prompts for t in p.g_ids] == ids[1:]
-    for p, (begin, first, end) in zip(prompts, windows(len(ids), 40, 20)):
+    for p, (begin, _, end) in zip(prompts, windows(len(ids), 40, 20)):
         assert p.p_ids + p.g_ids == ids[begin:end]
     assert len(datasets.load(DatasetSpec("t", path, "text"), tok, limit=2, max_length=40)) == 2
     with pytest.raises(DatasetError, match="window 64 exceeds the model's max_length 40"):

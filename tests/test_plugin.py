@@ -25,7 +25,8 @@ def project(pytester, checkpoints, monkeypatch):
 
 
 def ids(result):
-    return sorted(r.nodeid.split("[")[1].rstrip("]") for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call")
+    return sorted(r.nodeid.split("[")[1].rstrip("]")
+                  for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call")
 
 
 def test_cases_are_model_times_variant_and_k_selects_family_and_method(project):
@@ -67,7 +68,7 @@ def test_bad_suite_is_a_collection_error_naming_the_key(project, old, new, messa
     result = project.runpytest("--fidbench-quiet")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines([f"*{message}*"])
-    assert "Traceback" not in result.stdout.str() and "plugin.py" not in result.stdout.str()
+    assert "Traceback" not in result.stdout.str() and "pytest_plugin" not in result.stdout.str()
 
 
 def test_a_model_that_is_not_there_errors_its_own_cases_and_the_others_run(project):
@@ -95,7 +96,8 @@ def test_benchmark_json_holds_timings_and_scores(project, monkeypatch):
 
 @pytest.mark.slow
 def test_report_is_the_same_with_and_without_xdist(project):
-    project.runpytest_subprocess("--fidbench-quiet", "--fidbench-report", "serial.json", "-p", "no:randomly").assert_outcomes(passed=4)
+    serial = project.runpytest_subprocess("--fidbench-quiet", "--fidbench-report", "serial.json", "-p", "no:randomly")
+    serial.assert_outcomes(passed=4)
     result = project.runpytest_subprocess("--fidbench-quiet", "--fidbench-report", "xdist.json", "-n", "2")
     result.assert_outcomes(passed=4)
     serial = json.loads((project.path / "serial.json").read_text())
@@ -105,7 +107,8 @@ def test_report_is_the_same_with_and_without_xdist(project):
     assert [c["id"] for c in serial["cases"]] == [c["id"] for c in xdist["cases"]] == [
         "tiny-a-origin", "tiny-a-topk-10", "tiny-b-origin", "tiny-b-topk-10"]
     for a, b in zip(serial["cases"], xdist["cases"]):
-        assert {"id", "model", "method", "variant", "params", "scores", "datasets", "timing", "kept", "samples"} <= set(a)
+        assert {"id", "model", "method", "variant", "params", "scores", "datasets", "timing", "kept",
+                "samples"} <= set(a)
         assert a["scores"] == b["scores"] and a["samples"] == b["samples"]
     assert serial["cases"][1]["method"] == "topk" and serial["cases"][1]["params"] == {"keep": 0.1, "min_keep": 2}
     assert serial["cases"][0]["scores"]["acc1"] >= 0.9
@@ -166,11 +169,13 @@ def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail
         SMALL.replace("models:\n", "models:\n  tiny-short: {path: a, max_length: 8, overlong: skip}\n")
         + "  origin: {floors: {acc1: 0.9}}\n  nan: {method: checkpoint, path: nan, floors: {kl_mean: 10}}\n"
           "  broken: {method: checkpoint, path: nowhere}\n  skipme: {method: origin}\n")
-    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json", "-p", "no:cacheprovider")
+    result = small.runpytest("--fidbench-quiet", "--benchmark-disable", "--fidbench-report", "r.json",
+                             "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=5, skipped=2)
     cases = strict_json(small.path / "r.json")["cases"]  # strict JSON: no NaN
     outcomes = {c["id"]: (c["outcome"], c["error"]) for c in cases}
-    assert [c["id"] for c in cases] == [f"{m}-{v}" for m in ("tiny-short", "tiny-a") for v in ("origin", "nan", "broken", "skipme")]
+    assert [c["id"] for c in cases] == [f"{m}-{v}" for m in ("tiny-short", "tiny-a")
+                                        for v in ("origin", "nan", "broken", "skipme")]
     assert outcomes["tiny-a-origin"] == ("passed", None)
     assert outcomes["tiny-a-nan"] == ("failed", None)
     assert outcomes["tiny-a-skipme"] == outcomes["tiny-short-skipme"] == ("skipped", "skipped on purpose")
@@ -182,7 +187,8 @@ def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail
     assert nan["non_finite"] == 4 and nan["scores"]["kl_mean"] is None
     for case_id in ("tiny-short-origin", "tiny-short-nan"):  # every prompt skipped: fails, with the reason
         record = cases[[c["id"] for c in cases].index(case_id)]
-        assert record["outcome"] == "failed" and record["failures"][0].startswith("no prompt was scored: 1 skipped (prompt of ")
+        assert record["outcome"] == "failed"
+        assert record["failures"][0].startswith("no prompt was scored: 1 skipped (prompt of ")
     result.stdout.fnmatch_lines(["*tiny-a-nan: method 'checkpoint' (variant 'nan') gave non-finite logits*",
                                  "*fidbench results*"])
     result.stdout.fnmatch_lines(["fidbench: warning: model tiny-short: 1 of 1 prompts were not scored (overlong: "
@@ -192,15 +198,17 @@ def test_every_case_is_in_the_report_with_its_outcome_and_non_finite_logits_fail
     table = result.stdout.str().split("fidbench results")[1].split("short test summary info")[0]
     assert "nan" not in table.replace("tiny-a-nan", "").replace("tiny-short-nan", "")
     assert {line.split()[0]: line.split()[-1] for line in table.splitlines()[1:] if line.startswith("tiny-")} == {
-        "tiny-short-origin": "FAIL", "tiny-short-nan": "FAIL", "tiny-short-broken": "ERROR", "tiny-short-skipme": "SKIP",
+        "tiny-short-origin": "FAIL", "tiny-short-nan": "FAIL", "tiny-short-broken": "ERROR",
+        "tiny-short-skipme": "SKIP",
         "tiny-a-origin": "ok", "tiny-a-nan": "FAIL", "tiny-a-broken": "ERROR", "tiny-a-skipme": "SKIP"}
 
 
 @pytest.mark.parametrize("option", ["--benchmark-skip", "--benchmark-only", "--benchmark-disable"])
 def test_fidelity_cases_run_and_gate_whatever_pytest_benchmark_is_told(small, monkeypatch, option):
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # else pytest-benchmark, seeing xdist, refuses --benchmark-only
-    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {floors: {acc1: 0.9}}\n  strict: {method: topk, keep: 0.1,"
-                                                      " min_keep: 1, floors: {kl_mean: 0.0}}\n")
+    # else pytest-benchmark, seeing xdist, refuses --benchmark-only
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    strict = "  strict: {method: topk, keep: 0.1, min_keep: 1, floors: {kl_mean: 0.0}}\n"
+    (small.path / "fidbench.yaml").write_text(SMALL + "  origin: {floors: {acc1: 0.9}}\n" + strict)
     result = small.runpytest("--fidbench-quiet", option, "--fidbench-report", "r.json", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     assert [(c["id"], c["outcome"]) for c in strict_json(small.path / "r.json")["cases"]] == [
@@ -208,8 +216,8 @@ def test_fidelity_cases_run_and_gate_whatever_pytest_benchmark_is_told(small, mo
 
 
 def test_cases_a_stopped_session_never_ran_are_in_the_report(small):
-    (small.path / "fidbench.yaml").write_text(SMALL + "  strict: {method: topk, keep: 0.1, min_keep: 1, floors: {kl_mean: 0.0}}\n"
-                                                      "  origin: {}\n")
+    (small.path / "fidbench.yaml").write_text(SMALL + "  strict: {method: topk, keep: 0.1, min_keep: 1, "
+                                                      "floors: {kl_mean: 0.0}}\n  origin: {}\n")
     result = small.runpytest("--fidbench-quiet", "-x", "--benchmark-disable", "--fidbench-report", "r.json")
     result.assert_outcomes(failed=1)
     cases = strict_json(small.path / "r.json")["cases"]
@@ -218,12 +226,15 @@ def test_cases_a_stopped_session_never_ran_are_in_the_report(small):
 
 
 @pytest.mark.parametrize("args,env,message", [
-    (["--fidbench-max-new-tokens", "-5"], {}, "*argument --fidbench-max-new-tokens: must be a positive integer, got '-5'*"),
-    (["--fidbench-max-new-tokens", "0"], {}, "*argument --fidbench-max-new-tokens: must be a positive integer, got '0'*"),
+    (["--fidbench-max-new-tokens", "-5"], {},
+     "*argument --fidbench-max-new-tokens: must be a positive integer, got '-5'*"),
+    (["--fidbench-max-new-tokens", "0"], {},
+     "*argument --fidbench-max-new-tokens: must be a positive integer, got '0'*"),
     (["--fidbench-limit", "0"], {}, "*argument --fidbench-limit: must be a positive integer, got '0'*"),
     (["--fidbench-limit", "two"], {}, "*argument --fidbench-limit: must be a positive integer, got 'two'*"),
     (["--fidbench-batch-size", "-1"], {}, "*argument --fidbench-batch-size: must be a positive integer, got '-1'*"),
-    (["--fidbench-report", "no/such/dir/r.json"], {}, "*--fidbench-report no/such/dir/r.json: cannot write the report there*"),
+    (["--fidbench-report", "no/such/dir/r.json"], {},
+     "*--fidbench-report no/such/dir/r.json: cannot write the report there*"),
     (["--fidbench-report", "a"], {}, "*--fidbench-report a: cannot write the report there (a is a directory)*"),
     ([], {"FIDBENCH_LOCK_TIMEOUT": "soon"}, "*FIDBENCH_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'*"),
     ([], {"FIDBENCH_LOCK": "nfs"}, "*FIDBENCH_LOCK must be one of flock, file, got 'nfs'*"),
@@ -263,9 +274,11 @@ def test_a_model_that_cannot_be_set_up_fails_its_first_case_clearly_and_the_othe
     cases = strict_json(small.path / "r.json")["cases"]
     assert [(c["id"], c["outcome"]) for c in cases] == [
         ("gone-origin", "error"), ("gone-topk", "error"), ("notok-origin", "error"), ("notok-topk", "error")]
-    assert cases[2]["error"].endswith("models.notok could not be set up: OSError: tokenizer 'no-such-tokenizer' is neither "
-                                      "a directory with a tokenizer nor a hub id in the local Hugging Face cache")
-    assert cases[3]["error"].startswith("fidbench: model 'notok' could not be set up (see notok-origin): OSError: tokenizer")
+    assert cases[2]["error"].endswith("models.notok could not be set up: OSError: tokenizer 'no-such-tokenizer' is "
+                                      "neither a directory with a tokenizer nor a hub id in the local Hugging Face "
+                                      "cache")
+    assert cases[3]["error"].startswith("fidbench: model 'notok' could not be set up (see notok-origin): "
+                                        "OSError: tokenizer")
 
 
 @pytest.mark.slow

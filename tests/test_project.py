@@ -11,7 +11,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from helpers import ROOT, checkpoints_fixture, fill_project, origin_topk_suite
 
-from fidbench import plugin
+from fidbench.cases import SCALARS
+from fidbench.pytest_plugin import markers, progress
 
 SUITE = origin_topk_suite({"tiny-llama": "llama", "tiny-gemma": "gemma"}, max_new_tokens=6, tags=("quick",))
 CASES = ["tiny-llama-origin", "tiny-llama-topk-10", "tiny-gemma-origin", "tiny-gemma-topk-10"]
@@ -77,9 +78,9 @@ def test_every_marker_of_the_suite_is_listed_by_pytest_markers(project):
 
 
 def test_family_markers_drop_text_and_vl_suffixes():
-    assert plugin.families("llama") == ["llama"]
-    assert plugin.families("gemma3_text") == ["gemma3_text", "gemma3"]
-    assert plugin.families("qwen2_5_vl") == ["qwen2_5_vl", "qwen2_5"]
+    assert markers.families("llama") == ["llama"]
+    assert markers.families("gemma3_text") == ["gemma3_text", "gemma3"]
+    assert markers.families("qwen2_5_vl") == ["qwen2_5_vl", "qwen2_5"]
 
 
 def test_only_the_suite_file_is_collected_and_each_case_once(project):
@@ -122,12 +123,12 @@ def test_junit_xml_has_one_property_per_metric(project):
         assert float(props.pop("decode_s")) == record["timing"]["decode_s"]
         if "topk" in record["id"]:
             assert float(props.pop("kv_fraction")) == record["kept"]["kv_fraction"]
-        measured = {k: record["scores"][k] for k in plugin.cases.SCALARS if record["scores"][k] is not None}
+        measured = {k: record["scores"][k] for k in SCALARS if record["scores"][k] is not None}
         assert {k: float(v) for k, v in props.items()} == measured  # free-running scores: none without free_run
 
 
 def test_progress_shows_under_the_default_capture(project, monkeypatch):
-    monkeypatch.setattr(plugin, "TICK_S", 0.0)  # every phase is long enough to report
+    monkeypatch.setattr(progress, "TICK_S", 0.0)  # every phase is long enough to report
     result = project.runpytest("my-suite.yaml", "-k", "llama and origin", "--benchmark-disable")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["fidbench: tiny-llama: base references 1/2 (* s)",
@@ -140,7 +141,7 @@ def test_progress_shows_under_the_default_capture(project, monkeypatch):
 
 @pytest.mark.slow
 def test_progress_of_xdist_workers_reaches_the_terminal(project):
-    (project.path / "conftest.py").write_text("from fidbench import plugin\n\nplugin.TICK_S = 0.0\n")
+    (project.path / "conftest.py").write_text("from fidbench.pytest_plugin import progress\n\nprogress.TICK_S = 0.0\n")
     result = project.runpytest_subprocess("my-suite.yaml", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     for model in ("llama", "gemma"):  # each phase's last line through the controller's terminal reporter ...

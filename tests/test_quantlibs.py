@@ -202,12 +202,14 @@ def test_quanto_int4_through_transformers_equals_rtn(tmp_path, cache, hidden, gr
     rtn = build("rtn", {"bits": 4, "group": group, "zero_point": "float"})  # quanto's zero point is a float
     with rtn.apply(model):
         ours = [lin.weight.detach().clone() for lin in weights.decoder_linears(model)]
-    theirs = [m.qweight.dequantize().float() for m in weights.decoder_layers(quantized).modules() if hasattr(m, "qweight")]
+    theirs = [m.qweight.dequantize().float() for m in weights.decoder_layers(quantized).modules()
+              if hasattr(m, "qweight")]
     assert len(theirs) == len(ours) == 14
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+    quanto = {"method": "hf-quant", "backend": "quanto", "config": {"weights": "int4"}}
     runs = run_suite(tmp_path, base, {"rtn": {"method": "rtn", "bits": 4, "group": group, "zero_point": "float"},
-                                      "quanto": {"method": "hf-quant", "backend": "quanto", "config": {"weights": "int4"}}})
+                                      "quanto": quanto})
     assert runs["quanto"]["scores"]["kl_mean"] > 1e-6  # quantized, and both score the same
     for key in ("acc1", "acc5", "first_divergence"):
         assert runs["quanto"]["scores"][key] == runs["rtn"]["scores"][key]
@@ -247,8 +249,12 @@ def test_checkpoint_scores_a_compressed_tensors_w4a16_checkpoint(tmp_path, cache
     compressed-tensors' calculate_qparams on each group's min and max (llm-compressor's min-max observer), packed by
     its ModelCompressor. `checkpoint` loads it through transformers and scores exactly the weights it holds."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
     from transformers import AutoModelForCausalLM

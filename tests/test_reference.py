@@ -84,7 +84,8 @@ def corrupt_logp(store, paths):
 
 @pytest.mark.parametrize("corrupt,reason", [
     (corrupt_truncated, "unreadable: "), (corrupt_garbage, "unreadable: "),
-    (corrupt_other_sample, "it holds another prompt's reference"), (corrupt_logp, "its content does not match its checksum"),
+    (corrupt_other_sample, "it holds another prompt's reference"),
+    (corrupt_logp, "its content does not match its checksum"),
 ])
 def test_a_bad_cache_entry_is_named_moved_aside_and_regenerated(cache, model, corrupt, reason):
     first = Store(cache, "tiny", "f" * 64, 8)

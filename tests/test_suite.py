@@ -44,7 +44,8 @@ def test_valid_suite_gives_cases_in_file_order(tmp_path):
 @pytest.mark.parametrize(
     "old,new,message",
     [
-        ("generation: {max_new_tokens: 16}", "generation: {max_new_tokens: 16, temperature: 1}", "generation: unknown key 'temperature'"),
+        ("generation: {max_new_tokens: 16}", "generation: {max_new_tokens: 16, temperature: 1}",
+         "generation: unknown key 'temperature'"),
         ("max_length: 128}", "max_len: 128}", "models.tiny: unknown key 'max_len'"),
         ("dtype: bf16", "dtype: int3", "models.tiny.dtype: 'int3'"),
         ("device: cuda:1", "device: gpu", "models.tiny.device"),
@@ -55,7 +56,8 @@ def test_valid_suite_gives_cases_in_file_order(tmp_path):
         ("floors: {acc1: 0.99}", "floors: {accuracy: 0.99}", "methods.origin.floors: unknown key 'accuracy'"),
         ("    topk-25: {acc5: 0.9}", "    topk-50: {acc5: 0.9}", "floors.tiny: unknown key 'topk-50'"),
         ("  tiny: {path", "  tiny model: {path", "models: name 'tiny model'"),
-        ("chat: chat.jsonl", "chat: {path: chat.jsonl, score: no-thanks}", "datasets.chat.score: must be true or false"),
+        ("chat: chat.jsonl", "chat: {path: chat.jsonl, score: no-thanks}",
+         "datasets.chat.score: must be true or false"),
         ("chat: chat.jsonl", "chat: {path: chat.jsonl, score: false}", "datasets (at least one scored)"),
     ],
 )
@@ -107,7 +109,8 @@ def test_colliding_case_ids_are_refused_naming_both_cases(tmp_path):
     with pytest.raises(SuiteError) as e:
         load(path)
     assert str(path) in str(e.value)
-    assert "model 'm' × variant 'a-origin' and model 'm-a' × variant 'origin' have the same case id 'm-a-origin'" in str(e.value)
+    assert ("model 'm' × variant 'a-origin' and model 'm-a' × variant 'origin' have the same case id 'm-a-origin'"
+            in str(e.value))
 
 
 @pytest.mark.parametrize("old,new,message", [  # wrong parameter types, through a suite file
@@ -131,21 +134,24 @@ def test_parameter_types_are_checked_naming_variant_parameter_type_and_value(tmp
     ("models:\n  tiny: {path: some/dir, dtype: bf16, device: cuda:1, max_length: 128}",
      "models:\n  - {path: some/dir}", "models: expected a mapping of names to entries, got list"),
     ("methods:\n", "methods:\n  bare: topk\n", "methods.bare: expected a mapping of the method's parameters"),
-    ("methods:\n", "methods:\n  listed: [topk, 0.1]\n", "methods.listed: expected a mapping of the method's parameters"),
+    ("methods:\n", "methods:\n  listed: [topk, 0.1]\n",
+     "methods.listed: expected a mapping of the method's parameters"),
     ("dtype: bf16", "dtype: [bf16]", "models.tiny.dtype: must be a string, got ['bf16']"),
     ("path: some/dir", "path: [some/dir]", "models.tiny.path: must be a string"),
     ("max_length: 128", "max_length: true", "models.tiny.max_length must be an integer"),
     ("chat: chat.jsonl", "chat: .", "datasets.chat: " + "{dir} is not a file"),
     ("chat: chat.jsonl", "chat: {path: 3}", "datasets.chat.path: must be a file path, got 3"),
-    ("floors: {acc1: 0.99}", "floors: {acc1: 1.5}", "methods.origin.floors.acc1: floor 1.5 is outside the metric's range "
-     "[0, 1]: this minimum would never hold"),
+    ("floors: {acc1: 0.99}", "floors: {acc1: 1.5}",
+     "methods.origin.floors.acc1: floor 1.5 is outside the metric's range [0, 1]: this minimum would never hold"),
     ("floors: {acc1: 0.99}", "floors: {acc1: -1}", "methods.origin.floors.acc1: floor -1 is outside the metric's range "
      "[0, 1]: this minimum would always hold"),
     ("floors: {acc1: 0.99}", "floors: {kl_mean: -1}", "methods.origin.floors.kl_mean: floor -1 is outside the metric's "
      "range [0, inf]: this maximum would never hold"),
     ("floors: {acc1: 0.99}", "floors: {first_divergence: -2}", "floors.first_divergence: floor -2 is outside"),
-    ("floors: {acc1: 0.99}", "floors: {kl_max: .nan}", "methods.origin.floors.kl_max: floor must be a finite number, got nan"),
-    ("floors: {acc1: 0.99}", "floors: {nll: .inf}", "methods.origin.floors.nll: floor must be a finite number, got inf"),
+    ("floors: {acc1: 0.99}", "floors: {kl_max: .nan}",
+     "methods.origin.floors.kl_max: floor must be a finite number, got nan"),
+    ("floors: {acc1: 0.99}", "floors: {nll: .inf}",
+     "methods.origin.floors.nll: floor must be a finite number, got inf"),
 ])
 def test_malformed_suites_name_the_key_instead_of_crashing(tmp_path, old, new, message):
     assert old in GOOD

@@ -43,7 +43,8 @@ def test_measured_kept_fraction_matches_parameter(tiny, prompt, keep, min_keep):
     # and keeps max(ceil(keep * n), min_keep), at most n.
     P, N, config = len(ref.p_ids), len(ref.g_ids), tiny.config
     window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    types = (getattr(config, "layer_types", None)
+             or ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers)
     expected = []
     for kind in types:
         visible = [P + t + 1 if kind == "full_attention" else min(P + t + 1, window) for t in range(N - 1)]
@@ -51,7 +52,8 @@ def test_measured_kept_fraction_matches_parameter(tiny, prompt, keep, min_keep):
         expected.append((sum(kept), sum(visible)))
     measured = method.kept()
     assert measured["kv_fraction_per_layer"] == pytest.approx([k / v for k, v in expected], rel=1e-12)
-    assert measured["kv_fraction"] == pytest.approx(sum(k for k, _ in expected) / sum(v for _, v in expected), rel=1e-12)
+    assert measured["kv_fraction"] == pytest.approx(sum(k for k, _ in expected) / sum(v for _, v in expected),
+                                                    rel=1e-12)
 
 
 def test_attend_keeps_the_largest_scores_per_head():

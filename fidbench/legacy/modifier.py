@@ -46,7 +46,7 @@ class Modifier(torch.nn.Module):
         if config is None:
             self.conf = None
             return
-        with open(config, "r") as f:
+        with open(config) as f:
             self.conf = json.load(f)
 
     def freeze_model(self):

@@ -58,7 +58,8 @@ def _topk(conf, where):
     if not isinstance(draft, dict):
         raise RunsError(f"{where}: draft_kwargs must be an object, got {json.dumps(draft)}")
     if draft.get("fix_layers"):
-        raise RunsError(f"{where}: fix_layers {draft['fix_layers']} (layers left dense) has no equivalent in fidbench's topk")
+        raise RunsError(f"{where}: fix_layers {draft['fix_layers']} (layers left dense) has no equivalent in "
+                        "fidbench's topk")
     missing = [k for k in ("mask_out", "min_remain") if k not in draft]
     if missing:
         raise RunsError(f"{where}: the topk config has no {missing[0]}")
@@ -104,7 +105,8 @@ def _convert(method: str, conf, where: str) -> tuple[str, dict]:
         fields = {f.name for f in dataclasses.fields(REGISTRY[method]) if f.init}
         unknown = sorted(set(conf or {}) - fields)
         if unknown:
-            raise RunsError(f"{where}: config keys {unknown} of method {method!r} are not its fidbench parameters ({sorted(fields)})")
+            raise RunsError(f"{where}: config keys {unknown} of method {method!r} are not its fidbench parameters "
+                            f"({sorted(fields)})")
         return method, dict(conf or {})
     known = sorted(set(CONVERSIONS) | set(REGISTRY))
     raise RunsError(

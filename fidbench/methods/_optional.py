@@ -13,4 +13,5 @@ def require(who: str, module: str | None, package: str | None) -> None:
     except ModuleNotFoundError:  # the parent of a dotted name (optimum of optimum.quanto) is missing
         found = False
     if not found:
-        raise RuntimeError(f"{who} needs the package {package}: pip install {package} (or pip install 'fidbench[quant]')")
+        raise RuntimeError(f"{who} needs the package {package}: pip install {package} "
+                           "(or pip install 'fidbench[quant]')")

@@ -63,7 +63,8 @@ def quant_params(x: torch.Tensor, bits: int, symmetric: bool, integer_zero: bool
 
 
 def quant_apply(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Round ``x`` to the grid of (scale, offset), clamped to the ``bits`` levels (GPTQ's updated weights may leave it)."""
+    """Round ``x`` to the grid of (scale, offset), clamped to the ``bits`` levels (GPTQ's updated weights may
+    leave it)."""
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     return torch.clamp(torch.round((x - offset) / scale), lo, hi) * scale + offset
 
@@ -72,7 +73,8 @@ def check_bits(method: str, bits: int, group: int, allowed=(2, 3, 4, 8, 16)) -> 
     if bits not in allowed:
         raise ValueError(f"{method}: bits must be one of {', '.join(map(str, allowed))} (16 = unchanged), got {bits}")
     if group < 0:
-        raise ValueError(f"{method}: group must be a positive number of columns, or 0 for one group per row; got {group}")
+        raise ValueError(f"{method}: group must be a positive number of columns, or 0 for one group per row; "
+                         f"got {group}")
 
 
 def quant_report(weights, bits: int, group: int, symmetric: bool) -> dict:
@@ -96,7 +98,8 @@ def check_damp(method: str, damp: float) -> None:
 
 
 def check_pruning(method: str, sparsity: float | None, pattern: str | None) -> tuple[int, int] | None:
-    """Validate a pruning target: exactly one of ``sparsity`` in [0, 1) or an N:M ``pattern``; returns (N, M) or None."""
+    """Validate a pruning target: exactly one of ``sparsity`` in [0, 1) or an N:M ``pattern``; returns (N, M) or
+    None."""
     if (sparsity is None) == (pattern is None):
         raise ValueError(f"{method}: give exactly one of sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
     if pattern is None:
@@ -105,7 +108,8 @@ def check_pruning(method: str, sparsity: float | None, pattern: str | None) -> t
         return None
     match = re.fullmatch(r"(\d+):(\d+)", pattern.strip())
     if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise ValueError(f"{method}: pattern must be 'N:M' with 1 <= N <= M (keep N of every M inputs, e.g. '2:4'), got {pattern!r}")
+        raise ValueError(f"{method}: pattern must be 'N:M' with 1 <= N <= M (keep N of every M inputs, e.g. '2:4'), "
+                         f"got {pattern!r}")
     return int(match[1]), int(match[2])
 
 

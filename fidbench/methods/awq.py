@@ -87,7 +87,8 @@ def clipped(w: torch.Tensor, bounds: torch.Tensor, group: int) -> torch.Tensor:
 @register
 class AWQ(weights.Calibrated):
     name = "awq"
-    description = "AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest in groups of `group`"
+    description = ("AWQ: per-input-channel scales searched on `dataset` activations, then `bits` round-to-nearest "
+                   "in groups of `group`")
     defaults_from = ("llm-awq scripts (w_bit 4, q_group_size 128, zero point, auto_scale + auto_clip: n_grid 20, "
                      "max_shrink 0.5); calibration (dataset, samples, continued): fidbench's suite settings")
     kind = "weights"
@@ -136,8 +137,11 @@ class AWQ(weights.Calibrated):
 
         def watch(layer):  # during the layer's observing run: record its children's calls
             current[:] = [layer]
-            return [child.register_forward_pre_hook(lambda c, args, kwargs: calls.setdefault(c, []).append((args, kwargs)),
-                                                    with_kwargs=True)
+
+            def record(module, args, kwargs):
+                calls.setdefault(module, []).append((args, kwargs))
+
+            return [child.register_forward_pre_hook(record, with_kwargs=True)
                     for child in layer.children() if weights.linears(child)]
 
         def observe(lin, x):
@@ -148,7 +152,7 @@ class AWQ(weights.Calibrated):
             for lins, child, opens in self.groups(layer, layer_linears, inputs):
                 xs = inputs[lins[0]]
                 if opens:  # judged on the attention / MLP output, the module run on its own inputs
-                    run, args = (lambda c: _first(child(*c[0], **c[1]))), calls[child]
+                    run, args = (lambda c, child=child: _first(child(*c[0], **c[1]))), calls[child]
                 elif getattr(child, "num_key_value_groups", 1) > 1:  # o_proj under GQA: no op to fold into
                     plan.update({lin: (torch.ones_like(xs[0][0], dtype=torch.float32), None) for lin in lins})
                     continue

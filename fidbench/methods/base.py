@@ -41,7 +41,7 @@ import torch
 
 from .. import attention
 
-REGISTRY: dict[str, type["Method"]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
@@ -51,7 +51,7 @@ KINDS = ("none", "attention", "weights", "model", "cache", "own_loop")
 ROLES = ("select", "cache", "kernel")  # the order a stack applies attention methods in (see the module doc)
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available to suites under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__}: a registered method needs a name")
@@ -72,7 +72,7 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     # Where the defaults come from: the reference's script, config or table whose evaluation setting they are,
-    # or why fidbench chose them where no reference has one (``fidbench methods`` prints it; issue 29).
+    # or why fidbench chose them where no reference has one (``fidbench methods`` prints it).
     defaults_from: ClassVar[str] = ""
     kind: ClassVar[str] = "attention"
     role: ClassVar[str | None] = None  # an attention method's part in a stack (see the module doc)

@@ -17,7 +17,6 @@ from .. import models
 from ._optional import require
 from .base import Method, register
 
-
 # quant_method of a checkpoint's quantization_config: (module transformers imports to load it, PyPI package)
 BACKENDS = {
     "compressed-tensors": ("compressed_tensors", "compressed-tensors"), "hqq": ("hqq", "hqq"),
@@ -94,7 +93,8 @@ class Checkpoint(Method):
             differ = sorted(t for t in base_vocab.keys() | vocab.keys() if base_vocab.get(t) != vocab.get(t))
             raise ValueError(
                 f"checkpoint: the tokenizer of {self.tokenizer or self.path!r} maps tokens to other ids than the "
-                f"base model's ({len(differ)} differ, e.g. {differ[:3]}): the references' token ids would mean other text"
+                f"base model's ({len(differ)} differ, e.g. {differ[:3]}): the references' token ids would mean "
+                "other text"
             )
         self._loaded = {"checkpoint": self.path, "dtype": dtype, "model_type": other.config.model_type}
         if quantized:

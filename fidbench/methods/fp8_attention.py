@@ -18,7 +18,7 @@ processed in tiles of ``kBlockN`` (FA3's sm90 fp8 tile for the head dimension, `
 tile first; each tile's P is ``exp2(s·log2(e)·scale − (m·log2(e)·scale − 8))`` against the running row
 max m, so in [0, 256], rounded to e4m3 (round to nearest even, saturating) for P·V, while the row sum
 accumulates the unrounded P; the output is the rescaled accumulator over the sum. False runs dense attention
-on the dequantized Q, K, V with P in float32 (fidbench's default before issue 29).
+on the dequantized Q, K, V with P in float32 (fidbench's earlier default).
 
 Differences: FA3 computes q·k on the e4m3 codes and folds the descales into the softmax scale, and
 applies V's descale at the end; here the dequantized values are multiplied (the same products up to

@@ -106,7 +106,8 @@ def gear_compress(x: torch.Tensor, kind: str, bits: int, group: int, left: float
 @register
 class GEAR(Method):
     name = "gear"
-    description = "GEAR: KV cache quantized to `quantize_bit` with `left` outliers exact and a rank-`rank` residual, streamed in blocks of `streaming_gap`"
+    description = ("GEAR: KV cache quantized to `quantize_bit` with `left` outliers exact and a rank-`rank` "
+                   "residual, streamed in blocks of `streaming_gap`")
     defaults_from = ("GEAR GenerationBench/GenerationTest/run_template_*.sh (--compress_method GEAR --quantize_bit 2 "
                      "--group_size 64 --left 0.02 --rank 2 --rankv 2 --prefillrank 4 --prefillrankv 4 --loop 3 "
                      "--streaming --streaming_gap 64, no --stream_grouping: schedule reference)")

@@ -54,7 +54,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetric: boo
 @register
 class GPTQ(weights.Calibrated):
     name = "gptq"
-    description = "GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` prompts of `dataset`"
+    description = ("GPTQ `bits` weight quantization of the decoder's linear layers, calibrated on `samples` "
+                   "prompts of `dataset`")
     defaults_from = ("IST-DASLab/gptq llama.py/quant.py (wbits 4, percdamp 0.01, act_order off, asymmetric with an "
                      "integer zero point); group 128 as the paper's grouped results (its code's default is one group "
                      "per row); calibration: fidbench's suite settings")
@@ -92,5 +93,6 @@ class GPTQ(weights.Calibrated):
         with weights.restored(lin.weight for lin in lins):
             if self.bits < 16:
                 weights.sequential(model, prompts, hessians.observe, transform)
-            self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, self.symmetric), **self.calibration_report(prompts)}
+            self._report = {**weights.quant_report([lin.weight for lin in lins], self.bits, self.group, self.symmetric),
+                            **self.calibration_report(prompts)}
             yield model

@@ -46,7 +46,8 @@ NEEDS_CUDA = {
 
 def _torchao_args(kwargs: dict) -> dict:
     """A torchao config's arguments from YAML: ``*dtype: int4`` is ``torch.int4``, ``mapping_type: ASYMMETRIC``
-    a ``MappingType``, ``granularity: 32`` (or ``weight_granularity``) ``PerGroup(32)`` and ``PerAxis`` ``PerAxis(0)``."""
+    a ``MappingType``, ``granularity: 32`` (or ``weight_granularity``) ``PerGroup(32)`` and ``PerAxis``
+    ``PerAxis(0)``."""
     import torchao.quantization as ao
 
     out = {}
@@ -67,7 +68,8 @@ def _torchao_args(kwargs: dict) -> dict:
 class HFQuant(Method):
     name = "hf-quant"
     description = "the base model reloaded with a transformers quantization config (torchao, hqq, quanto, bitsandbytes)"
-    defaults_from = ("none of its own: the library's config class with its own defaults, as `from_pretrained(quantization_config=...)` gets them")
+    defaults_from = ("none of its own: the library's config class with its own defaults, as "
+                     "`from_pretrained(quantization_config=...)` gets them")
     kind = "model"
     test_params = {"covered_by": "tests/test_quantlibs.py::test_hf_quant_scores_the_library_quantized_model"}
     backend: str = ""

@@ -42,7 +42,8 @@ from .base import Method, register
 @register
 class KIVI(Method):
     name = "kivi"
-    description = "KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), last `residual` tokens in full precision"
+    description = ("KV cache quantized to `bits` (keys per channel, values per token, groups of `group`), "
+                   "last `residual` tokens in full precision")
     defaults_from = ("KIVI paper experiments and jy-yuan/KIVI docs/long_bench.md: group 32, residual 128 for KIVI-2 "
                      "and KIVI-4 (example.py uses residual 32)")
     test_params = {"degenerate": {"bits": 16}, "real": {"bits": 2, "group": 4, "residual": 8}}

@@ -166,8 +166,9 @@ def make(spec: dict, who: str):
 
 
 def _version() -> str:
-    import kvpress
     from importlib.metadata import version
+
+    import kvpress
 
     return version(kvpress.__name__)
 

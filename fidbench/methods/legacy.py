@@ -55,7 +55,8 @@ class Legacy(Method):
 
     def validate(self):
         if not self.module or not self.cls:
-            raise ValueError("legacy: module (a .py file or dotted module) and cls (the Modifier class name) are required")
+            raise ValueError("legacy: module (a .py file or dotted module) and cls (the Modifier class name) "
+                             "are required")
         if self.config is not None and not isinstance(self.config, (str, dict)):
             raise ValueError(f"legacy: config must be a JSON file path or a mapping, got {self.config!r}")
         if isinstance(self.config, str):

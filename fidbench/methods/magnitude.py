@@ -17,7 +17,8 @@ from .base import Method, register
 @register
 class Magnitude(Method):
     name = "magnitude"
-    description = "zero the smallest-magnitude weights of the decoder's linear layers: `sparsity` per matrix or N:M `pattern`"
+    description = ("zero the smallest-magnitude weights of the decoder's linear layers: `sparsity` per matrix "
+                   "or N:M `pattern`")
     defaults_from = "no default target: sparsity or pattern must be given (the suite uses the papers' 50 % and 2:4)"
     kind = "weights"
     test_params = {"degenerate": {"sparsity": 0.0}, "real": {"sparsity": 0.5}}

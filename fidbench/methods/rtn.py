@@ -5,7 +5,7 @@ columns (0: the whole row; a shorter last group when the width is not a multiple
 rounded to ``bits`` with its own scale (asymmetric: and a zero point; see ``_weights.quant_params``).
 ``zero_point``: ``"integer"`` (default) rounds it to an integer level, as the quantizer of GPTQ's repository
 (IST-DASLab/gptq ``quant.py``, whose RTN baseline it is) and AWQ's ``pseudo_quantize_tensor`` do;
-``"float"`` keeps the group's minimum as the offset (llama.cpp's Q4_1, fidbench before issue 29).
+``"float"`` keeps the group's minimum as the offset (llama.cpp's Q4_1, fidbench's earlier default).
 The embeddings and lm_head (tied in many small models) stay in full precision unless ``embeddings``.
 ``bits: 16`` leaves the model unchanged. The weights are restored on exit.
 """
@@ -22,7 +22,8 @@ from .base import Method, register
 @register
 class RTN(Method):
     name = "rtn"
-    description = "round-to-nearest `bits` weight quantization of the decoder's linear layers, in groups of `group` inputs"
+    description = ("round-to-nearest `bits` weight quantization of the decoder's linear layers, in groups of "
+                   "`group` inputs")
     defaults_from = ("IST-DASLab/gptq's RTN baseline (quant.py: asymmetric, integer zero point); group 128 as GPTQ's "
                      "and AWQ's grouped results; embeddings and lm_head full precision as there")
     kind = "weights"

@@ -25,7 +25,8 @@ one-query call does.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -136,7 +137,7 @@ def sage_decode(query, key, value, visible: torch.Tensor, scaling: float, block_
     ``attend`` (default ``visible``) narrows what the softmax covers without changing the statistics.
     ``v_fp8_max``: ``sage_attention``'s FP8 P·V, V's scales over the row's keys, P's tiles from its first key."""
     attend = visible if attend is None else attend
-    (b, h, n, d), (kvh, kv) = query.shape, key.shape[1:3]
+    (_, h, n, d), (kvh, kv) = query.shape, key.shape[1:3]
     seen = visible if visible.shape[1] == 1 else visible.unflatten(1, (kvh, -1)).any(2)  # (b|1, 1|kvh, q, kv)
     v = value.to(pv_dtype)[:, :, None]  # (b, kvh, 1, kv, d)
     out, step = [], max(1, row_elements // (kvh * kv * d))  # each row holds its own copy of the keys

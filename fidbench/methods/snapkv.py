@@ -50,7 +50,8 @@ class SnapKV(Evicting):
         if self.window < 1:
             raise ValueError(f"{self.name}: window must be >= 1, got {self.window}")
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"{self.name}: kernel must be a positive odd number (pooling keeps the length), got {self.kernel}")
+            raise ValueError(f"{self.name}: kernel must be a positive odd number (pooling keeps the length), "
+                             f"got {self.kernel}")
 
     def __post_init__(self):
         super().__post_init__()

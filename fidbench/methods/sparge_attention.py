@@ -9,7 +9,7 @@ the field benchmarks on): V quantized to e4m3 per (batch, KV head, channel) with
 (``fused.scale_fuse_quant_cuda``), P per key tile rounded to e4m3 after scaling by 2^8.807 against the
 running row max (``qk_int8_sv_f8_accum_f32_block_sparse_attn``; ``sage_attention``'s ``v_fp8_max``), the
 row sum over the unrounded P; ``"fp16"`` is its sm80/sm86 kernel's (``qk_int8_sv_f16_accum_f16``, here
-accumulated in fp32), what fidbench ran before issue 29.
+accumulated in fp32), fidbench's earlier default.
 
 Queries are cut into blocks of ``block_q`` tokens and keys into blocks of ``block_k`` (SageAttention's
 quantization blocks, fidbench/methods/sage_attention.py, whose INT8 Q·Kᵀ, fp32 softmax and P·V
@@ -88,7 +88,8 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 @register
 class SpargeAttention(SageAttention):
     name = "sparge-attention"
-    description = "SpargeAttn: key blocks skipped by a mean-pooled Q·K prediction (`cdfthreshd`, `simthreshd1`), on SageAttention's INT8 Q·K"
+    description = ("SpargeAttn: key blocks skipped by a mean-pooled Q·K prediction (`cdfthreshd`, `simthreshd1`), "
+                   "on SageAttention's INT8 Q·K")
     defaults_from = ("thu-ml/SpargeAttn core.py spas_sage2_attn_meansim_cuda as the original fidbench scripts call "
                      "it: simthreshd1 0.6, cdfthreshd 0.98, blocks 128 x 64 (sm80/sm89), FP8 P·V with V scaled to "
                      "2.25 (sm89/sm90)")

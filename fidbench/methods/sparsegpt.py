@@ -64,7 +64,8 @@ def sparsegpt(w: torch.Tensor, u: torch.Tensor, sparsity: float | None, nm: tupl
 @register
 class SparseGPT(weights.Calibrated):
     name = "sparsegpt"
-    description = "SparseGPT: prune `sparsity` or N:M `pattern` with inverse-Hessian updates of the kept weights (calibrated on `dataset`)"
+    description = ("SparseGPT: prune `sparsity` or N:M `pattern` with inverse-Hessian updates of the kept weights "
+                   "(calibrated on `dataset`)")
     defaults_from = ("IST-DASLab/sparsegpt (percdamp 0.01, blocksize 128); target sparsity or pattern must be given; "
                      "calibration: fidbench's suite settings")
     kind = "weights"
@@ -101,5 +102,6 @@ class SparseGPT(weights.Calibrated):
 
         with weights.restored(lin.weight for lin in lins):
             weights.sequential(model, prompts, hessians.observe, transform)
-            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm), **self.calibration_report(prompts)}
+            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm),
+                            **self.calibration_report(prompts)}
             yield model

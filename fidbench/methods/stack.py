@@ -75,7 +75,8 @@ class Stack(Method):
     name = "stack"
     description = "several methods applied together: weight methods in order, then select, cache and kernel roles"
     defaults_from = "each member's own (a stack adds no setting)"
-    not_physically_checked = ("a stack hands each member's output on: its KV members are each checked here, their composition in tests/test_stack.py")
+    not_physically_checked = ("a stack hands each member's output on: its KV members are each checked here, "
+                              "their composition in tests/test_stack.py")
     test_params = {
         "degenerate": {"members": [{"method": "rtn", "bits": 16}, {"method": "snapkv", "ratio": 1.0},
                                    {"method": "kivi", "bits": 16}]},

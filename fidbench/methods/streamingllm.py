@@ -45,7 +45,8 @@ class StreamingLLM(Evicting):
         if self.sink < 0:
             raise ValueError(f"{self.name}: sink must be >= 0, got {self.sink}")
         if self.budget is not None and self.budget <= self.sink:
-            raise ValueError(f"{self.name}: budget ({self.budget}) must exceed sink ({self.sink}) to leave a recent window")
+            raise ValueError(f"{self.name}: budget ({self.budget}) must exceed sink ({self.sink}) to leave a recent "
+                             "window")
 
     @property
     def base_prefill(self) -> bool:

@@ -19,7 +19,8 @@ from .base import register
 @register
 class Wanda(weights.Calibrated):
     name = "wanda"
-    description = "zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): `sparsity` or N:M `pattern`"
+    description = ("zero the weights with the lowest |W|·||X|| per output row (calibrated on `dataset`): "
+                   "`sparsity` or N:M `pattern`")
     defaults_from = ("locuslab/wanda (per-output-row comparison group); target sparsity or pattern must be given; "
                      "calibration: fidbench's suite settings")
     kind = "weights"
@@ -47,5 +48,6 @@ class Wanda(weights.Calibrated):
 
         with weights.restored(lin.weight for lin in lins):
             weights.sequential(model, prompts, observe, transform)
-            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm), **self.calibration_report(prompts)}
+            self._report = {**weights.prune_report([lin.weight for lin in lins], self._nm),
+                            **self.calibration_report(prompts)}
             yield model
