@@ -7,7 +7,7 @@ import pytest
 
 from .. import report
 from ..suite import Case
-from . import suite_file
+from . import scheduler, suite_file
 from .collection import CASE, param_id
 from .progress import PROGRESS
 
@@ -55,6 +55,7 @@ class Reporter:
         self.nodes: dict[str, str] = {}  # node id -> case id, from the reports' user properties
         self.selected: dict[str, str] = {}  # node id -> case id of every selected fidelity case
         self.running: set[str] = set()  # node ids started and not finished (under xdist, on any worker)
+        self.finished: set[str] = set()
         self.interrupted: str | None = None  # what stopped the session: "SIGTERM", "Ctrl-C", a worker's interrupt
         self.interrupted_workers: set[str] = set()  # xdist workers that stopped on SIGTERM or Ctrl-C
         self.collect_errors: list[str] = []  # what failed to collect: the report says so instead of holding no case
@@ -129,6 +130,7 @@ class Reporter:
 
     def pytest_runtest_logfinish(self, nodeid, location):
         self.running.discard(nodeid)
+        self.finished.add(nodeid)
 
     def pytest_keyboard_interrupt(self, excinfo):
         """Ctrl-C, or SIGTERM (raised as KeyboardInterrupt("SIGTERM")), or an xdist worker's interruption."""
@@ -177,6 +179,10 @@ class Reporter:
             self._report = report.Report(self.config.getoption("fidbench_report"), {}, [], self.environment)
             if not any(e.msg in error for error in self.collect_errors):  # said at collection already
                 self.report.errors.append(e.msg)
+        if self.interrupted:  # each worker's first case whose end this process has not seen
+            scheduler.read_sent_reports(self.config)
+            for nodeids in scheduler.pending(self.config):
+                self.running.update([nodeid for nodeid in nodeids if nodeid not in self.finished][:1])
         for nodeid in sorted(self.running):
             case = self.cases.get(self.nodes.get(nodeid) or self.selected.get(nodeid) or param_id(nodeid))
             if case is not None and case.id not in self.report.records:
