@@ -20,13 +20,15 @@ Each module below does one job and pytest registers each as a plugin of its own 
 this package imports none of them: they import one another, never back up through here.
 """
 
+# In import order: a module comes before every listed module that imports it, so pytest imports each one itself,
+# after marking it for assertion rewriting (one imported earlier by another would warn "cannot be rewritten").
 pytest_plugins = [
-    "fidbench.pytest_plugin.options",  # the command-line options and their types
-    "fidbench.pytest_plugin.configure",  # the session's set-up: checks, suite path, SIGTERM, progress, reporter
     "fidbench.pytest_plugin.suite_file",  # which suite file the session runs; one named as a test path is collected
     "fidbench.pytest_plugin.collection",  # one parametrized case per model × variant; selection, shards
     "fidbench.pytest_plugin.scheduler",  # --dist loadgroup: each model's cases on one xdist worker
     "fidbench.pytest_plugin.sigterm",  # SIGTERM stops a session that writes a report as Ctrl-C does
+    "fidbench.pytest_plugin.options",  # the command-line options and their types
     "fidbench.pytest_plugin.junit",  # a case's figures as JUnit properties, its record off the item
     "fidbench.pytest_plugin.fixtures",  # the fixtures the fidelity test takes
+    "fidbench.pytest_plugin.configure",  # the session's set-up: checks, suite path, SIGTERM, progress, reporter
 ]
