@@ -218,6 +218,7 @@ def test_the_method_leaves_the_model_as_it_found_it(case):
     ({"press": "QFilterPress"}, "downloads Q-filters .* fidbench runs offline"),
     ({"press": "ExpectedAttentionStatsPress"}, "give path: a local copy .passed as stats_folder."),
     ({"press": "KnormPress", "path": "/tmp/x"}, "path is for presses that load files"),
+    ({"press": "FinchPress", "compression_ratio": 0.5}, "FinchPress cannot run on fidbench's prompts: .* no separate"),
     ({"press": "ThinKPress", "compression_ratio": 0.5}, "compression ratio cannot be set for ThinKPress"),
 ])
 def test_bad_parameters_are_refused_naming_the_variant(params, message):

@@ -63,6 +63,12 @@ NEEDS_FILES = {
     "RestoreKVPress": ("restore embeddings and an adapter from the Hugging Face hub (higokri/RestoreKV-<model>)", None),
 }
 
+# Presses that need a prompt fidbench's datasets do not have: why.
+NEEDS_QUESTION = {
+    "FinchPress": "it needs context + delimiter token + question (update_model_and_tokenizer adds the token, and "
+                  "the press cuts its window at it); fidbench's prompts have no separate question",
+}
+
 
 @functools.cache
 def presses() -> dict[str, type]:
@@ -140,6 +146,8 @@ def make(spec: dict, who: str):
     if missing:
         raise ValueError(f"{who}: required parameter(s) missing: {', '.join(missing)}"
                          f"{' (give inner presses as inner)' if set(missing) & set(nested) else ''}")
+    if name in NEEDS_QUESTION:
+        raise ValueError(f"{who} cannot run on fidbench's prompts: {NEEDS_QUESTION[name]}")
     if name in NEEDS_FILES:
         what, local = NEEDS_FILES[name]
         if path is None or local is None:
