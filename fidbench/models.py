@@ -187,7 +187,11 @@ def load(path: str, tokenizer: str | None = None, dtype: str = "fp32", device: s
         kwargs["quantization_config"] = quantization_config
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
-    except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True too
+    except (pickle.UnpicklingError, OSError) as e:  # transformers reads .bin weights with weights_only=True too
+        while e is not None and not isinstance(e, pickle.UnpicklingError):  # transformers < 5 wraps the refusal
+            e = e.__cause__ or e.__context__  # in an OSError, raised while handling it
+        if e is None:
+            raise
         raise ValueError(f"model {path!r}: its pickle-based weights (pytorch_model.bin or similar) are not a plain "
                          f"tensor checkpoint, refused by torch.load(weights_only=True), which runs no code"
                          f"{_refused(e)}; use safetensors weights from a source you trust") from None

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import transformers.cache_utils
 from helpers import FULL, force, random_ids, save_words, tiny_model, words_suite
 
 from fidbench import engine
@@ -33,8 +34,10 @@ def needs(package: str):
     return pytest.mark.skipif(not installed(package), reason=f"needs {package} (pip install 'fidbench[quant]')")
 
 
+FP8_CACHE = hasattr(transformers.cache_utils, "Fp8QuantizedLayer")
+needs_fp8_cache = pytest.mark.skipif(not FP8_CACHE, reason=f"transformers {transformers.__version__} has no fp8 cache")
 CACHE_BACKENDS = [
-    pytest.param({"backend": "fp8"}, id="fp8"),
+    pytest.param({"backend": "fp8"}, id="fp8", marks=needs_fp8_cache),
     pytest.param({"backend": "quanto", "nbits": 2, "residual_length": 8, "q_group_size": 16}, id="quanto-2",
                  marks=needs("optimum-quanto")),
     pytest.param({"backend": "quanto", "nbits": 4, "residual_length": 5, "q_group_size": 16},
@@ -291,3 +294,9 @@ def test_checkpoint_scores_a_compressed_tensors_w4a16_checkpoint(tmp_path, cache
     assert kept["quantization"] == "compressed-tensors"
     assert kept["library"] == f"compressed-tensors {importlib.metadata.version('compressed-tensors')}"
     assert runs["w4a16"]["scores"]["kl_mean"] > 10 * runs["origin"]["scores"]["kl_mean"]
+
+
+@pytest.mark.skipif(FP8_CACHE, reason="this transformers has the fp8 cache")
+def test_the_fp8_cache_on_a_transformers_without_it_is_refused_naming_the_version():
+    with pytest.raises(ValueError, match=f"transformers .{transformers.__version__}. has no fp8 quantized cache"):
+        build("quantized-cache", {"backend": "fp8"})

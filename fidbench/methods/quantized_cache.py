@@ -56,8 +56,13 @@ class QuantizedCacheMethod(Method):
         if self.backend not in PACKAGES:
             raise ValueError(f"quantized-cache: backend must be one of {', '.join(PACKAGES)}, got {self.backend!r}")
         if self.backend == "fp8":
+            import transformers.cache_utils
+
             if self.options():
                 raise ValueError(f"{who}: quantizes per tensor and takes none of {', '.join(self.options())}")
+            if not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+                raise ValueError(f"{who}: this transformers ({transformers.__version__}) has no fp8 quantized cache "
+                                 "(its QuantizedCache takes quanto and hqq); upgrade transformers for it")
             return
         if self.nbits is not None and self.nbits not in NBITS[self.backend]:
             raise ValueError(f"{who}: nbits must be one of {NBITS[self.backend]}, got {self.nbits}")
