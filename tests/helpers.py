@@ -193,6 +193,23 @@ def force(model, method, p_ids: list[int], g_ids: list[int], mode: str | None = 
         return engine.teacher_force(applied, method, p_ids, g_ids, mode).logits
 
 
+def decode_calls(monkeypatch, method, run):
+    """``run()``'s result and every decode call ``method``'s class attended to during it, with its output; the
+    class's own ``attend`` (unspied) is the third item, to recompute a call."""
+    attend, calls = type(method).attend, []
+
+    def spy(self, call):
+        out = attend(self, call)
+        if call.phase.name == "decode":
+            calls.append((call, out))
+        return out
+
+    monkeypatch.setattr(type(method), "attend", spy)
+    result = run()
+    monkeypatch.undo()
+    return result, calls, attend
+
+
 def layer0_inputs(model) -> dict:
     """Each linear of decoder layer 0 -> its (tokens, in) inputs on the ``calibration`` prompts, unchanged model."""
     lins = weights.linears(weights.decoder_layers(model)[0])

@@ -3,7 +3,7 @@ when quantization is taken out, and small but real changes to a model's logits."
 
 import pytest
 import torch
-from helpers import FAMILIES, force, tiny_model
+from helpers import FAMILIES, decode_calls, force, tiny_model
 from helpers import reference as base_reference
 
 from fidbench import attention, engine
@@ -263,18 +263,8 @@ def test_one_forward_equals_token_by_token_decode(family, name, params, monkeypa
     ref = base_reference(model, prompt)  # 24 tokens after 40: past the tiny sliding window
     method = build(name, params)
     assert method.parallel_exact and engine.resolve_mode(method, "auto") == "parallel"
-    calls = []
-    attend = type(method).attend
-
-    def spy(self, call):
-        out = attend(self, call)
-        if call.phase.name == "decode":
-            calls.append((call, out))
-        return out
-
-    monkeypatch.setattr(type(method), "attend", spy)
-    parallel = force(model, method, ref.p_ids, ref.g_ids, "parallel")
-    monkeypatch.undo()
+    parallel, calls, _ = decode_calls(monkeypatch, method,
+                                      lambda: force(model, method, ref.p_ids, ref.g_ids, "parallel"))
     assert len(calls) == model.config.num_hidden_layers
     for call, out in calls:
         visible = call.visible()

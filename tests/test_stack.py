@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from helpers import ROOT, calibration, reference, tiny_model
+from helpers import ROOT, calibration, decode_calls, reference, tiny_model
 from test_suite import write
 
 from fidbench import engine, prefill
@@ -97,17 +97,7 @@ def test_a_kernel_behind_a_selection_and_a_cache_runs_parallel_as_stepwise(membe
     stack = _stack(*((name, REGISTRY[name].test_params["real"] or {}) for name in members))
     assert stack.parallel_exact
     kernel = stack._attending[-1]
-    attend, calls = type(kernel).attend, []
-
-    def spy(self, call):
-        out = attend(self, call)
-        if call.phase.name == "decode":
-            calls.append((call, out))
-        return out
-
-    monkeypatch.setattr(type(kernel), "attend", spy)
-    parallel = _force(stack, "parallel")
-    monkeypatch.undo()
+    parallel, calls, attend = decode_calls(monkeypatch, kernel, lambda: _force(stack, "parallel"))
     assert calls
     for call, out in calls:
         visible = call.visible()
