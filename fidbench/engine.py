@@ -164,6 +164,116 @@ def teacher_force(model, method, p_ids: list[int], g_ids: list[int], mode: str, 
     return Forced(torch.cat(rows), clock)
 
 
+def left_padded(prompts: list[list[int]], device: torch.device):
+    """Prompts as one left-padded batch: ids, attention mask (0 on padding) and position ids counted from each
+    prompt's first token, so every row sees the positions, keys and RoPE angles it has alone. Prompts of one
+    length need no mask: None keeps the model on its causal fast path (on a CPU, SDPA's flash kernel instead of
+    the masked one, which the long prompts of a batch pay most for)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    if all(len(p) == width for p in prompts):
+        return ids, None, torch.arange(width, device=device).expand(len(prompts), width)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+PAD_SLACK = 0.25  # a batch's prompts differ in length by at most this share of the shortest (+ PAD_TOKENS)
+PAD_TOKENS = 16
+
+
+def batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices of prompts of ``lengths`` in batches of at most ``size``, shortest first; a batch closes early where
+    the next prompt would be longer than its shortest by more than ``PAD_SLACK`` (+ ``PAD_TOKENS``): every row is
+    padded to the longest, and padding is work done for nothing (a 2,600-token prompt among 60-token ones made
+    a batch of 4 cost 2.6x the four prompts alone, measured in benchmarks/LOG.md)."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if out and len(out[-1]) < size and lengths[i] <= lengths[out[-1][0]] * (1 + PAD_SLACK) + PAD_TOKENS:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def check_batches(method) -> None:
+    if not method.batches:
+        raise ValueError(f"method {method.name!r} (kind {method.kind!r}) scores one prompt per forward: its hooks "
+                         f"keep per-prompt state (lengths, budgets, kept sets) that is not per row")
+
+
+@grad_off
+def teacher_force_batch(model, method, samples: list[tuple[list[int], list[int]]], mode: str):
+    """``teacher_force`` for B samples ``(p_ids, g_ids)`` in one prefill and one decode forward (stepwise: one per
+    reference position), for a method that batches (``Method.batches``). Prompts are left-padded, references
+    right-padded; padding is masked and never scored, so each sample's logits are its batch-1 logits up to
+    fp32 summation order. Returns each sample's (N_b, V) float32 logits and the batch's ``Clock``."""
+    check_batches(method)
+    device = input_device(model)
+    ids, mask, positions = left_padded([p for p, _ in samples], device)
+    clock = Clock(device)
+    clock.mark()
+    first, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
+                              position_ids=positions, logits_to_keep=1)
+    clock.mark()
+    rows = [first[:, -1:].float()]
+    n = max(len(g) for _, g in samples) - 1  # reference tokens fed after the prompt
+    if n > 0:
+        ref = torch.tensor([g[:-1] + [0] * (n + 1 - len(g)) for _, g in samples], device=device)
+        if mask is not None or any(len(g) - 1 < n for _, g in samples):
+            rights = torch.tensor([[1] * (len(g) - 1) + [0] * (n + 1 - len(g)) for _, g in samples], device=device)
+            mask = torch.cat([torch.ones_like(ids) if mask is None else mask, rights], dim=1)
+        positions = torch.tensor([[len(p) + t for t in range(n)] for p, _ in samples], device=device)
+        width = ids.shape[1]
+        steps = [slice(0, n)] if mode == "parallel" else [slice(t, t + 1) for t in range(n)]
+        for step in steps:
+            seen = None if mask is None else mask[:, : width + step.stop]
+            logits, cache = call_model(model, cache, input_ids=ref[:, step], attention_mask=seen,
+                                       position_ids=positions[:, step])
+            rows.append(logits.float())
+    clock.mark()
+    out = torch.cat(rows, dim=1)
+    return [out[b, : len(g)] for b, (_, g) in enumerate(samples)], clock
+
+
+@grad_off
+def greedy_batch(model, method, prompts: list[list[int]], lengths: list[int], eos_ids: set[int]):
+    """The greedy continuations of B prompts in one batch under ``method`` (one that batches; ``origin`` for the
+    base model): left padding, each row stopping at its own end-of-sequence token (kept) or its length in
+    ``lengths``; finished rows ride along until the last one stops. Equal to one prompt at a time up to fp32
+    summation order (a near-tie can flip). Returns each row's (tokens, (n, V) float32 logits) and the ``Clock``
+    (prefill, decode)."""
+    check_batches(method)
+    if min(lengths) < 1:
+        raise ValueError(f"greedy_batch: lengths must be >= 1, got {lengths}")
+    device = input_device(model)
+    ids, mask, positions = left_padded(prompts, device)
+    clock = Clock(device)
+    clock.mark()
+    logits, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
+                               position_ids=positions, logits_to_keep=1)
+    clock.mark()
+    tokens: list[list[int]] = [[] for _ in prompts]
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    while True:
+        last = logits[:, -1].float()
+        step = last.argmax(-1).tolist()  # one read per step for the whole batch
+        for b, token in enumerate(step):
+            if not done[b]:
+                tokens[b].append(token)
+                rows[b].append(last[b])
+                done[b] = token in eos_ids or len(tokens[b]) == lengths[b]
+        if all(done):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = call_model(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
+                                   attention_mask=mask, position_ids=positions)
+    clock.mark()
+    return [(t, torch.stack(r)) for t, r in zip(tokens, rows)], clock
+
+
 @torch.inference_mode()
 def warm_up(model) -> None:
     """Untimed forwards that pay a model's one-time costs before anything is timed: on a GPU the CUDA

@@ -139,6 +139,16 @@ class Bench:
         shared = prefill.Prefills(int(self.suite.share_prefill_gib * 2**30)) if self.suite.share_prefill_gib else None
         return Loaded(spec, model, tok, fp, prompts, refs, unscored, continuations, self.progress, shared)
 
+    @staticmethod
+    def _scored(loaded: Loaded, prompt, ref: Reference, logits: torch.Tensor, on_sample) -> tuple:
+        """A sample's scores from its teacher-forced logits, and its non-finite positions (count, first)."""
+        s = metrics.score(logits, ref)
+        if prompt.answers:  # task success at the answers' positions, beside token fidelity
+            s.answers = metrics.answer_scores(loaded.tokenizer, ref.g_ids, s.hit1, prompt.answers)
+        if on_sample:
+            on_sample(logits)
+        return s, non_finite(logits)
+
     @contextlib.contextmanager
     def _reloaded_if_changed(self, loaded: Loaded, method):
         """A method that raised may have left the weights changed: the next case then reloads the model."""
@@ -155,7 +165,8 @@ class Bench:
         ``timer(model, method, reference, recorded)``, called with the method still applied, the first scored
         sample's reference and its shared prefill (None: prefilled live), times it apart from the evaluation;
         what it returns is the record's ``timing.timed``.
-        ``on_sample(forced)``, if given, sees each sample's ``engine.Forced`` (its logits) after scoring.
+        ``on_sample(logits)``, if given, sees each sample's teacher-forced (N, V) logits after scoring, in the
+        order the samples are scored (batched: by prompt length).
         The model's fingerprint is checked after the method's ``apply`` exits: a method that leaves the weights
         changed fails its case, and the next case reloads the model rather than score the changed one."""
         method = method or build(case.variant.method, case.variant.params)
@@ -182,46 +193,73 @@ class Bench:
         shared = loaded.prefills if method.base_prefill and not own_loop else None
         if shared is not None:
             timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
+        # Prompts per forward: --fidbench-batch-size for a method that batches (Method.batches), prompts of similar
+        # lengths together (engine.batches); the report keeps the suite's order.
+        size = self.batch_size if method.batches and not own_loop and shared is None else 1
+        timing["batch_size"] = size
+        live = [k for k, (_, ref) in enumerate(work) if ref is not None]
+        groups = [[live[i] for i in b] for b in engine.batches([len(work[k][1].p_ids) for k in live], size)] \
+            if size > 1 else [[k] for k in live]
+        scored_rows: dict[int, tuple] = {}  # index in work -> (scores, the report's sample)
         with self._reloaded_if_changed(loaded, method), method.apply(loaded.model, loaded) as model:
-            for k, (prompt, ref) in enumerate(work):
+            done = 0
+            for group in groups:
                 if self.progress:
-                    self.progress(f"{case.id}: prompts", k, len(work))
-                if ref is None:
-                    skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
-                    continue
+                    self.progress(f"{case.id}: prompts", done, len(live))
+                done += len(group)
+                refs = [work[k][1] for k in group]
                 if own_loop:
                     t0 = time.perf_counter()
-                    s = metrics.PartialScores.of(method.score_sample(model, ref), f"method {method.name!r}")
+                    s = metrics.PartialScores.of(method.score_sample(model, refs[0]), f"method {method.name!r}")
                     timing["method_s"] += time.perf_counter() - t0
-                    bad = (s.non_finite, s.first_non_finite)  # as the method counted them in its own logits
-                else:
-                    recorded = shared.get(model, ref.p_ids) if shared is not None else None
-                    forced = engine.teacher_force(model, method, ref.p_ids, ref.g_ids, mode, recorded)
+                    results = [(s, (s.non_finite, s.first_non_finite))]  # as the method counted them in its logits
+                    gens = [None]
+                elif len(group) > 1:
+                    logits, clock = engine.teacher_force_batch(model, method, [(r.p_ids, r.g_ids) for r in refs], mode)
+                    prefill_s, decode_s = clock.seconds()
+                    timing["prefill_s"] += prefill_s
+                    timing["decode_s"] += decode_s
+                    results = [self._scored(loaded, work[k][0], ref, forced, on_sample)
+                              for k, ref, forced in zip(group, refs, logits)]
+                    gens = [None] * len(group)
+                    if free:
+                        made, clock = engine.greedy_batch(model, method, [r.p_ids for r in refs],
+                                                          [len(r.g_ids) for r in refs], eos)
+                        timing["free_run_s"] += sum(clock.seconds())
+                        gens = [(ids, non_finite(rows)[0]) for ids, rows in made]
+                else:  # one prompt (alone in its batch too): live, or replaying its shared base prefill
+                    recorded = shared.get(model, refs[0].p_ids) if shared is not None else None
+                    forced = engine.teacher_force(model, method, refs[0].p_ids, refs[0].g_ids, mode, recorded)
                     if recorded is not None:
                         timing["prefills_replayed"] += 1
-                    s = metrics.score(forced.logits, ref)
-                    if prompt.answers:  # task success at the answers' positions, beside token fidelity
-                        s.answers = metrics.answer_scores(loaded.tokenizer, ref.g_ids, s.hit1, prompt.answers)
                     timing["prefill_s"] += forced.prefill_s
                     timing["decode_s"] += forced.decode_s
-                    bad = non_finite(forced.logits)
-                    if on_sample:
-                        on_sample(forced)
-                free_row = None  # the sample's free-running fields of the report
-                if free:  # after teacher forcing: method.begin resets per-sample state for the second pass
-                    # free running is refused for own_loop methods above, so `recorded` is this sample's
-                    gen = engine.free_run(model, method, ref.p_ids, len(ref.g_ids), eos, recorded)
-                    free_row = {"base_text": loaded.tokenizer.decode(ref.g_ids, skip_special_tokens=True),
-                                "free_text": loaded.tokenizer.decode(gen.ids, skip_special_tokens=True),
-                                "free_tokens": len(gen.ids), "free_non_finite": gen.non_finite,
-                                "answers": prompt.answers}
-                    s.free = metrics.free_run(ref.g_ids, gen.ids, free_row["base_text"], free_row["free_text"],
-                                              prompt.answers)
-                    timing["free_run_s"] += gen.prefill_s + gen.decode_s
-                per_dataset.setdefault(prompt.dataset, []).append(s)
-                samples.append(report.sample(prompt, ref, s, *bad, free=free_row))
+                    results = [self._scored(loaded, work[group[0]][0], refs[0], forced.logits, on_sample)]
+                    gens = [None]
+                    if free:  # after teacher forcing: method.begin resets per-sample state for the second pass
+                        # free running is refused for own_loop methods above, so `recorded` is this sample's
+                        gen = engine.free_run(model, method, refs[0].p_ids, len(refs[0].g_ids), eos, recorded)
+                        timing["free_run_s"] += gen.prefill_s + gen.decode_s
+                        gens = [(gen.ids, gen.non_finite)]
+                for k, ref, (s, bad), gen in zip(group, refs, results, gens):
+                    prompt = work[k][0]
+                    free_row = None  # the sample's free-running fields of the report
+                    if free:
+                        ids, bad_steps = gen
+                        free_row = {"base_text": loaded.tokenizer.decode(ref.g_ids, skip_special_tokens=True),
+                                    "free_text": loaded.tokenizer.decode(ids, skip_special_tokens=True),
+                                    "free_tokens": len(ids), "free_non_finite": bad_steps, "answers": prompt.answers}
+                        s.free = metrics.free_run(ref.g_ids, ids, free_row["base_text"], free_row["free_text"],
+                                                  prompt.answers)
+                    scored_rows[k] = (s, report.sample(prompt, ref, s, *bad, free=free_row))
+            for k, (prompt, ref) in enumerate(work):
+                if ref is None:
+                    skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})
+                else:
+                    per_dataset.setdefault(prompt.dataset, []).append(scored_rows[k][0])
+                    samples.append(scored_rows[k][1])
             if self.progress:
-                self.progress(f"{case.id}: prompts", len(work), len(work))
+                self.progress(f"{case.id}: prompts", len(live), len(live))
             first = next((r for r in loaded.references if r is not None), None)
             if timer is not None and first is not None:
                 timing["timed"] = timer(model, method, first, shared.get(model, first.p_ids) if shared else None)

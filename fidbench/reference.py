@@ -98,42 +98,14 @@ def greedy(model, p_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> t
     return tokens, torch.stack(rows)
 
 
-@torch.inference_mode()
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int,
                  eos_ids: set[int]) -> list[tuple[list[int], torch.Tensor]]:
-    """``greedy`` for several prompts in one batch: left padding, an attention mask, position ids from the mask.
-
-    Padded positions are masked out, so the result is ``greedy``'s up to fp32 summation order (the
-    batch changes matmul shapes and the attention kernel): a near-tie can flip. Each sample stops at
-    its own end-of-sequence token; finished samples ride along until the last one stops.
-    """
+    """``greedy`` for several prompts in one batch (``engine.greedy_batch``: left padding, each sample stopping
+    at its own end-of-sequence token). Padded positions are masked out, so the result is ``greedy``'s up to
+    fp32 summation order (the batch changes matmul shapes and the attention kernel): a near-tie can flip."""
     if len(prompts) == 1 or max_new_tokens < 1:
         return [greedy(model, p, max_new_tokens, eos_ids) for p in prompts]
-    device = engine.input_device(model)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = engine.call_model(model, None, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      logits_to_keep=1)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    while True:
-        last = logits[:, -1].float()
-        step = last.argmax(-1).tolist()
-        for b, token in enumerate(step):
-            if not done[b]:
-                tokens[b].append(token)
-                rows[b].append(last[b])
-                done[b] = token in eos_ids or len(tokens[b]) == max_new_tokens
-        if all(done):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = engine.call_model(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
-                              attention_mask=mask, position_ids=positions)
-    return [(t, torch.stack(r)) for t, r in zip(tokens, rows)]
+    return engine.greedy_batch(model, build("origin", {}), prompts, [max_new_tokens] * len(prompts), eos_ids)[0]
 
 
 @torch.inference_mode()

@@ -54,7 +54,7 @@ def run_mode(bench, case, mode):
     the record's scores and timing."""
     argmax = []
     bench.decode = mode
-    record = bench.run(case, on_sample=lambda forced: argmax.append(forced.logits.argmax(-1).cpu()))
+    record = bench.run(case, on_sample=lambda logits: argmax.append(logits.argmax(-1).cpu()))
     scores, timing = record["scores"], record["timing"]
     p_tokens = sum(s["prompt_tokens"] for s in record["samples"])
     d_tokens = scores["n_tokens"] - scores["n_samples"]

@@ -1,13 +1,21 @@
-"""Batched reference generation: greedy outputs of batch size 4 match batch size 1, flips only at near-ties."""
+"""Prompts in batches (``--fidbench-batch-size``): base references, and teacher forcing and free running under the
+methods that batch, match batch size 1 up to fp32 summation order; an argmax flips only at a near-tie."""
+
+import json
+import math
 
 import pytest
 import torch
 from filelock import FileLock
-from helpers import tiny_model
+from helpers import FAMILIES, calibration, random_ids, reference, save_words, tiny_model, words_suite
 
-from fidbench import reference
+from fidbench import engine
+from fidbench import reference as references
 from fidbench.datasets import Prompt
+from fidbench.harness import Bench
+from fidbench.methods import REGISTRY, build
 from fidbench.reference import Store
+from fidbench.suite import load
 
 N_PROMPTS, NEW_TOKENS, BATCH = 16, 24, 4
 
@@ -22,9 +30,9 @@ def prompts(seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batched_greedy_matches_batch_one_up_to_near_ties(family, seed):
     model, ps = tiny_model(family, seed=seed), prompts(seed)
-    ones = [reference.greedy(model, p, NEW_TOKENS, set()) for p in ps]
+    ones = [references.greedy(model, p, NEW_TOKENS, set()) for p in ps]
     batched = [out for i in range(0, N_PROMPTS, BATCH)
-               for out in reference.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
+               for out in references.greedy_batch(model, ps[i : i + BATCH], NEW_TOKENS, set())]
     flipped = 0
     for (g1, l1), (gb, lb) in zip(ones, batched):
         agree = next((t for t, (a, b) in enumerate(zip(g1, gb)) if a != b), len(g1))
@@ -41,10 +49,10 @@ def test_batched_greedy_matches_batch_one_up_to_near_ties(family, seed):
 
 def test_samples_stop_at_their_own_end_of_sequence():
     model, ps = tiny_model("llama"), prompts(2)[:BATCH]
-    free = [reference.greedy(model, p, NEW_TOKENS, set())[0] for p in ps]
+    free = [references.greedy(model, p, NEW_TOKENS, set())[0] for p in ps]
     eos = {free[0][3]}  # the first sample stops at its 4th token; the others stop wherever this token appears
-    expected = [reference.greedy(model, p, NEW_TOKENS, eos)[0] for p in ps]
-    got = [g for g, _ in reference.greedy_batch(model, ps, NEW_TOKENS, eos)]
+    expected = [references.greedy(model, p, NEW_TOKENS, eos)[0] for p in ps]
+    got = [g for g, _ in references.greedy_batch(model, ps, NEW_TOKENS, eos)]
     assert got == expected and len(got[0]) == 4
     assert max(len(g) for g in got) > 4  # the others went on after the first one stopped
 
@@ -54,8 +62,8 @@ def test_store_batches_generation_under_its_own_key(cache, monkeypatch):
     ps = [Prompt("d", i, p) for i, p in enumerate(prompts(3)[:6])]
     one = Store(cache, "tiny", "f" * 64, 8)
     four = Store(cache, "tiny", "f" * 64, 8, batch_size=4)
-    calls, real = [], reference.greedy_batch
-    monkeypatch.setattr(reference, "greedy_batch",
+    calls, real = [], references.greedy_batch
+    monkeypatch.setattr(references, "greedy_batch",
                         lambda m, p_ids, *a: calls.append(sorted(map(len, p_ids))) or real(m, p_ids, *a))
     batched = four.get(model, ps, progress=False)
     lengths = sorted(len(p.p_ids) for p in ps)
@@ -78,7 +86,7 @@ def test_interrupted_batch_releases_its_locks_and_writes_nothing(cache, monkeypa
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reference, "greedy_batch", interrupted)
+    monkeypatch.setattr(references, "greedy_batch", interrupted)
     with pytest.raises(KeyboardInterrupt) as interrupt:
         store.get(model, ps, progress=False)
     assert not any(p.suffix == ".safetensors" for p in store.dir.iterdir())
@@ -96,3 +104,112 @@ def test_interrupted_batch_releases_its_locks_and_writes_nothing(cache, monkeypa
 def test_bad_batch_size_is_a_clear_error(cache):
     with pytest.raises(ValueError, match="batch size"):
         Store(cache, "tiny", "f" * 64, 8, batch_size=0)
+
+
+# The methods that batch (Method.batches: they leave attention and the cache to the model) with the family matrix's
+# real parameters; checkpoint is run batched by the harness test below, hf-quant in tests/test_quantlibs.py.
+BATCHING = ["origin"] + sorted(m for m, c in REGISTRY.items() if c.kind == "weights")
+
+
+def _params(method: str) -> dict:
+    return REGISTRY[method].test_params.get("real") or {}
+
+
+def _agree(one: torch.Tensor, batched: torch.Tensor) -> None:
+    """Equal up to fp32 summation order: logits within 1e-5, an argmax that differs only at a near-tie."""
+    torch.testing.assert_close(batched, one, atol=1e-5, rtol=1e-5)
+    for t in (one.argmax(-1) != batched.argmax(-1)).nonzero()[:, 0].tolist():
+        top2 = one[t].topk(2).values
+        assert top2[0] - top2[1] < 2e-5, f"position {t}: an argmax flip that is not at a near-tie"
+
+
+# (prompt, reference) lengths: prompts of 40, 13 and 27 tokens (up to 27 padding positions on the left, longer than
+# the sliding window) with references of 24, 19 and 1 tokens (right padding; one feeds nothing after the prompt);
+# prompts of one length (no mask: the causal fast path) with references of one length or of two.
+SHAPES = {"padded": ((40, 24), (13, 19), (27, 1)), "unpadded": ((20, 12), (20, 12)), "ragged-refs": ((20, 12), (20, 5))}
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepwise"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", BATCHING)
+def test_batched_teacher_forcing_equals_one_prompt_at_a_time(method, family, shape, mode):
+    model = tiny_model(family)
+    refs = [reference(model, random_ids(n, seed=n + i), g) for i, (n, g) in enumerate(SHAPES[shape])]
+    m = build(method, _params(method))
+    assert m.batches
+    with m.apply(model, calibration()) as applied:
+        ones = [engine.teacher_force(applied, m, r.p_ids, r.g_ids, mode).logits for r in refs]
+        batched, clock = engine.teacher_force_batch(applied, m, [(r.p_ids, r.g_ids) for r in refs], mode)
+    assert [b.shape for b in batched] == [o.shape for o in ones]
+    for one, got in zip(ones, batched):
+        _agree(one, got)
+    assert len(clock.seconds()) == 2  # prefill, decode
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", ["origin", "rtn"])
+@pytest.mark.parametrize("lengths", [(40, 13, 27), (20, 20, 20)], ids=["padded", "unpadded"])
+def test_batched_free_running_stops_each_row_at_its_own_end(method, family, lengths):
+    model = tiny_model(family)
+    prompts = [random_ids(n, seed=n + i) for i, n in enumerate(lengths)]
+    m = build(method, _params(method))
+    with m.apply(model, calibration()) as applied:
+        free = engine.free_run(applied, m, prompts[1], 20, set())
+        eos = {free.ids[3]}  # the second row stops at its 4th token at the latest; the others where it appears
+        ones = [engine.free_run(applied, m, p, n, eos) for p, n in zip(prompts, (20, 20, 7))]
+        made, _ = engine.greedy_batch(applied, m, prompts, [20, 20, 7], eos)
+    for one, (ids, logits) in zip(ones, made):
+        same = next((t for t, (a, b) in enumerate(zip(one.ids, ids)) if a != b), None)
+        if same is not None:  # only a near-tie may send a row elsewhere
+            top2 = logits[same].topk(2).values
+            assert top2[0] - top2[1] < 2e-5
+        else:
+            assert ids == one.ids
+    assert len(made[1][0]) <= 4 and len(made[2][0]) <= 7
+
+
+def test_methods_that_do_not_batch_say_so():
+    model = tiny_model("llama")
+    for name, params in (("topk", {"keep": 0.5}), ("quantized-cache", {})):
+        method = build(name, params)
+        assert not method.batches
+        with pytest.raises(ValueError, match=f"method {name!r} .* scores one prompt per forward"):
+            engine.teacher_force_batch(model, method, [([1, 2, 3], [4, 5])], "parallel")
+
+
+def test_a_batched_suite_reports_every_sample_in_order_as_batch_one_does(tmp_path, monkeypatch):
+    """Through the harness: origin, a weight method and another checkpoint run 3 prompts per forward, an attention
+    method one; samples keep the suite's order, scores equal batch 1's (these references have no near-tie)."""
+    base = save_words(tmp_path / "base", "llama")
+    methods = {"origin": {}, "rtn": {"method": "rtn", "bits": 4}, "self": {"method": "checkpoint", "path": str(base)},
+               "topk": {"method": "topk", "keep": 0.5}}
+    path = words_suite(tmp_path, base, methods)
+    spec = json.loads(path.read_text())  # and imported references of 12, 5 and 9 tokens: right padding
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps({"p_ids": random_ids(n, seed=n, high=20),
+                                                             "g_ids": random_ids(g, seed=g, high=20)}) + "\n"
+                                                 for n, g in ((30, 12), (9, 5), (17, 9))))
+    spec["datasets"]["refs"] = {"references": "refs.jsonl"}
+    path.write_text(json.dumps(spec))
+    suite = load(path)
+    runs = {}
+    for size in (1, 3):
+        monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / f"cache{size}"))
+        bench = Bench(suite, progress=False, batch_size=size, free_run=True)
+        runs[size] = {case.variant.name: bench.run(case) for case in suite.cases()}
+    for name in methods:
+        one, three = runs[1][name], runs[3][name]
+        assert three["timing"]["batch_size"] == (1 if name == "topk" else 3)
+        keys = [(x["dataset"], x["index"], x["n_tokens"]) for x in one["samples"]]
+        assert keys == [(x["dataset"], x["index"], x["n_tokens"]) for x in three["samples"]]
+        for metric, value in one["scores"].items():
+            if isinstance(value, float) and math.isfinite(value):
+                assert three["scores"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric)
+
+
+def test_batches_hold_prompts_of_similar_lengths():
+    lengths = [60, 2587, 36, 743, 50, 78, 64, 40]
+    got = engine.batches(lengths, 4)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))  # each prompt once
+    assert got == [[2, 7, 4, 0], [6, 5], [3], [1]]  # 36..60 (60 <= 36 * 1.25 + 16), 64..78, then alone
+    assert engine.batches(lengths, 1) == [[i] for i in sorted(range(8), key=lambda i: lengths[i])]

@@ -247,7 +247,7 @@ def test_on_sample_sees_every_scored_sample_s_logits(tmp_path, checkpoint, cache
     s = suite(tmp_path, checkpoint, ", max_length: 200, overlong: skip")
     seen = []
     record = Bench(s, progress=False).run(s.cases()[0], on_sample=seen.append)
-    assert [f.logits.shape[0] for f in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2
+    assert [logits.shape[0] for logits in seen] == [x["n_tokens"] for x in record["samples"]] and len(seen) == 2
 
 
 def test_a_method_that_does_not_restore_the_weights_fails_its_case_and_later_cases_score_the_base(

@@ -160,6 +160,23 @@ def test_hf_quant_scores_the_library_quantized_model(tmp_path, cache, backend, c
             assert saved[key] == pytest.approx(otf["scores"][key], rel=1e-3, abs=1e-8), key
 
 
+@pytest.mark.parametrize("backend, config, package, saved", ON_THE_FLY)
+def test_hf_quant_batched_scores_equal_one_prompt_at_a_time(tmp_path, monkeypatch, backend, config, package, saved):
+    """The library's quantized linears take 3 padded prompts per forward (--fidbench-batch-size) and score as they
+    do one at a time, to fp32 summation order (these references have no near-tie)."""
+    base = save_words(tmp_path / "base", "llama")
+    suite = load(words_suite(tmp_path, base, {"otf": {"method": "hf-quant", "backend": backend, "config": config}}))
+    runs = {}
+    for size in (1, 3):
+        monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / f"cache{size}"))
+        runs[size] = Bench(suite, progress=False, batch_size=size, free_run=True).run(suite.cases()[0])
+    assert runs[3]["timing"]["batch_size"] == 3
+    for key in ("acc1", "acc5", "first_divergence", "n_tokens", "rouge_l"):
+        assert runs[3]["scores"][key] == runs[1]["scores"][key], key
+    for key in ("kl_mean", "nll"):
+        assert runs[3]["scores"][key] == pytest.approx(runs[1]["scores"][key], rel=1e-3, abs=1e-7), key
+
+
 def test_hf_quant_refusals(tmp_path, cache):
     with pytest.raises(ValueError, match="hf-quant: backend must be one of hqq, quanto, bitsandbytes, torchao"):
         build("hf-quant", {"backend": "gguf"})

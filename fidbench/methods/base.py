@@ -119,6 +119,14 @@ class Method:
         self.validate()
         self._kept: dict[int, list] = {}
 
+    @property
+    def batches(self) -> bool:
+        """Whether B prompts may share a forward (``--fidbench-batch-size``): methods that leave attention and the
+        cache to the model (kinds none, weights, model), whose forward takes a padded batch with its mask.
+        Attention hooks, caches and stacks keep per-prompt state (prompt length, budgets, kept sets) that is
+        not per row: they score one prompt per forward."""
+        return self.kind in ("none", "weights", "model")
+
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
