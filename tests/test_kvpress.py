@@ -257,6 +257,19 @@ def test_the_kvpress_suite_loads_and_builds_every_press():
     assert len(presses) >= 35 and all(ds.path.exists() for ds in suite.datasets)
 
 
+def test_the_long_kvpress_suite_runs_the_same_variants_on_the_six_long_sets():
+    from helpers import ROOT
+
+    from fidbench.suite import load
+
+    short, long = load(ROOT / "suites" / "kvpress.yaml"), load(ROOT / "suites" / "kvpress-long.yaml")
+    same = [(v.name, v.method, v.params) for v in short.variants]
+    assert [(v.name, v.method, v.params) for v in long.variants] == same
+    families = ("needles", "vartrack", "aggregation", "multidoc", "summarization", "code")
+    assert sorted(ds.path.name for ds in long.datasets) == sorted(f"{f}-4k.jsonl" for f in families)
+    assert all(ds.path.exists() for ds in long.datasets)
+
+
 def test_the_kvpress_suite_without_kvpress_names_a_variant_and_the_install_command(monkeypatch):
     from helpers import ROOT
 
