@@ -2,7 +2,8 @@
 prompts at batch 1 and at larger batches, under the variants that batch, on the default model.
 
     python benchmarks/batch.py --threads 1                          # origin and rtn-8, limit 2, batches 1, 4, 8
-    python benchmarks/batch.py --variants origin --sizes 1 16 --limit 4 --device cuda
+    python benchmarks/batch.py --shape 8b --tokenizer benchmarks/gpu/tokenizer --device cuda --dtype bf16 \
+        --variants origin --sizes 1 8 16    # Llama-3.1-8B's shape, random weights (benchmarks/run.py --shape)
 
 Every size runs over the same prompts and the same batch-1 references (the ones a suite at batch 1 caches),
 interleaved repeat by repeat so that other work on the machine weighs on each alike; a record is each size's
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import run  # benchmarks/run.py: the random-weight models of real shapes
 import torch
 
 from fidbench import engine, harness
@@ -82,6 +84,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", help="the model's device (default: the suite's)")
+    p.add_argument("--shape", choices=sorted(run.SHAPES), help="a random-weight Llama of this shape instead")
+    p.add_argument("--tokenizer", help="--shape's tokenizer (default: the default model's)")
+    p.add_argument("--dtype", default="fp32", help="--shape's dtype (default fp32)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "batch.json"))
     a = p.parse_args()
     if a.threads:
@@ -89,9 +94,15 @@ def main() -> None:
     if 1 not in a.sizes:
         p.error("--sizes must hold 1, the baseline")
     suite = load(a.suite)
-    spec = dataclasses.replace(suite.models[0], device=a.device) if a.device else suite.models[0]
     bench = harness.Bench(suite, limit=a.limit, progress=lambda what, done, total: None)
-    loaded = bench.load(spec)
+    if a.shape:
+        a.device, a.model = a.device or "cpu", None
+        spec = run.model_spec(a)
+        model, tokenizer = run.make_model(a, spec)
+        loaded = bench.load(spec, model=model, tokenizer=tokenizer)
+    else:
+        spec = dataclasses.replace(suite.models[0], device=a.device) if a.device else suite.models[0]
+        loaded = bench.load(spec)
     default = {d.name for d in suite.datasets if d.default and d.scored and d.kind != "text"}
     refs = [r for p_, r in zip(loaded.prompts, loaded.references) if r is not None and p_.dataset in default]
     eos = eos_ids(loaded.model, loaded.tokenizer)
@@ -107,13 +118,13 @@ def main() -> None:
             print(f"{name}: method {method.name!r} does not batch; skipped")
             continue
         with method.apply(loaded.model, loaded) as model:
-            for what, run in (("teacher forcing", lambda s, m=method: force(model, m, refs, s)),
+            for what, measure in (("teacher forcing", lambda s, m=method: force(model, m, refs, s)),
                               ("free running", lambda s, m=method: free(model, m, refs, s, eos))):
                 seconds: dict[int, list[float]] = {s: [] for s in a.sizes}
                 results: dict[int, dict] = {}
                 for _ in range(a.repeats):
                     for size in a.sizes:
-                        s, results[size] = run(size)
+                        s, results[size] = measure(size)
                         seconds[size].append(s)
                 base = statistics.median(seconds[1])
                 for size in a.sizes:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The 8B table in one call on one GPU, in about 8.5 minutes: benchmarks/run.py on a random-weight Llama
+# The 8B table in one call on one GPU, in about 8.5 minutes (and up to 150 s more for batches of prompts): benchmarks/run.py on a random-weight Llama
 # of Llama-3.1-8B's shape (bf16, built in place), with the default model's tokenizer from
 # benchmarks/gpu/tokenizer (its GGUF cannot travel). Targets 1-4 in one process (the model is built
 # once), each method time-boxed, every record written to $OUT/bench.json as it is measured; a hard
 # `timeout` ends the run in time and keeps what it measured. Uses the machine's torch and transformers.
 #
-#   WHEELS=gpuwheels benchmarks/gpu/run_h200.sh   # on the GPU machine: $OUT/{bench.json,bench.log,table.md,env.txt}
+#   WHEELS=gpuwheels benchmarks/gpu/run_h200.sh   # on the GPU machine: $OUT/{bench,batch}.{json,log}, table.md, env.txt
 #   benchmarks/gpu/run_h200.sh --shape tiny --device cpu --dtype fp32 --prompt-tokens 64 --reference-tokens 8 \
 #     --long-tokens 256 --methods origin,topk,h2o      # test aid: the same steps on a CPU in a few minutes
 # Arguments go to benchmarks/run.py after the defaults below (the last of a repeated option wins).
@@ -42,6 +42,15 @@ timeout "${BUDGET:-500}" "$py" benchmarks/run.py --shape 8b --tokenizer benchmar
   --skip gptq,awq,wanda,checkpoint,legacy --long-tokens 32000 --suite-limit 1 --time-box 30 --profile origin "$@" 2>&1 \
   | tee "$OUT/bench.log"
 echo "run.py exit status: ${PIPESTATUS[0]} (124: stopped by the time limit)" | tee -a "$OUT/bench.log"
+
+# Prompts per forward (--fidbench-batch-size): origin teacher-forced and free-running over the default suite's first
+# two prompts per dataset at batch 1, 8 and 16, side by side, every record written to $OUT/batch.json as it is
+# measured. BATCH_ARGS replaces the shape and device (test aid: BATCH_ARGS="--shape tiny --device cpu").
+# shellcheck disable=SC2086
+timeout "${BATCH_BUDGET:-150}" "$py" benchmarks/batch.py ${BATCH_ARGS:---shape 8b --device cuda --dtype bf16} \
+  --tokenizer benchmarks/gpu/tokenizer --variants origin --sizes 1 8 16 --limit 2 --repeats 2 \
+  --out "$OUT/batch.json" 2>&1 | tee "$OUT/batch.log"
+echo "batch.py exit status: ${PIPESTATUS[0]} (124: stopped by the time limit)" | tee -a "$OUT/batch.log"
 
 [ -f "$OUT/bench.json" ] && "$py" benchmarks/run.py --show --out "$OUT/bench.json" | tee "$OUT/table.md"
 echo "run_h200.sh took $(( $(date +%s) - start )) s"
