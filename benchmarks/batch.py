@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8], help="prompts per forward (1 is the baseline)")
     p.add_argument("--limit", type=int, default=2, help="prompts per dataset (default 2)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--phases", default="teacher forcing,free running", help="comma-separated (default: both)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", help="the model's device (default: the suite's)")
     p.add_argument("--shape", choices=sorted(run.SHAPES), help="a random-weight Llama of this shape instead")
@@ -118,8 +119,10 @@ def main() -> None:
             print(f"{name}: method {method.name!r} does not batch; skipped")
             continue
         with method.apply(loaded.model, loaded) as model:
-            for what, measure in (("teacher forcing", lambda s, m=method: force(model, m, refs, s)),
-                              ("free running", lambda s, m=method: free(model, m, refs, s, eos))):
+            phases = {"teacher forcing": lambda s, m=method: force(model, m, refs, s),
+                      "free running": lambda s, m=method: free(model, m, refs, s, eos)}
+            for what in a.phases.split(","):
+                measure = phases[what]
                 seconds: dict[int, list[float]] = {s: [] for s in a.sizes}
                 results: dict[int, dict] = {}
                 for _ in range(a.repeats):
