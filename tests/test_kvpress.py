@@ -257,6 +257,7 @@ def test_the_kvpress_suite_loads_and_builds_every_press():
     assert len(presses) >= 35 and all(ds.path.exists() for ds in suite.datasets)
 
 
+@needs_kvpress
 def test_the_long_kvpress_suite_runs_the_same_variants_on_the_six_long_sets():
     from helpers import ROOT
 
