@@ -136,7 +136,7 @@ ON_THE_FLY = [
 @pytest.mark.parametrize("backend, config, package, saved", ON_THE_FLY)
 def test_hf_quant_scores_the_library_quantized_model(tmp_path, cache, backend, config, package, saved):
     """hf-quant scores the model the library quantized while loading; where transformers saves it, `checkpoint`
-    on the directory it writes scores the same (to float rounding: KL within 0.1 % or 1e-8)."""
+    on the directory it writes scores the same (to float rounding: NLL within 0.1 %, KL within 5 % or 1e-8)."""
     base = save_words(tmp_path / "base", "llama")
     methods = {"origin": {}, "otf": {"method": "hf-quant", "backend": backend, "config": config}}
     if saved:
@@ -156,8 +156,12 @@ def test_hf_quant_scores_the_library_quantized_model(tmp_path, cache, backend, c
         saved = runs["saved"]["scores"]
         for key in ("acc1", "acc5", "first_divergence", "exact_match", "n_tokens"):
             assert saved[key] == otf["scores"][key], key
-        for key in ("kl_mean", "kl_max", "nll"):  # the reloaded layers' kernels may sum in another order
-            assert saved[key] == pytest.approx(otf["scores"][key], rel=1e-3, abs=1e-8), key
+        # The reloaded layers' kernels may sum in another order. Where the quantized model's KL is itself ~1e-5
+        # (torchao int4 g16 on this tiny model), rounding-level logit differences move it by percents: measured on
+        # one CPU, kl_mean 9.81e-6 vs 9.80e-6, kl_max 2.22e-5 vs 2.17e-5 (2.2 %). NLL, far from 0, stays within 0.1 %.
+        assert saved["nll"] == pytest.approx(otf["scores"]["nll"], rel=1e-3), "nll"
+        for key in ("kl_mean", "kl_max"):
+            assert saved[key] == pytest.approx(otf["scores"][key], rel=0.05, abs=1e-8), key
 
 
 @pytest.mark.parametrize("backend, config, package, saved", ON_THE_FLY)
