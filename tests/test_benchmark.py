@@ -51,7 +51,7 @@ def test_every_target_writes_its_records(tmp_path, cache):
     step = {r["method"]: r for r in records if r["baseline"] == "stepwise"}
     assert step["origin"]["argmax_agreement"] >= 0.99
     first = next(r for r in records if r["baseline"] == "second case")
-    assert [sorted(t) for t in first["timing"]] == [["decode_s", "prefill_s"]] * 2
+    assert [sorted(t) for t in first["timing"]] == [["batch_size", "decode_s", "prefill_s"]] * 2
     assert next(r for r in records if r["target"] == 4 and r["baseline"] == "forward")["generated"] == 0
     # A rerun of one target and method replaces that method's records of the target and keeps the others.
     cmd[cmd.index("--methods") + 1] = "origin"
