@@ -283,3 +283,12 @@ def test_the_kvpress_suite_without_kvpress_names_a_variant_and_the_install_comma
             load(ROOT / "suites" / "kvpress.yaml")
     finally:
         method.presses.cache_clear()
+
+
+@needs_kvpress
+def test_a_press_scores_one_prompt_per_forward():
+    """kvpress is of kind model, yet a press keeps per-run buffers (its own begin): it must not batch."""
+    press = build("kvpress", {"press": "KnormPress", "compression_ratio": 0.5})
+    assert not press.batches
+    with pytest.raises(ValueError, match="method 'kvpress' .* scores one prompt per forward"):
+        engine.teacher_force_batch(tiny_model("llama"), press, [([1, 2, 3], [4, 5])], "parallel")

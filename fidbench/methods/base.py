@@ -122,10 +122,11 @@ class Method:
     @property
     def batches(self) -> bool:
         """Whether B prompts may share a forward (``--fidbench-batch-size``): methods that leave attention and the
-        cache to the model (kinds none, weights, model), whose forward takes a padded batch with its mask.
-        Attention hooks, caches and stacks keep per-prompt state (prompt length, budgets, kept sets) that is
-        not per row: they score one prompt per forward."""
-        return self.kind in ("none", "weights", "model")
+        cache to the model (kinds none, weights, model), whose forward takes a padded batch with its mask, and
+        keep no per-prompt state (no ``begin`` of their own: the batched engine calls none). Attention hooks,
+        caches, stacks and kvpress's presses keep per-prompt state (prompt length, budgets, kept sets, a press's
+        buffers) that is not per row: they score one prompt per forward."""
+        return self.kind in ("none", "weights", "model") and type(self).begin is Method.begin
 
     def params(self) -> dict:
         return dataclasses.asdict(self)

@@ -264,10 +264,6 @@ class KVPress(Method):
                 if not had and hasattr(module, "rotary_emb"):
                     del module.rotary_emb
 
-    @property
-    def batches(self) -> bool:
-        return False  # a press compresses one sequence's cache in the prefill (per-run buffers, no padding)
-
     def begin(self, prompt_len: int) -> None:
         self._fold()
         self.current = make(self.spec(), "kvpress")  # fresh per sample: presses keep per-run buffers
