@@ -2,6 +2,7 @@
 prompts at batch 1 and at larger batches, under the variants that batch, on the default model.
 
     python benchmarks/batch.py --threads 1                          # origin and rtn-8, limit 2, batches 1, 4, 8
+    python benchmarks/batch.py --threads 1 --variants snapkv-25,h2o-25,fp8-attention --sizes 1 8
     python benchmarks/batch.py --shape 8b --tokenizer benchmarks/gpu/tokenizer --device cuda --dtype bf16 \
         --variants origin --sizes 1 8 16    # Llama-3.1-8B's shape, random weights (benchmarks/run.py --shape)
 
@@ -41,15 +42,17 @@ def chunks(refs: list, size: int) -> list[list]:
 
 
 def force(model, method, refs, size: int) -> tuple[float, dict]:
-    """Seconds to teacher-force every reference at ``size`` prompts per forward, and each sample's logits."""
+    """Seconds to teacher-force every reference at ``size`` prompts per forward (in the method's own mode, as a suite
+    runs it: parallel where it is exact), and each sample's logits."""
+    mode = engine.resolve_mode(method, "auto")
     engine._sync(engine.input_device(model))
     t0 = time.perf_counter()
     out = {}
     for group in chunks(refs, size):
         if len(group) == 1:  # as the harness does: a prompt alone in its batch runs as at batch 1
-            logits = [engine.teacher_force(model, method, group[0].p_ids, group[0].g_ids, "parallel").logits]
+            logits = [engine.teacher_force(model, method, group[0].p_ids, group[0].g_ids, mode).logits]
         else:
-            logits, _ = engine.teacher_force_batch(model, method, [(r.p_ids, r.g_ids) for r in group], "parallel")
+            logits, _ = engine.teacher_force_batch(model, method, [(r.p_ids, r.g_ids) for r in group], mode)
         out.update((id(r), x.cpu()) for r, x in zip(group, logits))
     engine._sync(engine.input_device(model))
     return time.perf_counter() - t0, out

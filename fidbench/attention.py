@@ -24,13 +24,29 @@ DENSE_ROWS = 1024  # queries per SDPA call when a method hands a full mask (see 
 
 
 @dataclass
+class Row:
+    """One prompt of a batch (``fidbench.engine``'s batched forwards): left-padded with ``pad`` tokens, its real
+    tokens end before padded index ``end`` (None: none of the forward's queries is past it), and ``state`` is
+    the method's state for this prompt (``Method.sample_state``)."""
+
+    prompt_len: int
+    pad: int
+    end: int | None
+    state: Any = None
+
+
+@dataclass
 class Phase:
     """What the engine is doing while a forward runs: ``prefill`` or ``decode``, the prompt length, and
-    ``start``, the absolute position of the forward's first query (None: derived from the call)."""
+    ``start``, the absolute position of the forward's first query (None: derived from the call).
+
+    A batch of prompts gives its ``rows``; ``prompt_len`` and ``start`` are then padded widths and indices, and
+    each row's attention calls reach the method as that prompt's own (``by_row``)."""
 
     name: str
     prompt_len: int
     start: int | None = None
+    rows: list[Row] | None = None
 
 
 @dataclass
@@ -189,8 +205,45 @@ def _fidbench_attention(module, query, key, value, attention_mask, **kwargs):
     if active is None:
         return call.dense(), None
     method, call.phase = active
+    if call.phase.rows is not None:
+        return by_row(method, call), None
     out = method.attend(call)
     return (call.dense() if out is None else out), None
+
+
+def by_row(method, call: AttentionCall) -> torch.Tensor:
+    """A batched call answered row by row: each prompt's real queries and keys (no padding: key index j is again
+    position j, queries past the row's end left out) with its own mask slice, position ids, phase and state, as
+    the call that prompt makes alone. The model's dense work (projections, MLP, logits) stays batched; the
+    method sees no padding, so it needs no per-row rules of its own. Padded positions' outputs are zeros: no
+    real query attends to them, and they are never scored."""
+    phase = call.phase
+    q, n = call.query.shape[2], call.key.shape[2]
+    first_key = phase.start + q - n  # padded index of key 0 (a sliding layer's cache holds only the last ones)
+    out = call.query.new_zeros(call.query.shape[0], q, call.query.shape[1], call.value.shape[-1])
+    for b, row in enumerate(phase.rows):
+        lo = max(phase.start, row.pad)
+        hi = phase.start + q if row.end is None else min(phase.start + q, row.end)
+        if lo >= hi:
+            continue  # the row has no real query in this forward (padding, or a finished row)
+        queries = slice(lo - phase.start, hi - phase.start)
+        keys = slice(max(first_key, row.pad) - first_key, hi - first_key)
+        mask = call.attention_mask
+        if mask is not None:
+            mask = mask[b : b + 1] if mask.shape[0] > 1 else mask
+            mask = mask[..., queries, keys]
+        kwargs = dict(call.kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            kwargs["position_ids"] = (positions[b : b + 1] if positions.shape[0] > 1 else positions)[:, queries]
+        alone = AttentionCall(call.module, call.query[b : b + 1, :, queries], call.key[b : b + 1, :, keys],
+                              call.value[b : b + 1, :, keys], mask, Phase(phase.name, row.prompt_len, lo - row.pad),
+                              kwargs)
+        method.use_sample_state(row.state)
+        answer = method.attend(alone)
+        row.state = method.sample_state()
+        out[b, queries] = (alone.dense() if answer is None else answer)[0]
+    return out
 
 
 def register() -> None:

@@ -197,8 +197,18 @@ def batches(lengths: list[int], size: int) -> list[list[int]]:
 
 def check_batches(method) -> None:
     if not method.batches:
-        raise ValueError(f"method {method.name!r} (kind {method.kind!r}) scores one prompt per forward: its hooks "
-                         f"keep per-prompt state (lengths, budgets, kept sets) that is not per row")
+        raise ValueError(f"method {method.name!r} (kind {method.kind!r}) scores one prompt per forward: it keeps "
+                         f"per-prompt state that a batch cannot hold per row (Method.batches says which methods can)")
+
+
+def _rows(method, prompts: list[list[int]], ends: list[int | None], width: int) -> list[attention.Row]:
+    """A batch's rows (``attention.Row``), each with the state ``method.begin`` leaves for its prompt; ``begin``
+    also adds each prompt to the method's totals, once, as at batch 1."""
+    rows = []
+    for p, end in zip(prompts, ends):
+        method.begin(len(p))
+        rows.append(attention.Row(len(p), width - len(p), end, method.sample_state()))
+    return rows
 
 
 @grad_off
@@ -210,12 +220,15 @@ def teacher_force_batch(model, method, samples: list[tuple[list[int], list[int]]
     check_batches(method)
     device = input_device(model)
     ids, mask, positions = left_padded([p for p, _ in samples], device)
+    width = ids.shape[1]
+    rows = _rows(method, [p for p, _ in samples], [width + len(g) - 1 for _, g in samples], width)
     clock = Clock(device)
     clock.mark()
-    first, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
-                              position_ids=positions, logits_to_keep=1)
+    with attention.running(method, attention.Phase("prefill", width, 0, rows)):
+        first, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
+                                  position_ids=positions, logits_to_keep=1)
     clock.mark()
-    rows = [first[:, -1:].float()]
+    outs = [first[:, -1:].float()]
     n = max(len(g) for _, g in samples) - 1  # reference tokens fed after the prompt
     if n > 0:
         ref = torch.tensor([g[:-1] + [0] * (n + 1 - len(g)) for _, g in samples], device=device)
@@ -223,15 +236,15 @@ def teacher_force_batch(model, method, samples: list[tuple[list[int], list[int]]
             rights = torch.tensor([[1] * (len(g) - 1) + [0] * (n + 1 - len(g)) for _, g in samples], device=device)
             mask = torch.cat([torch.ones_like(ids) if mask is None else mask, rights], dim=1)
         positions = torch.tensor([[len(p) + t for t in range(n)] for p, _ in samples], device=device)
-        width = ids.shape[1]
         steps = [slice(0, n)] if mode == "parallel" else [slice(t, t + 1) for t in range(n)]
         for step in steps:
             seen = None if mask is None else mask[:, : width + step.stop]
-            logits, cache = call_model(model, cache, input_ids=ref[:, step], attention_mask=seen,
-                                       position_ids=positions[:, step])
-            rows.append(logits.float())
+            with attention.running(method, attention.Phase("decode", width, width + step.start, rows)):
+                logits, cache = call_model(model, cache, input_ids=ref[:, step], attention_mask=seen,
+                                           position_ids=positions[:, step])
+            outs.append(logits.float())
     clock.mark()
-    out = torch.cat(rows, dim=1)
+    out = torch.cat(outs, dim=1)
     return [out[b, : len(g)] for b, (_, g) in enumerate(samples)], clock
 
 
@@ -247,31 +260,37 @@ def greedy_batch(model, method, prompts: list[list[int]], lengths: list[int], eo
         raise ValueError(f"greedy_batch: lengths must be >= 1, got {lengths}")
     device = input_device(model)
     ids, mask, positions = left_padded(prompts, device)
+    width = ids.shape[1]
+    rows = _rows(method, prompts, [None] * len(prompts), width)
     clock = Clock(device)
     clock.mark()
-    logits, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
-                               position_ids=positions, logits_to_keep=1)
+    with attention.running(method, attention.Phase("prefill", width, 0, rows)):
+        logits, cache = call_model(model, method.new_cache(model), input_ids=ids, attention_mask=mask,
+                                   position_ids=positions, logits_to_keep=1)
     clock.mark()
     tokens: list[list[int]] = [[] for _ in prompts]
-    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    picked: list[list[torch.Tensor]] = [[] for _ in prompts]  # each row's logits, one per token
     done = [False] * len(prompts)
-    while True:
+    for fed in range(width, width + max(lengths)):  # the padded index the next step's tokens take
         last = logits[:, -1].float()
         step = last.argmax(-1).tolist()  # one read per step for the whole batch
         for b, token in enumerate(step):
             if not done[b]:
                 tokens[b].append(token)
-                rows[b].append(last[b])
+                picked[b].append(last[b])
                 done[b] = token in eos_ids or len(tokens[b]) == lengths[b]
+                if done[b]:
+                    rows[b].end = fed  # its last token is not fed: a method's hook sees the row no further
         if all(done):
             break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        logits, cache = call_model(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
-                                   attention_mask=mask, position_ids=positions)
+        with attention.running(method, attention.Phase("decode", width, fed, rows)):
+            logits, cache = call_model(model, cache, input_ids=torch.tensor(step, device=device)[:, None],
+                                       attention_mask=mask, position_ids=positions)
     clock.mark()
-    return [(t, torch.stack(r)) for t, r in zip(tokens, rows)], clock
+    return [(t, torch.stack(r)) for t, r in zip(tokens, picked)], clock
 
 
 @torch.inference_mode()

@@ -197,6 +197,7 @@ class Bench:
         # lengths together (engine.batches); the report keeps the suite's order.
         size = self.batch_size if method.batches and not own_loop and shared is None else 1
         timing["batch_size"] = size
+        ties = 0  # scored positions at a near-tie, batched runs only (metrics.NEAR_TIE)
         live = [k for k, (_, ref) in enumerate(work) if ref is not None]
         groups = [[live[i] for i in b] for b in engine.batches([len(work[k][1].p_ids) for k in live], size)] \
             if size > 1 else [[k] for k in live]
@@ -221,6 +222,7 @@ class Bench:
                     timing["decode_s"] += decode_s
                     results = [self._scored(loaded, work[k][0], ref, forced, on_sample)
                               for k, ref, forced in zip(group, refs, logits)]
+                    ties = ties + sum(metrics.near_ties(forced) for forced in logits)
                     gens = [None] * len(group)
                     if free:
                         made, clock = engine.greedy_batch(model, method, [r.p_ids for r in refs],
@@ -252,6 +254,8 @@ class Bench:
                         s.free = metrics.free_run(ref.g_ids, ids, free_row["base_text"], free_row["free_text"],
                                                   prompt.answers)
                     scored_rows[k] = (s, report.sample(prompt, ref, s, *bad, free=free_row))
+            if size > 1:
+                timing["near_ties"] = int(ties)
             for k, (prompt, ref) in enumerate(work):
                 if ref is None:
                     skipped.append({"dataset": prompt.dataset, "index": prompt.index, "reason": prompt.skipped})

@@ -63,6 +63,18 @@ class SampleScores:
         return _summarize([self])
 
 
+# A top-2 logit margin below this is a near-tie: batching changes fp32 summation order, which moves logits by up to
+# ~1e-4 on the default model (benchmarks/LOG.md) and 1e-3 where a method rounds (tests/test_batch.py), so its argmax
+# may differ from one prompt per forward there.
+NEAR_TIE = 1e-3
+
+
+def near_ties(logits: torch.Tensor) -> torch.Tensor:
+    """How many rows of (N, V) ``logits`` are near-ties (``NEAR_TIE``), as a tensor (read once per case)."""
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1] < NEAR_TIE).sum()
+
+
 def rest_logp(logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
     """log of the probability mass outside ``top_idx``, summed from the tail itself (1 - Σ top loses it to rounding)."""
     return logp.scatter(1, top_idx.to(logp.device), -torch.inf).logsumexp(-1)

@@ -192,6 +192,16 @@ def check_writable(path) -> None:
     probe.unlink()
 
 
+def batched(records) -> dict:
+    """``{"batched": ...}`` when cases ran several prompts per forward: how many, and their scored positions at a
+    near-tie (``metrics.NEAR_TIE``), where an argmax may differ from one prompt per forward; else nothing."""
+    cases = [r for r in records if ((r.get("timing") or {}).get("batch_size") or 1) > 1]
+    if not cases:
+        return {}
+    ties = sum(r["timing"].get("near_ties") or 0 for r in cases)
+    return {"batched": {"cases": len(cases), "near_ties": ties, "near_tie_margin": metrics.NEAR_TIE}}
+
+
 class Report:
     """Case records of a run, kept in suite order and rewritten to ``path`` after every case."""
 
@@ -221,7 +231,8 @@ class Report:
     def write(self) -> None:
         if not self.path:
             return
-        doc = {"format": FORMAT, "environment": self.environment, "settings": self.settings, "cases": self.ordered()}
+        doc = {"format": FORMAT, "environment": {**self.environment, **batched(self.records.values())},
+               "settings": self.settings, "cases": self.ordered()}
         if self.errors:
             doc["errors"] = self.errors
         tmp = Path(f"{self.path}.tmp{os.getpid()}")

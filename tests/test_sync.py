@@ -102,13 +102,20 @@ def test_the_counter_lets_shape_only_ops_pass():
     assert not syncs.ops
 
 
-def syncs_of(method: str, params: dict, layers: int) -> collections.Counter:
+def syncs_of(method: str, params: dict, layers: int, batched: bool = False) -> collections.Counter:
+    """The synchronizing ops of teacher forcing one sample, or (``batched``) a left-padded batch of three whose rows
+    the hook sees one by one (fidbench.attention.by_row)."""
     model = tiny_model("llama", num_hidden_layers=layers)
     g = torch.Generator().manual_seed(1)
-    p_ids, g_ids = torch.randint(0, 283, (40,), generator=g).tolist(), torch.randint(0, 283, (8,), generator=g).tolist()
+    samples = [(torch.randint(0, 283, (n,), generator=g).tolist(), torch.randint(0, 283, (8,), generator=g).tolist())
+               for n in ((40, 27, 33) if batched else (40,))]
     m = build(method, params)
+    mode = engine.resolve_mode(m, "auto")
     with m.apply(model, calibration()) as applied, Syncs() as syncs:
-        engine.teacher_force(applied, m, p_ids, g_ids, engine.resolve_mode(m, "auto"))
+        if batched:
+            engine.teacher_force_batch(applied, m, samples, mode)
+        else:
+            engine.teacher_force(applied, m, *samples[0], mode)
     assert m.kept()  # the hook ran
     return syncs.ops
 
@@ -116,9 +123,10 @@ def syncs_of(method: str, params: dict, layers: int) -> collections.Counter:
 CASES = {name: (name, {}) for name in ATTENTION} | PATHS
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one", "batched"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_hooks_never_wait_for_the_device(case):
+def test_hooks_never_wait_for_the_device(case, batched):
     method, extra = CASES[case]
     params = {**REGISTRY[method].test_params["real"], **extra}
-    two, six = syncs_of(method, params, 2), syncs_of(method, params, 6)
+    two, six = syncs_of(method, params, 2, batched), syncs_of(method, params, 6, batched)
     assert sum(six.values()) == sum(two.values()), f"{case}: {dict(two)} with 2 layers, {dict(six)} with 6"

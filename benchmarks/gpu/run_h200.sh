@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 8B table in one call on one GPU, in about 8.5 minutes (and up to 150 s more for batches of prompts): benchmarks/run.py on a random-weight Llama
+# The 8B table in one call on one GPU, in about 8.5 minutes (and up to 200 s more for batches of prompts): benchmarks/run.py on a random-weight Llama
 # of Llama-3.1-8B's shape (bf16, built in place), with the default model's tokenizer from
 # benchmarks/gpu/tokenizer (its GGUF cannot travel). Targets 1-4 in one process (the model is built
 # once), each method time-boxed, every record written to $OUT/bench.json as it is measured; a hard
@@ -43,12 +43,13 @@ timeout "${BUDGET:-500}" "$py" benchmarks/run.py --shape 8b --tokenizer benchmar
   | tee "$OUT/bench.log"
 echo "run.py exit status: ${PIPESTATUS[0]} (124: stopped by the time limit)" | tee -a "$OUT/bench.log"
 
-# Prompts per forward (--fidbench-batch-size): origin teacher-forced and free-running over the default suite's first
-# two prompts per dataset at batch 1, 8 and 16, side by side, every record written to $OUT/batch.json as it is
-# measured. BATCH_ARGS replaces the shape and device (test aid: BATCH_ARGS="--shape tiny --device cpu").
+# Prompts per forward (--fidbench-batch-size): origin, then an eviction and a low-bit attention method (their hooks
+# see each row alone), teacher-forced and free-running over the default suite's first two prompts per dataset at
+# batch 1, 8 and 16, side by side, every record written to $OUT/batch.json as it is measured. BATCH_ARGS replaces
+# the shape and device (test aid: BATCH_ARGS="--shape tiny --device cpu").
 # shellcheck disable=SC2086
-timeout "${BATCH_BUDGET:-150}" "$py" benchmarks/batch.py ${BATCH_ARGS:---shape 8b --device cuda --dtype bf16} \
-  --tokenizer benchmarks/gpu/tokenizer --variants origin --sizes 1 8 16 --limit 2 --repeats 2 \
+timeout "${BATCH_BUDGET:-200}" "$py" benchmarks/batch.py ${BATCH_ARGS:---shape 8b --device cuda --dtype bf16} \
+  --tokenizer benchmarks/gpu/tokenizer --variants origin,snapkv-25,fp8-attention --sizes 1 8 16 --limit 2 --repeats 2 \
   --out "$OUT/batch.json" 2>&1 | tee "$OUT/batch.log"
 echo "batch.py exit status: ${PIPESTATUS[0]} (124: stopped by the time limit)" | tee -a "$OUT/batch.log"
 

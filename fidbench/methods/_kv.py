@@ -66,6 +66,7 @@ class KVMethod(Method):
     ratio: float | None = None
     budget: int | None = None
     min_budget: int = MIN_BUDGET
+    per_sample = ()  # begin only adds to the budget totals
 
     def __post_init__(self):
         if self.ratio is None and self.budget is None:
@@ -129,6 +130,8 @@ class Evicting(KVMethod):
     allocation keeps the best ``layer_budget`` of them per head (``allocate``). Decode queries see the
     kept prompt positions and every generated one."""
 
+    per_sample = ("keep",)
+
     def begin(self, prompt_len: int) -> None:
         super().begin(prompt_len)
         self.keep: dict[int, torch.Tensor | None] = {}  # layer -> (batch, heads, prompt_len) bool, None = all
@@ -188,6 +191,7 @@ class DecodeEvicting(KVMethod):
     """
 
     parallel_exact = True  # the row-by-row loop above (tests/test_h2o_tova.py compares both modes)
+    per_sample = ("keep",)
 
     def begin(self, prompt_len: int) -> None:
         super().begin(prompt_len)

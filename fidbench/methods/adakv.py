@@ -85,6 +85,9 @@ class AdaKV(Evicting):
         super().begin(prompt_len)
         self._scorer.begin(prompt_len)
 
+    def parts(self) -> list:
+        return [self._scorer]
+
     def score(self, call: AttentionCall) -> torch.Tensor:
         return self._scorer.score(call)
 

@@ -20,8 +20,9 @@ An attention method also declares its ``role`` in a deployment, so that methods 
 its mask to ``call.dense``), ``"cache"`` (what the cache stores: KIVI, GEAR; it hands the keys and values
 queries read to ``call.dense``) or ``"kernel"`` (how attention is computed: FP8, Sage, Sparge); ``None``:
 it does not compose. A method whose prefill is the base model's says so (``base_prefill``). Every method may
-also override ``begin(prompt_len)`` (reset per-sample state before each prefill) and ``kept()`` (what it kept or
-changed, for the report).
+also override ``begin(prompt_len)`` (reset per-sample state before each prefill; the attributes it sets are named
+in ``per_sample``, so that a batch of prompts can keep one state per row) and ``kept()`` (what it kept or changed,
+for the report).
 
 Every subclass is made a dataclass when it is defined, so helper base classes keep their fields.
 Parameters are checked against their resolved annotations when a suite builds a method.
@@ -101,6 +102,11 @@ class Method:
     # Either may be None with a "why"; "covered_by" names the test that covers a method needing
     # inputs the matrix cannot build (another checkpoint, a Modifier file).
     test_params: ClassVar[dict] = {}
+    # The attributes ``begin`` sets afresh for each sample (kept sets, scores, a generator); everything else is
+    # parameters or totals over samples. A batch of prompts keeps one such state per row and hands each row's
+    # to the method around that row's attention calls. None: not declared, so a method with a ``begin`` of its
+    # own scores one prompt per forward (tests/test_batch.py holds every declared method equal to batch 1).
+    per_sample: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -121,12 +127,32 @@ class Method:
 
     @property
     def batches(self) -> bool:
-        """Whether B prompts may share a forward (``--fidbench-batch-size``): methods that leave attention and the
-        cache to the model (kinds none, weights, model), whose forward takes a padded batch with its mask, and
-        keep no per-prompt state (no ``begin`` of their own: the batched engine calls none). Attention hooks,
-        caches, stacks and kvpress's presses keep per-prompt state (prompt length, budgets, kept sets, a press's
-        buffers) that is not per row: they score one prompt per forward."""
-        return self.kind in ("none", "weights", "model") and type(self).begin is Method.begin
+        """Whether B prompts may share a forward (``--fidbench-batch-size``): kinds none, weights, model (the model
+        takes a padded batch with its mask) and attention (each row's attention calls reach the hook as the calls
+        of that prompt alone, ``fidbench.attention``), where the per-sample state is declared (``per_sample``) by
+        every method that has a ``begin`` of its own, here and in its ``parts``. Caches (their quantization groups
+        would span rows) and kvpress's presses (they compress the cache physically) score one prompt per forward."""
+        return self.kind in ("none", "weights", "model", "attention") and self._state_declared()
+
+    def _state_declared(self) -> bool:
+        own = type(self).begin is Method.begin or self.per_sample is not None
+        return own and all(part._state_declared() for part in self.parts())
+
+    def parts(self) -> list[Method]:
+        """Methods this one runs inside itself (a stack's members, adakv's scorer): their state is its state."""
+        return []
+
+    def sample_state(self):
+        """This sample's state (``per_sample``, its parts' too): what a batch keeps for each of its rows."""
+        return {n: getattr(self, n) for n in self.per_sample or ()}, [part.sample_state() for part in self.parts()]
+
+    def use_sample_state(self, state) -> None:
+        """Make ``state`` (from ``sample_state``) this method's current sample."""
+        own, parts = state
+        for name, value in own.items():
+            setattr(self, name, value)
+        for part, part_state in zip(self.parts(), parts):
+            part.use_sample_state(part_state)
 
     def params(self) -> dict:
         return dataclasses.asdict(self)

@@ -130,6 +130,7 @@ class GEAR(Method):
     streaming_gap: int = 64
     schedule: Literal["reference", "paper"] = "reference"
     seed: int = 0
+    per_sample = ("_stretches",)
 
     def validate(self):
         if self.quantize_bit not in (2, 3, 4, 8, 16):

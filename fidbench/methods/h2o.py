@@ -45,6 +45,7 @@ class H2O(DecodeEvicting):
     test_params = {"degenerate": {"budget": 1024}, "real": {"budget": 12}}
     recent: float = 0.5
     granularity: Literal["kv_head", "query_head"] = "kv_head"
+    per_sample = ("keep", "recent_tokens", "score")
 
     def validate(self):
         super().validate()

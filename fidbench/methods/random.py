@@ -25,6 +25,7 @@ class Random(Evicting):
     test_params = {"degenerate": {"ratio": 1.0}, "real": {"budget": 12, "seed": 3}}
     seed: int = 0
     reseed: Literal["sample", "layer"] = "sample"
+    per_sample = ("keep", "_generator")
 
     def begin(self, prompt_len: int) -> None:
         super().begin(prompt_len)

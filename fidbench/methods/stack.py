@@ -114,9 +114,14 @@ class Stack(Method):
                 model = applied.enter_context(super().apply(model, context))  # installs the hook below
             yield model
 
+    per_sample = ()  # the members' (parts)
+
     def begin(self, prompt_len: int) -> None:
         for member in self._members:
             member.begin(prompt_len)
+
+    def parts(self) -> list:
+        return self._members
 
     def attend(self, call: AttentionCall):
         return self._from(call, 0)

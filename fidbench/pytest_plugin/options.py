@@ -43,9 +43,9 @@ def pytest_addoption(parser):
                     help="teacher forcing: parallel, stepwise, or auto (per method)")
     group.addoption("--fidbench-report", metavar="PATH", help="write fidbench's JSON report (scores, timing, samples)")
     group.addoption("--fidbench-batch-size", type=_positive, default=1, metavar="N",
-                    help="prompts per forward: base references, and teacher forcing and free running under the "
-                         "methods that batch (origin, weight methods, checkpoints, hf-quant; the others run one "
-                         "prompt at a time); default 1; >1 keeps its own references")
+                    help="prompts per forward: base references, and teacher forcing and free running (every method "
+                         "but caches and kvpress presses; cases replaying shared prefills run one at a time); "
+                         "default 1; >1 keeps its own references")
     group.addoption("--fidbench-free-run", action="store_true",
                     help="every case also lets the method generate on its own and scores that (ROUGE-L, edit "
                          "distance), as variants with free_run: true do; one forward per generated token")
