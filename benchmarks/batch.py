@@ -45,7 +45,7 @@ def force(model, method, refs, size: int) -> tuple[float, dict]:
     """Seconds to teacher-force every reference at ``size`` prompts per forward (in the method's own mode, as a suite
     runs it: parallel where it is exact), and each sample's logits."""
     mode = engine.resolve_mode(method, "auto")
-    engine._sync(engine.input_device(model))
+    engine.sync(engine.input_device(model))
     t0 = time.perf_counter()
     out = {}
     for group in chunks(refs, size):
@@ -54,7 +54,7 @@ def force(model, method, refs, size: int) -> tuple[float, dict]:
         else:
             logits, _ = engine.teacher_force_batch(model, method, [(r.p_ids, r.g_ids) for r in group], mode)
         out.update((id(r), x.cpu()) for r, x in zip(group, logits))
-    engine._sync(engine.input_device(model))
+    engine.sync(engine.input_device(model))
     return time.perf_counter() - t0, out
 
 

@@ -41,7 +41,8 @@ def forward(model, ids: torch.Tensor, cache=None, last_only: bool = False):
     return logits[0].float(), new_cache
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU); for a timer that reads the host clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -303,7 +304,7 @@ def warm_up(model) -> None:
     _, cache = forward(model, ids[:, :WARM_UP_TOKENS], last_only=True)
     _, cache = forward(model, ids[:, WARM_UP_TOKENS : WARM_UP_TOKENS + 4], cache)
     forward(model, ids[:, -1:], cache)
-    _sync(device)
+    sync(device)
 
 
 def plans_per_shape(device: torch.device) -> bool:
@@ -326,7 +327,7 @@ def warm_up_shapes(model, samples) -> None:
         _, cache = forward(model, ids[:, :p], last_only=True)
         if n > 1:
             forward(model, ids[:, p:], cache)
-    _sync(device)
+    sync(device)
 
 
 class Stepper:
@@ -346,10 +347,10 @@ class Stepper:
     def prefill(self) -> float:
         self.method.begin(self.p)
         self.cache, self.t = None, 0  # free the last round's cache before the next
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         _, self.cache = prefill(self.model, self.method, self.prompt, self.recorded)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
     @grad_off
@@ -357,7 +358,7 @@ class Stepper:
         t = self.t
         with attention.running(self.method, attention.Phase("decode", self.p, self.p + t)):
             _, self.cache = forward(self.model, self.ref[:, t : t + 1], self.cache)
-        _sync(self.device)
+        sync(self.device)
         self.t += 1
 
 
