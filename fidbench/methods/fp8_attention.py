@@ -10,7 +10,11 @@ e4m3 value and dequantized. Scales cover every token a call sees (the whole cach
 decode step's rounding depends on the cache at that step. Teacher forcing several reference tokens in
 one forward gives each query row the scales its own step would have had: Q's over its token, K's and
 V's over the keys it sees (a step's call holds exactly those keys), so one forward computes what a
-token-by-token decode does (the same roundings; SDPA sums in another order).
+token-by-token decode does, in exact arithmetic. In fp32 the model's matmuls sum in another order when a
+forward holds more rows (several reference tokens, several prompts), and with e4m3's 3 mantissa bits a ~1e-6
+difference can carry a value across a rounding boundary: on the default model parallel and stepwise decoding
+(and batches of prompts) differ at a few percent of argmaxes (benchmarks/LOG.md, "Noise floor of rounding
+methods"); on the tiny test models no rounding flips.
 
 ``p_fp8``: True (default) also converts P to e4m3 before P·V, as FA3's FP8 kernel always does (its fp8
 forward has no higher-precision P·V) (``softmax.h``, ``Max_offset = 8``): keys are

@@ -12,9 +12,10 @@ Decode: each query is computed as a token-by-token decode's step computes it, th
 one query over the cache: the K mean and K's blocks (aligned at the first key, the last one partial)
 are those of the keys that query sees, and the query is its own Q block. Several reference tokens in
 one forward get each row's own statistics (``sage_decode``), so one forward equals the token-by-token
-decode. A decode row sums the K mean, the softmax and P·V in float64 (exact or nearly so for these
-terms, where fp32's result would depend on how many masked keys a call holds) before rounding as the
-kernel does; integer Q·Kᵀ products are exact in fp32 anyway. The prefill keeps fp32 sums.
+decode in exact arithmetic (fp32 summation order upstream can still flip an int8 rounding: benchmarks/LOG.md,
+"Noise floor of rounding methods"). A decode row sums the K mean, the softmax and P·V in float64 (exact or
+nearly so for these terms, where fp32's result would depend on how many masked keys a call holds) before
+rounding as the kernel does; integer Q·Kᵀ products are exact in fp32 anyway. The prefill keeps fp32 sums.
 
 ``pv: fp8`` is SageAttention2's P·V on sm89/sm90 instead (``sage_attention``'s ``v_fp8_max``); this
 method's default stays the SageAttention (1) paper's fp16, ``sparge-attention``'s is fp8. A decode row
