@@ -152,7 +152,7 @@ def _cases():
     exact in one forward and stepwise; the attention methods' unpadded shapes on llama only (no padding: each
     row's calls are the batch's own, sliced)."""
     for method in BATCHING:
-        modes = ["parallel", "stepwise"] if REGISTRY[method].parallel_exact is not False else ["stepwise"]
+        modes = ["parallel", "stepwise"] if build(method, _params(method)).parallel_exact else ["stepwise"]
         for family in sorted(FAMILIES):
             for shape in sorted(SHAPES):
                 if method in ATTENTION and shape != "padded" and family != "llama":
@@ -168,8 +168,6 @@ def test_batched_teacher_forcing_equals_one_prompt_at_a_time(method, family, sha
     assert batched_method.batches
     if _refuses(batched_method, model):
         pytest.skip(f"{method} refuses {family}: every layer slides")
-    if not batched_method.parallel_exact and mode == "parallel":
-        pytest.skip(f"{method} is stepwise with these parameters")
     with one_at_a_time.apply(model, calibration()) as applied:
         ones = [engine.teacher_force(applied, one_at_a_time, r.p_ids, r.g_ids, mode).logits for r in refs]
     with batched_method.apply(model, calibration()) as applied:
