@@ -109,7 +109,7 @@ def test_bad_batch_size_is_a_clear_error(cache):
 # Every method that batches (Method.batches) with the family matrix's real parameters: origin, the weight methods, and
 # the attention methods, whose hooks see each row as that prompt alone (fidbench.attention.by_row); checkpoint is run
 # batched by the harness test below, hf-quant in tests/test_quantlibs.py.
-BATCHING = ["origin"] + sorted(m for m, c in REGISTRY.items() if c.test_params.get("real")
+BATCHING = ["origin"] + sorted(m for m, c in REGISTRY.items() if c.test_params.get("real") is not None
                                and build(m, c.test_params["real"]).batches)
 ATTENTION = [m for m in BATCHING if REGISTRY[m].kind == "attention"]
 
