@@ -84,6 +84,7 @@ class Stack(Method):
                              {"method": "kivi", "bits": 2, "group": 4, "residual": 8}]},
     }
     members: list = dataclasses.field(default_factory=list)
+    per_sample = ()  # a stack's per-sample state is its members' (parts)
 
     def validate(self):
         self._members = parse_members(self.members)
@@ -113,8 +114,6 @@ class Stack(Method):
             if self._attending:
                 model = applied.enter_context(super().apply(model, context))  # installs the hook below
             yield model
-
-    per_sample = ()  # the members' (parts)
 
     def begin(self, prompt_len: int) -> None:
         for member in self._members:
