@@ -41,6 +41,14 @@ def test_cases_are_model_times_variant_and_k_selects_family_and_method(project):
     result.stdout.fnmatch_lines(["*fidbench results*", "tiny-b-origin*chat*", "tiny-b-origin*all*ok"])
 
 
+def test_the_suite_runs_with_xdist_switched_off(project):
+    # the plugin implements xdist's hooks; pytest refuses a plugin's unknown hook unless it is marked optional
+    result = project.runpytest_subprocess("-p", "no:xdist", "-k", "llama and topk", "--fidbench-quiet",
+                                          "--benchmark-disable")
+    result.assert_outcomes(passed=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
 def test_variant_tags_are_markers(project):
     (project.path / "fidbench.yaml").write_text(SUITE.replace("keep: 0.1,", "keep: 0.1, tags: [quick],"))
     result = project.runpytest("-m", "quick", "--fidbench-quiet", "--benchmark-disable")

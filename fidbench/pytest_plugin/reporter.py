@@ -137,6 +137,7 @@ class Reporter:
         message = str(excinfo.value)  # xdist's: "<WorkerController gw0> received keyboard-interrupt"
         self.interrupted = message if message == "SIGTERM" or "keyboard-interrupt" in message else "Ctrl-C"
 
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest refuses an unknown one under -p no:xdist
     def pytest_testnodedown(self, node, error):
         if error == "keyboard-interrupt":  # xdist then reports the case the worker ran as its crash
             self.interrupted_workers.add(node.gateway.id)
