@@ -9,7 +9,7 @@ import torch
 from filelock import FileLock
 from helpers import FAMILIES, calibration, random_ids, reference, save_words, tiny_model, words_suite
 
-from fidbench import attention, engine, metrics, report
+from fidbench import engine, metrics, report
 from fidbench import reference as references
 from fidbench.datasets import Prompt
 from fidbench.harness import Bench
@@ -118,11 +118,6 @@ def _params(method: str) -> dict:
     return REGISTRY[method].test_params.get("real") or {}
 
 
-def _refuses(method, model) -> bool:
-    """A KV method on a model whose every layer slides: refused by design (tests/test_families.py)."""
-    return method.full_attention_only and "full_attention" not in attention.layer_kinds(model.config)
-
-
 def _agree(one: torch.Tensor, batched: torch.Tensor, atol: float = 1e-5) -> None:
     """Equal up to fp32 summation order: logits within ``atol``, an argmax that differs only at a near-tie."""
     torch.testing.assert_close(batched, one, atol=atol, rtol=atol)
@@ -166,7 +161,7 @@ def test_batched_teacher_forcing_equals_one_prompt_at_a_time(method, family, sha
     refs = [reference(model, random_ids(n, seed=n + i), g) for i, (n, g) in enumerate(SHAPES[shape])]
     one_at_a_time, batched_method = build(method, _params(method)), build(method, _params(method))
     assert batched_method.batches
-    if _refuses(batched_method, model):
+    if not batched_method.runs_on(model.config):  # refused by design (tests/test_families.py)
         pytest.skip(f"{method} refuses {family}: every layer slides")
     with one_at_a_time.apply(model, calibration()) as applied:
         ones = [engine.teacher_force(applied, one_at_a_time, r.p_ids, r.g_ids, mode).logits for r in refs]
@@ -198,7 +193,7 @@ def test_batched_free_running_stops_each_row_at_its_own_end(method, family, leng
     model = tiny_model(family)
     prompts = [random_ids(n, seed=n + i) for i, n in enumerate(lengths)]
     m = build(method, _params(method))
-    if _refuses(m, model):
+    if not m.runs_on(model.config):
         pytest.skip(f"{method} refuses {family}: every layer slides")
     with m.apply(model, calibration()) as applied:
         free = engine.free_run(applied, m, prompts[1], 20, set())

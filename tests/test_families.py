@@ -54,17 +54,11 @@ def _force(model, method, ref, mode=None):
         return engine.teacher_force(m, method, ref.p_ids, ref.g_ids, mode).logits
 
 
-def _refuses(method: str, family: str) -> bool:
-    """KV methods on a model without a full-attention layer (their documented refusal)."""
-    kinds = attention.layer_kinds(_model_and_reference(family)[0].config)
-    return REGISTRY[method].full_attention_only and "full_attention" not in kinds
-
-
 def _run_or_refusal(method_name: str, family: str, params: dict, mode=None):
     """The method's logits on ``family``, or None after checking the refusal names method and family."""
     model, ref = _model_and_reference(family)
     method = build(method_name, params)
-    if _refuses(method_name, family):
+    if not method.runs_on(model.config):  # KV methods on a model whose every layer slides
         with pytest.raises(ValueError) as e:
             _force(model, method, ref, mode)
         assert f"method {method_name!r} cannot run on {family}" in str(e.value), f"unclear refusal: {e.value}"

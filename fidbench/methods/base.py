@@ -157,9 +157,13 @@ class Method:
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
+    def runs_on(self, config) -> bool:
+        """False where every attention layer slides and this method compresses only full-attention ones."""
+        return not self.full_attention_only or "full_attention" in attention.layer_kinds(config)
+
     @contextlib.contextmanager
     def apply(self, model, context=None):
-        if self.full_attention_only and "full_attention" not in attention.layer_kinds(model.config):
+        if not self.runs_on(model.config):
             raise ValueError(
                 f"method {self.name!r} cannot run on {model.config.model_type}: every attention layer of this "
                 f"model uses a sliding window, and {self.name} compresses only full-attention layers (sliding "
