@@ -36,6 +36,13 @@ from fidbench.suite import load
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def chat_references(suite, loaded) -> list:
+    """The base references of the suite's default scored sets that the model generated (not the text sets, whose
+    reference is their own text)."""
+    generated = {d.name for d in suite.datasets if d.default and d.scored and d.kind != "text"}
+    return [r for p, r in zip(loaded.prompts, loaded.references) if r is not None and p.dataset in generated]
+
+
 def chunks(refs: list, size: int) -> list[list]:
     """As the harness batches: prompts of similar lengths together (``engine.batches``)."""
     return [[refs[i] for i in b] for b in engine.batches([len(r.p_ids) for r in refs], size)]
@@ -107,8 +114,7 @@ def main() -> None:
     else:
         spec = dataclasses.replace(suite.models[0], device=a.device) if a.device else suite.models[0]
         loaded = bench.load(spec)
-    default = {d.name for d in suite.datasets if d.default and d.scored and d.kind != "text"}
-    refs = [r for p_, r in zip(loaded.prompts, loaded.references) if r is not None and p_.dataset in default]
+    refs = chat_references(suite, loaded)
     eos = eos_ids(loaded.model, loaded.tokenizer)
     variants = {v.name: v for v in suite.variants}
     records: list[dict] = []

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from batch import chat_references  # benchmarks/batch.py
 
 from fidbench import engine, harness, metrics
 from fidbench.methods import build
@@ -35,9 +36,10 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     suite = load(a.suite)
     loaded = harness.Bench(suite, limit=a.limit, progress=lambda *_: None).load(suite.models[0])
-    chat = {d.name for d in suite.datasets if d.default and d.scored and d.kind != "text"}  # greedy references
-    refs = [r for p_, r in zip(loaded.prompts, loaded.references)
-            if r is not None and p_.dataset in chat and len(r.p_ids) < a.max_prompt]
+    refs = [r for r in chat_references(suite, loaded) if len(r.p_ids) < a.max_prompt]
+    if not refs:
+        p.error(f"no prompt of the suite's default chat sets at --limit {a.limit} is shorter than --max-prompt "
+                f"{a.max_prompt} tokens")
     print(f"{len(refs)} prompts of {[len(r.p_ids) for r in refs]} tokens, {sum(len(r.g_ids) for r in refs)} "
           f"positions", flush=True)
     variants = {v.name: v for v in suite.variants}
