@@ -16,16 +16,16 @@ from fidbench.suite import SuiteError, load
 SHARED = sorted(name for name, cls in REGISTRY.items() if cls.base_prefill is True)
 
 
-def variants(family):
+def variants(config):
     """Each base_prefill method with its real parameters (and H2O at a second budget and granularity, which
-    reuse the column sums of the first), for the methods ``family`` can run."""
+    reuse the column sums of the first), for the methods a model of ``config`` can run."""
     out = []
     for name in SHARED + ["h2o-query", "streamingllm-dense"]:
         method, real = name.split("-")[0], REGISTRY[name.split("-")[0]].test_params.get("real") or {}
         params = {"h2o-query": {"budget": 20, "granularity": "query_head"},
                   "streamingllm-dense": {"budget": 12, "prefill": "dense"}}.get(name, real)
         m = build(method, params)
-        if m.full_attention_only and "sliding_window" in FAMILIES[family] and "layer_types" not in FAMILIES[family]:
+        if not m.runs_on(config):
             continue  # mistral: every layer slides, KV methods refuse it (tests/test_families.py)
         out.append((name, m))
     return out
@@ -50,7 +50,7 @@ def test_replaying_a_recorded_prefill_equals_a_live_prefill_bit_for_bit(family):
     ref = reference(model, random_ids(40), n=12)
     recorded = prefill.record(model, ref.p_ids)
     assert recorded is not None and len(recorded.calls) == model.config.num_hidden_layers
-    for name, method in variants(family):
+    for name, method in variants(model.config):
         live, kept_live = run(model, method, ref)
         method = build(method.name, method.params())
         shared, kept_shared = run(model, method, ref, recorded)
