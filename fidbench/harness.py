@@ -190,12 +190,15 @@ class Bench:
             timing["free_run_s"] = 0.0
         scored = set(self.suite.scored_by(case.variant))
         work = [(p, r) for p, r in zip(loaded.prompts, loaded.references) if p.dataset in scored]
-        shared = loaded.prefills if method.base_prefill and not own_loop else None
-        if shared is not None:
-            timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
         # Prompts per forward: --fidbench-batch-size for a method that batches (Method.batches), prompts of similar
         # lengths together (engine.batches); the report keeps the suite's order.
-        size = self.batch_size if method.batches and not own_loop and shared is None else 1
+        batched = self.batch_size > 1 and method.batches and not own_loop
+        # A record holds one prompt's prefill, so replaying it runs one prompt per forward: batches, when asked
+        # for, come first, and shared prefills serve the cases that run one prompt at a time.
+        shared = loaded.prefills if method.base_prefill and not own_loop and not batched else None
+        if shared is not None:
+            timing["prefills_replayed"] = 0  # samples whose prefill_s is the method's work on a recorded prefill
+        size = self.batch_size if batched else 1
         timing["batch_size"] = size
         ties = 0  # scored positions at a near-tie, batched runs only (metrics.NEAR_TIE)
         live = [k for k, (_, ref) in enumerate(work) if ref is not None]

@@ -260,6 +260,22 @@ def test_a_batched_suite_reports_every_sample_in_order_as_batch_one_does(tmp_pat
                 assert three["scores"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric)
 
 
+def test_asked_batches_come_before_shared_prefills(tmp_path, monkeypatch):
+    """fidbench.yaml shares prefills; a batch size above 1 still runs its cases in batches (a record is one prompt's
+    prefill), and the same suite at batch size 1 replays every prompt's prefill."""
+    base = save_words(tmp_path / "base", "llama")
+    path = words_suite(tmp_path, base, {"topk": {"method": "topk", "keep": 0.5}})
+    spec = json.loads(path.read_text())
+    spec["generation"]["share_prefill_gib"] = 1
+    path.write_text(json.dumps(spec))
+    suite = load(path)
+    monkeypatch.setenv("FIDBENCH_CACHE", str(tmp_path / "cache"))
+    for size in (1, 3):
+        timing = Bench(suite, progress=False, batch_size=size).run(suite.cases()[0])["timing"]
+        assert timing["batch_size"] == size
+        assert timing.get("prefills_replayed") == (3 if size == 1 else None)
+
+
 def test_near_ties_are_counted_per_case_and_summed_in_the_environment(tmp_path):
     logits = torch.tensor([[1.0, 1.0005, 0.0], [2.0, 1.0, 0.0], [0.3, 0.2, 0.3], [0.0, 0.0, 5.0]])
     assert int(metrics.near_ties(logits)) == 2  # margins 5e-4 and 0 (a tie), not 1 or 4.7
