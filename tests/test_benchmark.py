@@ -120,3 +120,22 @@ def test_a_time_box_stops_a_measurement(run):
         with run.time_box(0.05):
             while True:
                 pass
+
+
+def test_suite_times_a_whole_pytest_run_and_reads_each_case_from_its_report(tmp_path):
+    # benchmarks/suite.py: a fresh pytest process over a suite, this checkout's plugin switched in as for a worktree.
+    from helpers import save_words, words_suite
+
+    spec = importlib.util.spec_from_file_location("benchmark_suite", ROOT / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    assert suite.plugin_switch(ROOT) == ["-p", "no:fidbench", "-p", "fidbench.pytest_plugin"]
+    path = words_suite(tmp_path, save_words(tmp_path / "base", "llama"),
+                       {"origin": {}, "topk": {"method": "topk", "keep": 0.5}, "h2o": {"method": "h2o", "budget": 2}})
+    r = suite.run(ROOT, ["tests/methods", "--fidbench-config", str(path), "--fidbench-free-run", "-k", "not h2o"],
+                  tmp_path / "cache", tmp_path / "run.log")
+    assert r["exit"] == 0 and "2 passed, 1 deselected" in r["summary"], (tmp_path / "run.log").read_text()
+    assert sorted(r["cases"]) == ["tiny-origin", "tiny-topk"]
+    for case in r["cases"].values():
+        assert case["outcome"] == "passed" and case["acc1"] > 0
+        assert case["prefill_s"] > 0 and case["decode_s"] > 0 and case["free_run_s"] > 0
