@@ -545,6 +545,9 @@ def target4(s: Setup, rec: Recorder, notes: list[str]) -> None:
 def child_suite(args) -> dict:
     """Bench.load + Bench.run(origin) twice on the default suite, with the model's forwards timed apart."""
     suite = load_suite(SUITE)
+    # Live prefills in both runs: a replayed one would make the second run's prefill the replay, not the warm one
+    # the first run is compared with (fidbench.yaml shares prefills).
+    suite.share_prefill_gib = 0
     spec = model_spec(args)
     suite.models = [spec]
     case = next(c for c in suite.cases() if c.variant.method == "origin")
