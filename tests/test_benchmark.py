@@ -130,6 +130,8 @@ def test_suite_times_a_whole_pytest_run_and_reads_each_case_from_its_report(tmp_
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     assert suite.plugin_switch(ROOT) == ["-p", "no:fidbench", "-p", "fidbench.pytest_plugin"]
+    with pytest.raises(SystemExit, match="no-such-revision: fatal"):  # a clear error, not a traceback
+        suite.checkout("no-such-revision", tmp_path)
     path = words_suite(tmp_path, save_words(tmp_path / "base", "llama"),
                        {"origin": {}, "topk": {"method": "topk", "keep": 0.5}, "h2o": {"method": "h2o", "budget": 2}})
     r = suite.run(ROOT, ["tests/methods", "--fidbench-config", str(path), "--fidbench-free-run", "-k", "not h2o"],
