@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import platform
 import statistics
 import sys
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import run  # benchmarks/run.py: the random-weight models of real shapes
 import torch
+from suite import save  # benchmarks/suite.py: records written atomically
 
 from fidbench import engine, harness
 from fidbench.methods import build
@@ -77,12 +76,6 @@ def free(model, method, refs, size: int, eos: set[int]) -> tuple[float, dict]:
             ids = [t for t, _ in made]
         out.update((id(r), x) for r, x in zip(group, ids))
     return time.perf_counter() - t0, out
-
-
-def write(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, path)  # a run cut short keeps every record written so far
 
 
 def main() -> None:
@@ -153,7 +146,7 @@ def main() -> None:
                     else:
                         record["continuations_differing"] = sum(results[1][k] != results[size][k] for k in results[1])
                     records.append(record)
-                    write(Path(a.out), records)
+                    save(Path(a.out), records)  # a run cut short keeps every record so far
                     detail = {k: v for k, v in record.items() if k in ("argmax_flips", "max_abs_logit_diff",
                                                                         "continuations_differing")}
                     print(f"{name:10s} {what:16s} batch {size:2d}: {median:7.2f} s  {base / median:5.2f}x  {detail}",
